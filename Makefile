@@ -1,0 +1,29 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine with Python 3.10+.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pin the CPU build of PyTorch: an unpinned `torch` pulls a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/suture demo demo-output --force
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_scan.py --quick
+	$(PY) benchmarks/bench_decode.py --quick
+
+clean:
+	rm -rf $(VENV) demo-output benchmarks/results .pytest_cache

@@ -1,0 +1,271 @@
+"""Mamba mixers that replace attention inside a hybrid, in the "Mamba-in-Llama" (MIL) layout.
+
+Both mixers produce x and B at the attention's KV width and C at its query width, so a mixer can be seeded
+from the attention layer it replaces (V -> x, K -> B, Q -> C, O -> out_proj; see `init_from_attention`).
+
+- `HybridMambaMixer` (Mamba-1, as in M1 and Apriel-H1): d_state 16, d_inner = heads * head_dim, a low-rank dt
+  projection, A per channel and state. x is widened to d_inner before the conv by repeating d_state-wide
+  slices, B is shared by the same slice groups (the published layout).
+- `HybridMamba2Mixer` (Mamba-2, as in MambaInLlama's mamba2): one SSM head per attention head with
+  head_dim = d_state = the attention head_dim, A one scalar per head, a conv over [x | B | C] and a gated
+  RMSNorm (normalised per head, gate applied before the norm) before out_proj.
+
+The in_proj row order is `[z | x | B | C | dt]` for both. Decoding state lives in transformers' cache
+(`LinearAttentionLayer`): the conv state holds the last `d_conv` conv inputs, the SSM state is kept in fp32.
+
+Deliberate differences from transformers' `MambaMixer` (Mamba-1): B, C and dt are projected from the layer
+input (not from the conv output through `x_proj`), x and B are at KV width, and B/C are grouped per
+d_state-wide slice. Mamba-2 layers with as many KV heads as query heads coincide exactly with transformers'
+`Mamba2Mixer` (n_groups = n_heads, state_size = head_dim), which the tests check.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+from .. import kernels
+from .configuration_hybrid import HybridConfig
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded positions of x (b, L, c) given a 2D padding mask (b, L): padding never enters a state."""
+    return x if mask is None else x * mask[:, :, None].to(x.dtype)
+
+
+def _inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """dt ~ log-uniform in [dt_min, dt_max] (floored), returned as softplus^-1(dt) for use as a bias."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def _is_decode_step(cache, layer_idx: int, seq_len: int) -> bool:
+    """One new token on top of an existing state: use the single-step conv and state-update kernels."""
+    return (
+        cache is not None
+        and seq_len == 1
+        and cache.get_conv_state(layer_idx) is not None
+        and not cache.is_recording_past(layer_idx)  # assisted decoding keeps past conv inputs for rollback
+    )
+
+
+def _reset_conv(conv1d: nn.Conv1d) -> None:
+    """PyTorch's default Conv1d init, through transformers' flag-respecting init functions."""
+    init.kaiming_uniform_(conv1d.weight, a=math.sqrt(5))
+    if conv1d.bias is not None:
+        bound = 1.0 / math.sqrt(conv1d.weight.shape[1] * conv1d.weight.shape[2])
+        init.uniform_(conv1d.bias, -bound, bound)
+
+
+class _CachedConv:
+    """Causal depthwise conv over (b, c, L) that reads and writes the layer's conv state in the cache."""
+
+    @staticmethod
+    def run(conv1d: nn.Conv1d, x: torch.Tensor, cache, layer_idx: int, decode: bool) -> torch.Tensor:
+        weight = conv1d.weight.squeeze(1)  # (c, w)
+        if decode:
+            conv_state = cache.get_conv_state(layer_idx)  # (b, c, w), updated in place
+            return kernels.causal_conv1d_update(x, conv_state, weight, conv1d.bias, activation="silu")
+        seq_len = x.shape[-1]
+        if cache is not None:
+            # With a previous state this is [state | x], so the conv sees the true left context.
+            x = cache.update_conv_state(x, layer_idx, conv_kernel_size=weight.shape[-1])
+        out = kernels.causal_conv1d_fn(x, weight, conv1d.bias, activation="silu")
+        return out[..., -seq_len:]
+
+
+class HybridMambaMixer(nn.Module):
+    """Mamba-1 mixer in the MIL layout (M1 / Apriel-H1)."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.d_inner = config.resolved_mamba_d_inner
+        self.d_xb = config.resolved_mamba_d_xb
+        self.d_state = config.mamba_d_state
+        self.d_conv = config.mamba_d_conv
+        self.dt_rank = config.resolved_mamba_dt_rank
+        self.repeat = self.d_inner // self.d_xb  # query heads per KV head
+        self._dt_init = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor)
+
+        d_in_proj = 2 * self.d_inner + 2 * self.d_xb + self.dt_rank
+        self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
+        if self.D.device.type != "meta":
+            self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Fresh init of the parameters attention has no counterpart for: dt projection, A (S4D-real), D = 1 and
+        the conv (PyTorch's default). Parameters loaded from a checkpoint are left alone."""
+        std = self.dt_rank**-0.5
+        init.uniform_(self.dt_proj.weight, -std, std)
+        init.copy_(self.dt_proj.bias, _inverse_softplus_dt(self.d_inner, *self._dt_init))
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
+        init.copy_(self.A_log, torch.log(A))
+        init.ones_(self.D)
+        _reset_conv(self.conv1d)
+
+    def _widen_x(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, L, d_xb) -> (b, L, d_inner): repeat each d_state-wide slice `repeat` times (MIL's repeat_kv)."""
+        if self.repeat == 1:
+            return x
+        b, L, _ = x.shape
+        x = x.view(b, L, self.d_xb // self.d_state, 1, self.d_state)
+        return x.expand(-1, -1, -1, self.repeat, -1).reshape(b, L, self.d_inner)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, ssm_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (b, L, hidden) -> (b, L, hidden). `ssm_mask` (b, L) zeroes padded positions."""
+        b, L, _ = hidden_states.shape
+        decode = _is_decode_step(cache, self.layer_idx, L)
+        zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
+        z, x, B, C, dt = zxbcdt.split([self.d_inner, self.d_xb, self.d_xb, self.d_inner, self.dt_rank], dim=-1)
+        x = self._widen_x(_masked(x, ssm_mask))  # (b, L, d_inner)
+        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, decode)  # (b, d_inner, L)
+        x = _masked(x.transpose(1, 2), ssm_mask)  # (b, L, d_inner)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); the bias is applied inside the scan
+        A = -torch.exp(self.A_log.float())  # (d_inner, n)
+        n_b, n_c = self.d_xb // self.d_state, self.d_inner // self.d_state
+        if decode:
+            state = cache.get_recurrent_state(self.layer_idx)  # (b, d_inner, n) fp32, updated in place
+            y = kernels.selective_state_update(
+                state, x[:, 0], dt[:, 0], A,
+                B[:, 0].view(b, n_b, self.d_state), C[:, 0].view(b, n_c, self.d_state),
+                D=self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True,
+            )  # (b, d_inner)
+            return self.out_proj(y.unsqueeze(1))
+        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        B = B.view(b, L, n_b, self.d_state).permute(0, 2, 3, 1)  # (b, g_B, n, L): one group per KV slice
+        C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g_C, n, L)
+        out = kernels.selective_scan_fn(
+            x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(), z=z.transpose(1, 2),
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=cache is not None, initial_state=initial_state,
+        )
+        if cache is not None:
+            out, last_state = out
+            cache.update_recurrent_state(last_state.float(), self.layer_idx)
+        return self.out_proj(out.transpose(1, 2))  # (b, L, hidden)
+
+    @torch.no_grad()
+    def init_from_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
+        """MIL init: V -> x, K -> B, Q -> C, O -> out_proj (weights only; z, dt, A, D and conv stay fresh)."""
+        _copy_rows(self.in_proj.weight, [(q, 2 * self.d_xb + self.d_inner), (k, self.d_inner + self.d_xb),
+                                         (v, self.d_inner)])
+        _checked_copy(self.out_proj.weight, o, "o_proj -> out_proj")
+
+
+class HybridMamba2Mixer(nn.Module):
+    """Mamba-2 mixer in the MIL layout (MambaInLlama mamba2): one SSM head per attention head."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = self.d_state = config.head_dim
+        self.d_inner = self.num_heads * self.head_dim
+        self.d_xb = self.num_kv_heads * self.head_dim
+        self.d_conv = config.mamba2_d_conv
+        self.chunk_size = config.mamba2_chunk_size
+        self._dt_init = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor)
+        self._a_init_range = tuple(config.mamba2_a_init_range)
+
+        self.conv_dim = 2 * self.d_xb + self.d_inner  # [x | B | C]
+        d_in_proj = self.d_inner + self.conv_dim + self.num_heads
+        self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = MambaRMSNormGated(self.d_inner, group_size=self.head_dim, eps=config.mamba2_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
+        if self.D.device.type != "meta":
+            self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Fresh init of the parameters attention has no counterpart for: dt bias, A ~ U(a_init_range) per head,
+        D = 1, norm = 1 and the conv (PyTorch's default). Parameters loaded from a checkpoint are left alone."""
+        init.copy_(self.dt_bias, _inverse_softplus_dt(self.num_heads, *self._dt_init))
+        init.copy_(self.A_log, torch.log(torch.empty(self.num_heads).uniform_(*self._a_init_range)))
+        init.ones_(self.D)
+        init.ones_(self.norm.weight)
+        _reset_conv(self.conv1d)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, ssm_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (b, L, hidden) -> (b, L, hidden). `ssm_mask` (b, L) zeroes padded positions."""
+        b, L, _ = hidden_states.shape
+        h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
+        decode = _is_decode_step(cache, self.layer_idx, L)
+        zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC = _masked(xBC, ssm_mask)
+        xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, decode)  # (b, conv_dim, L)
+        xBC = _masked(xBC.transpose(1, 2), ssm_mask)  # (b, L, conv_dim)
+        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        x = x.view(b, L, kv, 1, p).expand(-1, -1, -1, h // kv, -1).reshape(b, L, h, p)  # KV head -> query heads
+        A = -torch.exp(self.A_log.float())  # (h,)
+        if decode:
+            state = cache.get_recurrent_state(self.layer_idx)  # (b, h, p, n) fp32, updated in place
+            y = kernels.selective_state_update(
+                state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n),
+                B[:, 0].view(b, kv, n), C[:, 0].view(b, h, n),
+                D=self.D[:, None].expand(-1, p), dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True,
+            )  # (b, h, p)
+            y = y.reshape(b, 1, self.d_inner)
+        else:
+            initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+            out = kernels.mamba_chunk_scan_combined(
+                x, dt, A, B.view(b, L, kv, n), C.view(b, L, h, n), self.chunk_size, D=self.D,
+                dt_bias=self.dt_bias, initial_states=initial_state, dt_softplus=True,
+                return_final_states=cache is not None,
+            )
+            if cache is not None:
+                out, final_state = out
+                cache.update_recurrent_state(final_state.float(), self.layer_idx)
+            y = out.reshape(b, L, self.d_inner)
+        y = self.norm(y, z)  # gated RMSNorm: norm(y * silu(z)) per head
+        return self.out_proj(y.to(hidden_states.dtype))
+
+    @torch.no_grad()
+    def init_from_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
+        """MIL init: V -> x, K -> B, Q -> C, O -> out_proj (weights only; z, dt, A, D, norm and conv stay fresh).
+
+        With d_state = head_dim the layer starts as gated linear attention seeded from the GQA attention.
+        """
+        _copy_rows(self.in_proj.weight, [(v, self.d_inner), (k, self.d_inner + self.d_xb),
+                                         (q, self.d_inner + 2 * self.d_xb)])
+        _checked_copy(self.out_proj.weight, o, "o_proj -> out_proj")
+
+
+def _checked_copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"Shape mismatch for {what}: expected {tuple(dst.shape)}, got {tuple(src.shape)}.")
+    dst.copy_(src)
+
+
+def _copy_rows(weight: torch.Tensor, blocks: list[tuple[torch.Tensor, int]]) -> None:
+    """Copy each (src, row_offset) block into `weight` rows [row_offset, row_offset + len(src))."""
+    for src, start in blocks:
+        _checked_copy(weight[start : start + src.shape[0]], src, f"in_proj rows {start}:{start + src.shape[0]}")
+
+
+MIXER_CLASSES = {"mamba": HybridMambaMixer, "mamba2": HybridMamba2Mixer}

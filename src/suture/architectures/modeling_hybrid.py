@@ -1,0 +1,261 @@
+"""`HybridForCausalLM`: a transformer whose chosen attention layers are replaced by Mamba mixers.
+
+Attention layers are the source family's own `*DecoderLayer` modules, and the Mamba layers reuse the family's MLP
+and RMSNorm, so state-dict keys of kept layers equal the source's and a hybrid whose `layer_types` are all
+attention computes exactly the source model's logits. Mamba layers store their mixer under `mamba`:
+
+    model.layers.{i}.{input_layernorm, mamba.*, post_attention_layernorm, mlp.*}
+
+Caching uses transformers' `DynamicCache` machinery: KV layers (full or sliding window) for attention and
+`LinearAttentionLayer` (conv + SSM state) for Mamba layers, so `generate()` works unchanged, including batches
+with left padding (padded positions are zeroed before they can reach a conv or SSM state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionLayer,
+)
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .configuration_hybrid import MAMBA_LAYER_TYPES, HybridConfig
+from .families import FAMILIES, get_family
+from .mixers import MIXER_CLASSES, HybridMamba2Mixer, HybridMambaMixer
+
+
+class HybridCache(DynamicCache):
+    """A `DynamicCache` laid out from a hybrid's `layer_types`: KV for attention, conv + SSM state for Mamba."""
+
+    def __init__(self, config: HybridConfig, offloading: bool = False):
+        layers = []
+        for kind in config.layer_types:
+            if kind == "full_attention":
+                layers.append(DynamicLayer())
+            elif kind == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
+            else:
+                layers.append(LinearAttentionLayer())
+        Cache.__init__(self, layers=layers, offloading=offloading)
+
+
+class HybridMambaDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block with a Mamba mixer in place of attention; MLP and norms are the source family's modules."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        family = get_family(config.source_model_type)
+        self.layer_type = config.layer_types[layer_idx]
+        self.mamba = MIXER_CLASSES[self.layer_type](config, layer_idx)
+        self.mlp = family.mlp_class(config)
+        self.input_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        ssm_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = self.mamba(hidden_states, cache=past_key_values, ssm_mask=ssm_mask)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        return residual + self.mlp(hidden_states)
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config: HybridConfig
+    config_class = HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridMambaDecoderLayer"] + [f"{f.prefix}DecoderLayer" for f in FAMILIES.values()]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True  # SSM states cannot be rolled back token by token
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, (HybridMambaMixer, HybridMamba2Mixer)):
+            module.reset_ssm_parameters()
+
+
+class HybridModel(HybridPreTrainedModel):
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        family = get_family(config.source_model_type)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [
+                HybridMambaDecoderLayer(config, i) if kind in MAMBA_LAYER_TYPES else family.decoder_layer_class(config, i)
+                for i, kind in enumerate(config.layer_types)
+            ]
+        )
+        self.norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = family.rotary_class(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Same inputs as the source family's model. `attention_mask` is the 2D padding mask (b, L_past + L)."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (b, L, hidden)
+        if use_cache and past_key_values is None:
+            past_key_values = HybridCache(self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if _has_kv_layers(past_key_values) else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for kind, layer in zip(self.config.layer_types, self.layers):
+            if kind in MAMBA_LAYER_TYPES:
+                hidden_states = layer(hidden_states, ssm_mask=masks["mamba"], past_key_values=past_key_values)
+            else:
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=masks[kind],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+    def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        """One mask per layer kind present: 4D causal masks for attention, the 2D padding mask for Mamba."""
+        if isinstance(attention_mask, dict):  # already prepared by the caller
+            return attention_mask
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        kinds = set(self.config.layer_types)
+        masks = {}
+        if "full_attention" in kinds:
+            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if "sliding_attention" in kinds:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        masks["mamba"] = create_recurrent_attention_mask(**mask_kwargs)
+        return masks
+
+
+def _has_kv_layers(cache: Cache | None) -> bool:
+    return cache is not None and any(isinstance(layer, DynamicLayer) for layer in cache.layers)
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (b, L_kept, vocab)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ):
+        """`generate()` builds a `HybridCache` (transformers' default cache does not know Mamba layer types)."""
+        wants_dynamic = generation_config.cache_implementation in (None, "dynamic", "offloaded")
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if not wants_dynamic:
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by hybrid "
+                    "models; use the default dynamic cache (or 'offloaded')."
+                )
+            cache = HybridCache(self.config, offloading=generation_config.cache_implementation == "offloaded")
+            if generation_config.is_assistant:
+                cache.activate_past_recording()
+            model_kwargs["past_key_values"] = cache
+            return
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
+
+__all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridMambaDecoderLayer"]

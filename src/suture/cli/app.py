@@ -1,0 +1,102 @@
+"""Typer application: parses options, calls one library function, renders the result with rich."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .. import __version__
+
+app = typer.Typer(
+    name="suture",
+    help="Model surgery for reasoning LLMs: attention -> Mamba hybrids, staged distillation, checkpoint merging.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"suture {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """suture command line."""
+
+
+@app.command()
+def env() -> None:
+    """Show the versions and which SSM kernel backend each operation will use."""
+    import torch
+    import transformers
+
+    from ..kernels import available_backends, get_backend
+
+    table = Table(title="suture environment")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("suture", __version__)
+    table.add_row("torch", torch.__version__)
+    table.add_row("transformers", transformers.__version__)
+    table.add_row("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    table.add_row("kernel backend (default)", get_backend())
+    for op, status in available_backends().items():
+        table.add_row(f"  {op}", str(status))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Argument(Path("demo-output"), help="Directory to write the teacher and hybrid checkpoints."),
+    mixer: str = typer.Option("mamba", help="Mixer for replaced layers: mamba (Mamba-1, M1 style) or mamba2."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Build a tiny transformer, turn it into a hybrid, save, reload through AutoModelForCausalLM and generate."""
+    from ..demo import run_demo
+
+    if mixer not in ("mamba", "mamba2"):
+        raise typer.BadParameter(f"--mixer must be 'mamba' or 'mamba2', got {mixer!r}.")
+    with console.status("building teacher and hybrid, saving, reloading, generating ..."):
+        try:
+            report = run_demo(out, mixer=mixer, force=force)
+        except FileExistsError as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from None
+
+    layers = Table(title=f"hybrid layers ({out}/hybrid)")
+    layers.add_column("layer", justify="right")
+    layers.add_column("type")
+    for i, kind in enumerate(report.layer_types):
+        layers.add_row(str(i), kind)
+    console.print(layers)
+
+    summary = Table(title="teacher vs hybrid")
+    summary.add_column("")
+    summary.add_column("teacher", justify="right")
+    summary.add_column("hybrid", justify="right")
+    summary.add_row("parameters", f"{report.teacher_params:,}", f"{report.hybrid_params:,}")
+    kv = report.kv_bytes_per_token
+    summary.add_row("KV cache bytes / token", f"{kv['teacher']:,}", f"{kv['hybrid']:,}")
+    summary.add_row("fixed SSM state bytes / sequence", "0", f"{report.ssm_state_bytes_per_sequence:,}")
+    for ctx in report.decode_ms_per_token["teacher"]:
+        summary.add_row(
+            f"decode ms/token @ {ctx} context",
+            f"{report.decode_ms_per_token['teacher'][ctx]:.2f}",
+            f"{report.decode_ms_per_token['hybrid'][ctx]:.2f}",
+        )
+    console.print(summary)
+    console.print(f"reloaded through AutoModelForCausalLM: max |logit diff| = {report.reload_max_abs_diff:.1e}")
+    console.print(f"greedy tokens (batch of 2, left padded): {report.generated}")
+    console.print(f"wrote {out}/teacher, {out}/hybrid and {out}/demo.json")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Streaming, architecture-agnostic checkpoint merging (task vectors, TIES, DARE, TSV, RCP, AIM, ...)."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random source transformers built with transformers' own classes (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+torch.set_num_threads(2)
+
+_COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_source(family: str, seed: int = 0, **overrides):
+    """A tiny random `*ForCausalLM` of `family` (fp32, eval mode)."""
+    torch.manual_seed(seed)
+    kwargs = {**_COMMON, **overrides}
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    elif family == "qwen2":  # q/k/v carry biases
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    elif family == "qwen3":  # q/k norms, head_dim independent of hidden_size
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=32, **kwargs))
+    elif family == "mistral":  # sliding window on every layer
+        model = MistralForCausalLM(MistralConfig(sliding_window=8, **kwargs))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # default init zeroes biases; make them count in parity tests
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+    return model.eval()
+
+
+FAMILY_NAMES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request) -> str:
+    return request.param
