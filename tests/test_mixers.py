@@ -75,7 +75,7 @@ def test_mixer_step_by_step_equals_full_sequence(mixer_cls):
     full = mixer(h)
     cache = HybridCache(config)
     parts = [mixer(h[:, :5], cache=cache)] + [mixer(h[:, t : t + 1], cache=cache) for t in range(5, 11)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])

@@ -127,6 +127,13 @@ class HybridMambaMixer(nn.Module):
         x = x.view(b, L, self.d_xb // self.d_state, 1, self.d_state)
         return x.expand(-1, -1, -1, self.repeat, -1).reshape(b, L, self.d_inner)
 
+    def _widen_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """(b, d_xb / n, ...) -> (b, d_inner / n, ...): each KV slice group serves `repeat` C groups (MIL's
+        repeat_kv on B). The CUDA kernels need B and C with the same number of groups."""
+        if self.repeat == 1:
+            return t
+        return t.repeat_interleave(self.repeat, dim=1)
+
     def forward(self, hidden_states: torch.Tensor, cache=None, ssm_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (b, L, hidden) -> (b, L, hidden). `ssm_mask` (b, L) zeroes padded positions."""
         b, L, _ = hidden_states.shape
@@ -142,14 +149,14 @@ class HybridMambaMixer(nn.Module):
         if decode:
             state = cache.get_recurrent_state(self.layer_idx)  # (b, d_inner, n) fp32, updated in place
             y = kernels.selective_state_update(
-                state, x[:, 0], dt[:, 0], A,
-                B[:, 0].view(b, n_b, self.d_state), C[:, 0].view(b, n_c, self.d_state),
-                D=self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True,
+                state, x[:, 0], dt[:, 0], A, self._widen_groups(B[:, 0].view(b, n_b, self.d_state)),
+                C[:, 0].view(b, n_c, self.d_state), D=self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True,
             )  # (b, d_inner)
             return self.out_proj(y.unsqueeze(1))
         initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        B = B.view(b, L, n_b, self.d_state).permute(0, 2, 3, 1)  # (b, g_B, n, L): one group per KV slice
-        C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g_C, n, L)
+        B = self._widen_groups(B.view(b, L, n_b, self.d_state).transpose(1, 2))  # (b, g, L, n)
+        B = B.transpose(2, 3)  # (b, g, n, L): group j reads KV slice j // repeat
+        C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, L)
         out = kernels.selective_scan_fn(
             x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(), z=z.transpose(1, 2),
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
@@ -221,20 +228,23 @@ class HybridMamba2Mixer(nn.Module):
         xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, decode)  # (b, conv_dim, L)
         xBC = _masked(xBC.transpose(1, 2), ssm_mask)  # (b, L, conv_dim)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
-        x = x.view(b, L, kv, 1, p).expand(-1, -1, -1, h // kv, -1).reshape(b, L, h, p)  # KV head -> query heads
+        # KV head -> the query heads it serves (MIL's repeat_kv); the kernels need B and C with equal groups.
+        x = x.view(b, L, kv, p).repeat_interleave(h // kv, dim=2)  # (b, L, h, p)
+        B = B.view(b, L, kv, n).repeat_interleave(h // kv, dim=2)  # (b, L, h, n)
+        C = C.view(b, L, h, n)  # (b, L, h, n)
         A = -torch.exp(self.A_log.float())  # (h,)
         if decode:
             state = cache.get_recurrent_state(self.layer_idx)  # (b, h, p, n) fp32, updated in place
             y = kernels.selective_state_update(
                 state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n),
-                B[:, 0].view(b, kv, n), C[:, 0].view(b, h, n),
+                B[:, 0], C[:, 0],
                 D=self.D[:, None].expand(-1, p), dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True,
             )  # (b, h, p)
             y = y.reshape(b, 1, self.d_inner)
         else:
             initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
             out = kernels.mamba_chunk_scan_combined(
-                x, dt, A, B.view(b, L, kv, n), C.view(b, L, h, n), self.chunk_size, D=self.D,
+                x, dt, A, B, C, self.chunk_size, D=self.D,
                 dt_bias=self.dt_bias, initial_states=initial_state, dt_softplus=True,
                 return_final_states=cache is not None,
             )

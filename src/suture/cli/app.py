@@ -38,19 +38,26 @@ def env() -> None:
     import torch
     import transformers
 
-    from ..kernels import available_backends, get_backend
+    from ..kernels import available_backends
 
-    table = Table(title="suture environment")
-    table.add_column("item")
-    table.add_column("value")
+    report = available_backends()
+    table = Table(title="suture environment", show_header=False)
     table.add_row("suture", __version__)
     table.add_row("torch", torch.__version__)
     table.add_row("transformers", transformers.__version__)
     table.add_row("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-    table.add_row("kernel backend (default)", get_backend())
-    for op, status in available_backends().items():
-        table.add_row(f"  {op}", str(status))
+    table.add_row("kernel backend", report["default"])
     console.print(table)
+
+    ops = Table(title="SSM kernels (auto: CUDA kernel on CUDA tensors when it imports, else the exact torch path)")
+    ops.add_column("op")
+    ops.add_column("CUDA implementation")
+    ops.add_column("on CPU tensors")
+    ops.add_column("on CUDA tensors")
+    for op, status in report["ops"].items():
+        cuda = "cuda kernel" if status["available"] else f"torch ({(status['reason'] or '')[:60]})"
+        ops.add_row(op, status["implementation"], "torch", cuda)
+    console.print(ops)
 
 
 @app.command()
@@ -58,6 +65,7 @@ def demo(
     out: Path = typer.Argument(Path("demo-output"), help="Directory to write the teacher and hybrid checkpoints."),
     mixer: str = typer.Option("mamba", help="Mixer for replaced layers: mamba (Mamba-1, M1 style) or mamba2."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    contexts: list[int] = typer.Option([128, 512, 2048], "--context", help="Context lengths for decode timing."),
 ) -> None:
     """Build a tiny transformer, turn it into a hybrid, save, reload through AutoModelForCausalLM and generate."""
     from ..demo import run_demo
@@ -66,7 +74,7 @@ def demo(
         raise typer.BadParameter(f"--mixer must be 'mamba' or 'mamba2', got {mixer!r}.")
     with console.status("building teacher and hybrid, saving, reloading, generating ..."):
         try:
-            report = run_demo(out, mixer=mixer, force=force)
+            report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts))
         except FileExistsError as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from None
