@@ -1,0 +1,110 @@
+"""Causal depthwise conv1d (Mamba's short convolution): reference, PyTorch path, CUDA dispatch, decode update.
+
+Matches the causal-conv1d package: ``y[:, c, t] = bias[c] + sum_k weight[c, k] * x[:, c, t - (w - 1) + k]`` with
+zeros before the start, then an optional SiLU. Computation is in fp32; outputs come back in ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from suture.kernels.backend import resolve_backend
+
+__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update"]
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(x, weight, bias, activation, what: str = "x", x_dims: tuple[int, ...] = (3,)) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"causal_conv1d: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if x.dim() not in x_dims:
+        raise ValueError(f"causal_conv1d: {what} must be {'(b, d) or ' if 2 in x_dims else ''}(b, d, L), "
+                         f"got shape {tuple(x.shape)}")
+    d = x.shape[1]
+    if weight.dim() != 2 or weight.shape[0] != d:
+        raise ValueError(f"causal_conv1d: weight must be (dim={d}, width), got {tuple(weight.shape)}; "
+                         "a (d, 1, w) conv weight can be passed as weight.squeeze(1)")
+    if bias is not None and bias.shape != (d,):
+        raise ValueError(f"causal_conv1d: bias must be ({d},), got {tuple(bias.shape)}")
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None):
+    """Reference: depthwise ``F.conv1d`` with padding ``w - 1``, first ``L`` outputs kept, in fp32.
+
+    Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``.
+    Returns: ``(b, d, L)`` in ``x.dtype``.
+    """
+    _check(x, weight, bias, activation)
+    cd = _compute_dtype(x)
+    d, w = weight.shape
+    L = x.shape[-1]
+    y = F.conv1d(x.to(cd), weight.to(cd)[:, None], None if bias is None else bias.to(cd), padding=w - 1, groups=d)
+    return _activate(y[..., :L], activation).to(x.dtype)  # (b, d, L)
+
+
+def _causal_conv1d_torch(x, weight, bias=None, activation=None):
+    cd = _compute_dtype(x)
+    d, w = weight.shape
+    xp = F.pad(x.to(cd), (w - 1, 0))  # (b, d, L + w - 1): left padding only, no discarded outputs
+    y = F.conv1d(xp, weight.to(cd)[:, None], None if bias is None else bias.to(cd), groups=d)  # (b, d, L)
+    return _activate(y, activation).to(x.dtype)
+
+
+def causal_conv1d_fn(x, weight, bias=None, activation=None, *, backend: str | None = None):
+    """Causal depthwise conv1d, dispatched per call.
+
+    Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``.
+    Returns: ``(b, d, L)`` in ``x.dtype``. Differentiable.
+    """
+    _check(x, weight, bias, activation)
+    name, kernel = resolve_backend("causal_conv1d", x, backend=backend)
+    if name == "cuda":
+        return kernel(x, weight, bias, activation=activation)
+    if name == "reference":
+        return causal_conv1d_ref(x, weight, bias, activation)
+    return _causal_conv1d_torch(x, weight, bias, activation)
+
+
+def _conv_update_torch(x, conv_state, weight, bias, activation):
+    cd = _compute_dtype(x)
+    d, w = weight.shape
+    xs = x.unsqueeze(-1) if x.dim() == 2 else x  # (b, d, T)
+    T, S = xs.shape[-1], conv_state.shape[-1]
+    full = torch.cat([conv_state.to(cd), xs.to(cd)], dim=-1)  # (b, d, S + T)
+    window = full[..., S + T - (w - 1 + T):]  # (b, d, w - 1 + T): what the T new outputs see
+    y = F.conv1d(window, weight.to(cd)[:, None], None if bias is None else bias.to(cd), groups=d)  # (b, d, T)
+    conv_state.copy_(full[..., T:])  # shift left by T, append the new inputs
+    return _activate(y, activation).to(x.dtype).view(x.shape)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend: str | None = None):
+    """Decode step(s): append ``x`` to ``conv_state`` (in place) and return the new tokens' outputs.
+
+    Args:
+        x: ``(b, d)`` (one token) or ``(b, d, T)`` (T new tokens).
+        conv_state: ``(b, d, S)`` with ``S >= w - 1``, the last ``S`` inputs (``S = w`` in HF-style caches);
+            shifted left by ``T`` and the new inputs appended, in place.
+        weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``.
+    Returns: outputs with ``x``'s shape and dtype. Equal to the matching steps of :func:`causal_conv1d_fn` run on
+    the whole sequence.
+    """
+    _check(x, weight, bias, activation, x_dims=(2, 3))
+    b, d = x.shape[:2]
+    w = weight.shape[1]
+    if conv_state.dim() != 3 or conv_state.shape[:2] != (b, d) or conv_state.shape[2] < w - 1:
+        raise ValueError(f"causal_conv1d_update: conv_state must be (b={b}, d={d}, S) with S >= width - 1 = {w - 1}, "
+                         f"got {tuple(conv_state.shape)}")
+    name, kernel = resolve_backend("causal_conv1d_update", x, backend=backend)
+    if name == "cuda":
+        return kernel(x, conv_state, weight, bias, activation)
+    return _conv_update_torch(x, conv_state, weight, bias, activation)

@@ -1,0 +1,366 @@
+"""Mamba-1 selective scan: fp32 reference, fast exact PyTorch path, CUDA dispatch, and one-step decode.
+
+Semantics follow mamba-ssm's ``selective_scan_fn``::
+
+    delta = softplus(delta + delta_bias)            # bias and softplus optional
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t   = <h_t, C_t> + D * u_t ;  y *= silu(z)    # D and z optional
+
+B and C are shared by a group of channels: channel c uses group ``c // (d // g)``.
+
+The torch path (:class:`_SelectiveScan`) runs the recurrence in blocks of ``T`` steps: per block it computes
+``exp(delta * A)`` and ``delta * B * u`` for those ``T`` steps only (cache-sized, never ``(b, d, L, n)``), then one
+fused ``addcmul_`` per step. Forward keeps the state at each block start (``L / T`` states, no bigger than ``u`` since
+``T >= n``); backward recomputes each block from its checkpoint and runs the reverse-time adjoint recurrence
+``g_t = C_t * dy_t + exp(delta_{t+1} A) * g_{t+1}``, from which every input gradient is a block-vectorised reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from suture.kernels.backend import resolve_backend
+
+__all__ = [
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+]
+
+_BLOCK_ELEMS = 1 << 18  # elements of one (T, b, d, n) block buffer: ~1 MiB fp32, sized for CPU caches
+_MAX_BLOCK = 128
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs; fp64 inputs stay fp64 (used by the tests as a higher-precision oracle)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, seqlen), got shape {tuple(u.shape)}")
+    b, d, L = u.shape
+    if L == 0:
+        raise ValueError("selective_scan: seqlen is 0; pass at least one step")
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d or A.is_complex():
+        raise ValueError(f"selective_scan: A must be real (dim={d}, d_state), got {tuple(A.shape)} {A.dtype}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        ok = (t.dim() == 3 and t.shape == (b, n, L)) or (
+            t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (n, L) and t.shape[1] > 0 and d % t.shape[1] == 0
+        )
+        if not ok:
+            raise ValueError(
+                f"selective_scan: {name} must be (batch, d_state, seqlen) = {(b, n, L)} or grouped "
+                f"(batch, groups, d_state, seqlen) with groups dividing dim={d}; got {tuple(t.shape)}"
+            )
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError(
+            f"selective_scan: B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}"
+        )
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (d,):
+            raise ValueError(f"selective_scan: {name} must be ({d},), got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (b, d, n):
+        raise ValueError(f"selective_scan: initial_state must be {(b, d, n)}, got {tuple(initial_state.shape)}")
+
+
+def _as_groups(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1) if t.dim() == 3 else t  # (b, g, n, L)
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None,
+):
+    """Plain fp32 selective scan (the test oracle). Materialises ``(b, d, L, n)`` tensors; differentiable.
+
+    Args:
+        u, delta: ``(b, d, L)``. A: ``(d, n)``. B, C: ``(b, n, L)`` or grouped ``(b, g, n, L)``, ``g | d``.
+        D, delta_bias: ``(d,)``. z: ``(b, d, L)``. initial_state: ``(b, d, n)``.
+    Returns:
+        y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` in fp32.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cd = _compute_dtype(u)
+    b, d, L = u.shape
+    uf = u.to(cd)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, cd)
+    Bd = _as_groups(B.to(cd)).repeat_interleave(d // _as_groups(B).shape[1], dim=1)  # (b, d, n, L)
+    Cd = _as_groups(C.to(cd)).repeat_interleave(d // _as_groups(C).shape[1], dim=1)  # (b, d, n, L)
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.to(cd)))  # (b, d, L, n)
+    dBu = torch.einsum("bdl,bdnl,bdl->bdln", delta, Bd, uf)  # (b, d, L, n)
+    h = uf.new_zeros(b, d, A.shape[1]) if initial_state is None else initial_state.to(cd)  # (b, d, n)
+    ys = []  # unbind, not dA[:, :, t]: indexing's backward would write a full (b, d, L, n) zero tensor per step
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Cd.unbind(3)):
+        h = dA_t * h + dBu_t  # (b, d, n)
+        ys.append(torch.einsum("bdn,bdn->bd", h, C_t))
+    y = torch.stack(ys, dim=-1)  # (b, d, L)
+    if D is not None:
+        y = y + uf * D.to(cd)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    y = y.to(u.dtype)
+    return (y, h) if return_last_state else y
+
+
+def _block_len(b: int, d: int, n: int) -> int:
+    """Steps per block: as many as fit ``_BLOCK_ELEMS`` (cache), at least ``n`` (checkpoints <= size of u)."""
+    return max(n, min(_MAX_BLOCK, _BLOCK_ELEMS // max(1, b * d * n)), 1)
+
+
+def _forward_block(ut, dt, A, Bt, h_start, s, e):
+    """Recompute one block: returns dA (T, b, g, dg, n), hs (T, b, g, dg, n) with hs[i] the state after step s+i."""
+    T, (_, b, g, n) = e - s, Bt.shape
+    d = ut.shape[2]
+    dl = dt[s:e]  # (T, b, d)
+    dA = torch.exp(dl[..., None] * A).view(T, b, g, d // g, n)  # (T, b, g, dg, n)
+    hs = (dl * ut[s:e]).view(T, b, g, d // g, 1) * Bt[s:e, :, :, None, :]  # (T, b, g, dg, n), delta*B*u
+    hv, av = hs.unbind(0), dA.unbind(0)
+    hv[0].addcmul_(av[0], h_start)
+    for i in range(1, T):
+        hv[i].addcmul_(av[i], hv[i - 1])  # h_t = dA_t * h_{t-1} + dBu_t, in place
+    return dA, hs
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Core scan without D / z / bias (those are cheap elementwise ops left to autograd).
+
+    Inputs (one compute dtype): u, delta (b, d, L); A (d, n); B, C (b, g, n, L); h0 (b, d, n) or None.
+    Outputs: y (b, d, L) and the last state (b, d, n).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, block_len):
+        b, d, L = u.shape
+        g, n = B.shape[1], A.shape[1]
+        ut = u.permute(2, 0, 1).contiguous()  # (L, b, d)
+        dt = delta.permute(2, 0, 1).contiguous()  # (L, b, d)
+        Bt = B.permute(3, 0, 1, 2).contiguous()  # (L, b, g, n)
+        Ct = C.permute(3, 0, 1, 2).contiguous()  # (L, b, g, n)
+        starts = list(range(0, L, block_len))
+        ckpt = u.new_empty(len(starts), b, g, d // g, n)  # state entering each block
+        h = u.new_zeros(b, g, d // g, n) if h0 is None else h0.reshape(b, g, d // g, n)
+        yt = u.new_empty(L, b, g, d // g)  # (L, b, g, dg)
+        for k, s in enumerate(starts):
+            e = min(L, s + block_len)
+            ckpt[k] = h
+            _, hs = _forward_block(ut, dt, A, Bt, h, s, e)
+            torch.sum(hs * Ct[s:e, :, :, None, :], dim=-1, out=yt[s:e])  # y_t = <h_t, C_t>
+            h = hs[-1]
+        ctx.save_for_backward(ut, dt, A, Bt, Ct, ckpt)
+        ctx.block_len, ctx.has_h0 = block_len, h0 is not None
+        y = yt.view(L, b, d).permute(1, 2, 0)  # (b, d, L)
+        return y, h.reshape(b, d, n).clone()
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        ut, dt, A, Bt, Ct, ckpt = ctx.saved_tensors
+        L, b, g, n = Bt.shape
+        d, dg, T = ut.shape[2], ut.shape[2] // g, ctx.block_len
+        need_u, need_delta, need_A, need_B, need_C, need_h0, _ = ctx.needs_input_grad
+        gyt = gy.permute(2, 0, 1).reshape(L, b, g, dg, 1)  # (L, b, g, dg, 1)
+        carry = gy.new_zeros(b, g, dg, n) if glast is None else glast.reshape(b, g, dg, n).to(ut.dtype)
+        gu, gdelta = torch.zeros_like(ut), torch.zeros_like(dt)  # (L, b, d)
+        gB, gC = torch.zeros_like(Bt), torch.zeros_like(Ct)  # (L, b, g, n)
+        gA = torch.zeros_like(A)  # (d, n)
+        for k in reversed(range(ckpt.shape[0])):
+            s = k * T
+            e = min(L, s + T)
+            h_start = ckpt[k]  # (b, g, dg, n)
+            dA, hs = _forward_block(ut, dt, A, Bt, h_start, s, e)
+            if need_C:  # dL/dC_t = sum over the group's channels of dy_t * h_t
+                torch.sum(hs * gyt[s:e], dim=3, out=gC[s:e])
+            gh = gyt[s:e] * Ct[s:e, :, :, None, :]  # (T, b, g, dg, n), becomes dL/dh_t
+            gv, av = gh.unbind(0), dA.unbind(0)
+            gv[-1].add_(carry)
+            for i in range(e - s - 2, -1, -1):
+                gv[i].addcmul_(av[i + 1], gv[i + 1])  # g_t = C_t dy_t + dA_{t+1} g_{t+1}
+            carry = av[0] * gv[0]
+            dl, ul = dt[s:e], ut[s:e]  # (T, b, d)
+            if need_delta or need_A:
+                gdA = gh * dA  # (T, b, g, dg, n): dL/d(delta*A) = g_t * h_{t-1} * dA_t
+                gdA[1:] *= hs[:-1]
+                gdA[0] *= h_start
+                gdA = gdA.view(e - s, b, d, n)
+                if need_A:
+                    gA += (gdA * dl[..., None]).sum((0, 1))
+                torch.sum(gdA * A, dim=-1, out=gdelta[s:e])
+            if need_u or need_delta:
+                gBsum = (gh * Bt[s:e, :, :, None, :]).sum(-1).view(e - s, b, d)  # (T, b, d): <g_t, B_t>
+                torch.mul(gBsum, dl, out=gu[s:e])
+                gdelta[s:e].addcmul_(gBsum, ul)
+            if need_B:
+                torch.sum(gh * (dl * ul).view(e - s, b, g, dg, 1), dim=3, out=gB[s:e])
+        grads = (
+            gu.permute(1, 2, 0) if need_u else None,
+            gdelta.permute(1, 2, 0) if need_delta else None,
+            gA if need_A else None,
+            gB.permute(1, 2, 3, 0) if need_B else None,
+            gC.permute(1, 2, 3, 0) if need_C else None,
+            carry.reshape(b, d, n) if need_h0 and ctx.has_h0 else None,
+            None,
+        )
+        return grads
+
+
+def _selective_scan_torch(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None, block_len=None,
+):
+    cd = _compute_dtype(u)
+    b, d, L = u.shape
+    uf = u.to(cd)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, cd)
+    h0 = None if initial_state is None else initial_state.to(cd)
+    block_len = block_len or _block_len(b, d, A.shape[1])
+    y, last = _SelectiveScan.apply(
+        uf, delta, A.to(cd), _as_groups(B.to(cd)), _as_groups(C.to(cd)), h0, block_len
+    )  # (b, d, L), (b, d, n)
+    if D is not None:
+        y = y + uf * D.to(cd)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    y = y.to(u.dtype).contiguous()
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_fn(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None, *, backend: str | None = None,
+):
+    """Mamba-1 selective scan, dispatched per call (see :mod:`suture.kernels.backend`).
+
+    Args:
+        u, delta: ``(b, d, L)``. A: ``(d, n)``. B, C: ``(b, n, L)`` or grouped ``(b, g, n, L)`` with ``g | d``
+        (channel ``c`` uses group ``c // (d // g)``). D, delta_bias: ``(d,)``. z: ``(b, d, L)``.
+        initial_state: ``(b, d, n)`` (not supported by the CUDA kernel: ``"auto"`` then uses the torch path).
+    Returns:
+        y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` (fp32).
+    Differentiable w.r.t. every float input on every backend.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    name, kernel = resolve_backend(
+        "selective_scan", u, backend=backend, unsupported="initial_state" if initial_state is not None else None
+    )
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "cuda":
+        return kernel(*args)
+    if name == "reference":
+        return selective_scan_ref(*args, initial_state=initial_state)
+    return _selective_scan_torch(*args, initial_state=initial_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One decode step.
+
+
+def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
+    """Validate and view either shape form as the per-head form.
+
+    (a) state (b, d, n), x/dt/z (b, d), A (d, n), B/C (b, n) or (b, g, n), D/dt_bias (d,): viewed as g heads of d/g.
+    (b) state (b, h, p, n), x/dt/z (b, h, p), A (h, p, n), B/C (b, g, n) with g | h, D/dt_bias (h, p).
+    Returns views (state, x, dt, A, B, C, D, z, dt_bias) in form (b).
+    """
+    if state.dim() == 3:
+        b, d, n = state.shape
+        g = B.shape[1] if B.dim() == 3 else 1
+        if B.dim() not in (2, 3) or B.shape[0] != b or B.shape[-1] != n or d % g != 0:
+            raise ValueError(f"selective_state_update: with state (b, d, n) = {(b, d, n)}, B and C must be (b, n) or "
+                             f"(b, g, n) with g dividing d; got B {tuple(B.shape)}")
+        for name, t, shape in [("x", x, (b, d)), ("dt", dt, (b, d)), ("z", z, (b, d)), ("A", A, (d, n)),
+                               ("C", C, tuple(B.shape)), ("D", D, (d,)), ("dt_bias", dt_bias, (d,))]:
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"selective_state_update: {name} must be {shape} for state {(b, d, n)}, "
+                                 f"got {tuple(t.shape)}")
+        heads = (b, g, d // g)
+        try:
+            state = state.view(b, g, d // g, n)
+        except RuntimeError as err:
+            raise ValueError("selective_state_update: state must be viewable as (b, g, d/g, n); "
+                             "pass a contiguous state") from err
+        x, dt = x.reshape(heads), dt.reshape(heads)
+        z = None if z is None else z.reshape(heads)
+        A = A.reshape(g, d // g, n)
+        D = None if D is None else D.reshape(g, d // g)
+        dt_bias = None if dt_bias is None else dt_bias.reshape(g, d // g)
+        B, C = B.reshape(b, g, n), C.reshape(b, g, n)
+    if state.dim() != 4:
+        raise ValueError(f"selective_state_update: state must be (b, d, n) or (b, h, p, n), got {tuple(state.shape)}")
+    b, h, p, n = state.shape
+    checks = [("x", x, (b, h, p)), ("dt", dt, (b, h, p)), ("A", A, (h, p, n)), ("C", C, tuple(B.shape)),
+              ("z", z, (b, h, p)), ("D", D, (h, p)), ("dt_bias", dt_bias, (h, p))]
+    for name, t, shape in checks:
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_state_update: {name} must be {shape} for state {tuple(state.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if B.dim() != 3 or B.shape[0] != b or B.shape[2] != n or h % B.shape[1] != 0:
+        raise ValueError(
+            f"selective_state_update: B must be (b, g, n) with g dividing nheads={h}, got {tuple(B.shape)}"
+        )
+    return state, x, dt, A, B, C, D, z, dt_bias
+
+
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, grouped_view):
+    """Per-head step in fp32; writes the new state into ``state``; returns y (b, h, p) in x's dtype."""
+    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    dt = dt.to(cd) if dt_bias is None else dt.to(cd) + dt_bias.to(cd)  # (b, h, p)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if grouped_view:  # broadcast each group's B/C over its heads with views
+        shape5 = (b, g, h // g, p)
+        Bh, Ch = B.to(cd)[:, :, None, None, :], C.to(cd)[:, :, None, None, :]  # (b, g, 1, 1, n)
+    else:  # reference: spell the group -> head map out
+        shape5 = (b, h, 1, p)
+        Bh = B.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, None, :]  # (b, h, 1, 1, n)
+        Ch = C.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, None, :]
+    dA = torch.exp(dt[..., None] * A.to(cd)).view(*shape5, n)  # (.., p, n)
+    dBx = (dt * x.to(cd)).view(*shape5, 1) * Bh  # (.., p, n)
+    new = state.to(cd).view(*shape5, n) * dA + dBx  # (.., p, n)
+    y = (new * Ch).sum(-1).view(b, h, p)  # (b, h, p)
+    state.copy_(new.view(b, h, p, n))
+    if D is not None:
+        y = y + x.to(cd) * D.to(cd)
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(x.dtype)
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step in fp32 (the oracle); updates ``state`` in place and returns y (x's shape and dtype).
+
+    Shapes, form (a): state ``(b, d, n)``, x/dt/z ``(b, d)``, A ``(d, n)``, B/C ``(b, n)`` or ``(b, g, n)``,
+    D/dt_bias ``(d,)``. Form (b), per head: state ``(b, h, p, n)``, x/dt/z ``(b, h, p)``, A ``(h, p, n)``,
+    B/C ``(b, g, n)`` with ``g | h``, D/dt_bias ``(h, p)``.
+    """
+    heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
+    return _state_update(*heads, dt_softplus, grouped_view=False).view(x.shape)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend=None):
+    """One decode step, dispatched per call; updates ``state`` in place and returns y (x's shape and dtype).
+
+    Shapes as :func:`selective_state_update_ref` (both forms; Mamba-2 decode passes the per-head form with
+    ``A`` expanded from ``(h,)`` to ``(h, p, n)``).
+    """
+    heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
+    name, kernel = resolve_backend("selective_state_update", state, backend=backend)
+    if name == "cuda":  # mamba-ssm takes the per-head form directly; the views share state's storage
+        s, xh, dth, Ah, Bh, Ch, Dh, zh, dtbh = heads
+        return kernel(s, xh, dth, Ah, Bh, Ch, D=Dh, z=zh, dt_bias=dtbh, dt_softplus=dt_softplus).view(x.shape)
+    return _state_update(*heads, dt_softplus, grouped_view=name == "torch").view(x.shape)

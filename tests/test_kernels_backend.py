@@ -1,0 +1,165 @@
+"""Kernel backend selection: names, defaults, env var, per-call device decisions, and the CUDA error messages."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+
+import suture.kernels.backend as kb
+from suture.kernels import (
+    KernelUnavailableError,
+    available_backends,
+    causal_conv1d_fn,
+    get_backend,
+    mamba_chunk_scan_combined,
+    selective_scan_fn,
+    set_backend,
+    use_backend,
+)
+
+FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
+
+
+@pytest.fixture(autouse=True)
+def clean_state(monkeypatch):
+    """Each test starts from the default: no set_backend, no env var, fresh kernel cache and warnings."""
+    monkeypatch.delenv(kb.ENV_VAR, raising=False)
+    monkeypatch.setattr(kb, "_default_backend", None)
+    monkeypatch.setattr(kb, "_kernel_cache", {})
+    monkeypatch.setattr(kb, "_warned", set())
+
+
+def _missing_kernels(monkeypatch):
+    """Simulate a CPU-only install: importing mamba_ssm raises a non-ImportError (its missing CUDA extension)."""
+    def broken(name):
+        raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
+    monkeypatch.setattr(kb.importlib, "import_module", broken)
+
+
+def _fake_kernels(monkeypatch):
+    monkeypatch.setattr(kb.importlib, "import_module", lambda name: types.SimpleNamespace(
+        selective_scan_fn=lambda *a, **k: "cuda-called", mamba_chunk_scan_combined=lambda *a, **k: "cuda-called",
+        selective_state_update=lambda *a, **k: "cuda-called", causal_conv1d_fn=lambda *a, **k: "cuda-called",
+        causal_conv1d_update=lambda *a, **k: "cuda-called"))
+
+
+def small_scan_inputs():
+    return torch.randn(1, 4, 6), torch.rand(1, 4, 6), -torch.rand(4, 2), torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+
+
+def test_default_is_auto_and_auto_on_cpu_picks_torch():
+    assert get_backend() == "auto"
+    assert kb.resolve_backend("selective_scan", torch.zeros(1)) == ("torch", None)
+
+
+def test_explicit_cuda_on_cpu_raises_with_install_command(monkeypatch):
+    _missing_kernels(monkeypatch)
+    with pytest.raises(KernelUnavailableError, match=r'pip install "suture\[cuda\]"') as err:
+        selective_scan_fn(*small_scan_inputs(), backend="cuda")
+    assert "--no-build-isolation" in str(err.value) and "CUDA tensors" in str(err.value)
+    assert isinstance(err.value, ImportError) and isinstance(err.value, RuntimeError)
+    with pytest.raises(KernelUnavailableError, match="suture"):
+        causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="cuda")
+
+
+def test_explicit_cuda_really_missing_here():
+    """On this CPU test machine the real libraries are absent or broken; either way the error names the fix."""
+    if torch.cuda.is_available() and kb.load_kernel("ssd_chunk_scan")[0] is not None:
+        pytest.skip("mamba-ssm is installed and a GPU is present")
+    x = torch.randn(1, 5, 2, 3)
+    with pytest.raises(KernelUnavailableError, match="suture"):
+        mamba_chunk_scan_combined(x, torch.rand(1, 5, 2), -torch.rand(2), torch.randn(1, 5, 1, 4),
+                                  torch.randn(1, 5, 1, 4), 64, backend="cuda")
+
+
+def test_explicit_cuda_with_cpu_tensors_raises_device_error(monkeypatch):
+    _fake_kernels(monkeypatch)
+    with pytest.raises(KernelUnavailableError, match="tensors are on cpu"):
+        selective_scan_fn(*small_scan_inputs(), backend="cuda")
+
+
+def test_unknown_backend_names_raise():
+    with pytest.raises(ValueError, match="auto, torch, reference, cuda"):
+        selective_scan_fn(*small_scan_inputs(), backend="triton")
+    with pytest.raises(ValueError, match="valid names"):
+        set_backend("fast")
+    with pytest.raises(ValueError, match="valid names"):
+        with use_backend("gpu"):
+            pass
+
+
+def test_env_var_is_read_lazily(monkeypatch):
+    monkeypatch.setenv(kb.ENV_VAR, "reference")
+    assert get_backend() == "reference"
+    assert kb.resolve_backend("causal_conv1d", torch.zeros(1))[0] == "reference"
+    monkeypatch.setenv(kb.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=kb.ENV_VAR):
+        get_backend()
+
+
+def test_set_backend_and_use_backend_restore(monkeypatch):
+    monkeypatch.setenv(kb.ENV_VAR, "reference")
+    set_backend("torch")
+    assert get_backend() == "torch"  # set_backend beats the env var
+    with use_backend("reference"):
+        assert get_backend() == "reference"
+        with use_backend("cuda"):
+            assert get_backend() == "cuda"
+        assert get_backend() == "reference"
+    assert get_backend() == "torch"
+    with pytest.raises(RuntimeError), use_backend("reference"):
+        raise RuntimeError("restored even on error")
+    assert get_backend() == "torch"
+    set_backend(None)
+    assert get_backend() == "reference"
+
+
+def test_auto_with_cuda_tensors_but_missing_kernel_warns_once(monkeypatch):
+    _missing_kernels(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="suture.cuda"):
+        assert kb.resolve_backend("selective_scan", None, FAKE_CUDA)[0] == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kb.resolve_backend("selective_scan", FAKE_CUDA)[0] == "torch"
+
+
+def test_auto_uses_cuda_kernel_only_for_cuda_tensors(monkeypatch):
+    _fake_kernels(monkeypatch)
+    name, fn = kb.resolve_backend("ssd_chunk_scan", FAKE_CUDA)
+    assert name == "cuda" and fn() == "cuda-called"
+    assert kb.resolve_backend("ssd_chunk_scan", torch.zeros(1))[0] == "torch"
+
+
+def test_unsupported_feature_falls_back_under_auto_and_raises_under_cuda(monkeypatch):
+    _fake_kernels(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="initial_state"):
+        assert kb.resolve_backend("selective_scan", FAKE_CUDA, unsupported="initial_state")[0] == "torch"
+    with pytest.raises(KernelUnavailableError, match="does not support initial_state"):
+        kb.resolve_backend("selective_scan", FAKE_CUDA, backend="cuda", unsupported="initial_state")
+
+
+def test_kernel_import_is_lazy_and_cached(monkeypatch):
+    calls = []
+
+    def importer(name):
+        calls.append(name)
+        raise RuntimeError("no extension")
+    monkeypatch.setattr(kb.importlib, "import_module", importer)
+    selective_scan_fn(*small_scan_inputs())  # CPU tensors under auto never touch the CUDA library
+    assert calls == []
+    for _ in range(3):
+        assert kb.load_kernel("selective_scan") == (None, "RuntimeError: no extension")
+    assert calls == ["mamba_ssm.ops.selective_scan_interface"]
+
+
+def test_available_backends_reports_each_op(monkeypatch):
+    _missing_kernels(monkeypatch)
+    report = available_backends()
+    assert report["default"] == "auto"
+    assert set(report["ops"]) == {"selective_scan", "selective_state_update", "ssd_chunk_scan", "causal_conv1d",
+                                  "causal_conv1d_update"}
+    for info in report["ops"].values():
+        assert info["available"] is False and "RuntimeError" in info["reason"] and info["implementation"]

@@ -1,0 +1,251 @@
+"""Mamba-1 selective scan: the torch runtime path and decode step against the fp32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from suture.kernels import (
+    selective_scan_fn,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
+from suture.kernels.backend import load_kernel
+from suture.kernels.selective_scan import _selective_scan_torch
+
+# (rtol, atol relative to the reference's max magnitude), by input dtype; bf16 like mamba-ssm's tests.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2)}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def close(actual, expected, dtype, what=""):
+    rtol, atol = TOL[dtype]
+    scale = expected.detach().abs().max().item() or 1.0
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def make_inputs(b, d, n, L, g, dtype, full=True, seed=0):
+    """g=None: B, C (b, n, L); else grouped (b, g, n, L). Realistic Mamba ranges (softplus(delta) small, A < 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    bc = (b, n, L) if g is None else (b, g, n, L)
+    x = {
+        "u": r(b, d, L), "delta": r(b, d, L) * 0.5 - 1.0, "A": -torch.rand(d, n, generator=gen) * 2 - 0.1,
+        "B": r(*bc), "C": r(*bc), "D": r(d), "z": r(b, d, L), "delta_bias": r(d) * 0.1, "initial_state": r(b, d, n),
+    }
+    if not full:  # callers then skip the softplus: pass a positive delta
+        x["delta"] = F.softplus(x["delta"])
+        for k in ("D", "z", "delta_bias", "initial_state"):
+            x[k] = None
+    # A stays fp32 like a Mamba weight (unless float64); everything else takes the test dtype.
+    keep = lambda k, v: v if k == "A" and dtype != torch.float64 else v.to(dtype)  # noqa: E731
+    return {k: (None if v is None else keep(k, v)) for k, v in x.items()}
+
+
+def run(fn, inputs, softplus, **kw):
+    """Forward + backward of y and the last state with fixed random cotangents; returns (y, last, grads dict)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    args = {k: leaves.get(k) for k in NAMES}
+    y, last = fn(**args, delta_softplus=softplus, return_last_state=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    gy, gl = torch.randn(y.shape, generator=gen).to(y.dtype), torch.randn(last.shape, generator=gen)
+    ((y.float() * gy.float()).sum() + (last * gl.to(last.dtype)).sum()).backward()
+    return y, last, {k: v.grad for k, v in leaves.items()}
+
+
+SHAPES = [  # b, d, n, L, g
+    (2, 8, 4, 37, None),  # ungrouped B/C
+    (2, 8, 4, 37, 2),  # grouped
+    (1, 6, 3, 1, 1),  # L = 1, one group in the 4-D form
+    (2, 16, 16, 100, 4),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("full", [True, False], ids=["D-z-bias-h0", "bare"])
+@pytest.mark.parametrize("block_len", [None, 7], ids=["auto-block", "block7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_matches_reference(shape, full, block_len, dtype):
+    inputs = make_inputs(*shape, dtype, full=full)
+    y_ref, last_ref, g_ref = run(selective_scan_ref, inputs, softplus=full)
+    y, last, g = run(_selective_scan_torch, inputs, softplus=full, block_len=block_len)
+    assert y.dtype == dtype and y.shape == inputs["u"].shape and last.dtype == torch.float32
+    close(y, y_ref, dtype, "y")
+    close(last, last_ref, dtype, "last state")
+    for k in g_ref:
+        assert g[k].dtype == inputs[k].dtype and g[k].shape == inputs[k].shape, k
+        close(g[k], g_ref[k], dtype, f"grad {k}")
+
+
+def test_float64_gradients_match_exactly():
+    inputs = make_inputs(2, 8, 5, 50, 2, torch.float64)
+    _, _, g_ref = run(selective_scan_ref, inputs, softplus=True)
+    _, _, g = run(_selective_scan_torch, inputs, softplus=True, block_len=16)
+    for k in g_ref:
+        close(g[k], g_ref[k], torch.float64, f"grad {k}")
+
+
+def test_public_fn_dispatches_torch_and_reference():
+    inputs = make_inputs(1, 8, 4, 20, 2, torch.float32)
+    args = [inputs[k] for k in NAMES[:8]]
+    y_t = selective_scan_fn(*args, delta_softplus=True, backend="torch")
+    y_r = selective_scan_fn(*args, delta_softplus=True, backend="reference")
+    y_a = selective_scan_fn(*args, delta_softplus=True)  # auto on CPU -> torch
+    close(y_t, y_r, torch.float32)
+    assert torch.equal(y_a, y_t)
+
+
+def test_saves_checkpoints_not_full_states():
+    """Forward keeps O(b*d*L) activations for backward (inputs, checkpoints), never the (b, d, L, n) states."""
+    b, d, n, L = 1, 32, 64, 1024
+    inputs = make_inputs(b, d, n, L, 2, torch.float32)
+    inputs = {k: (None if v is None else v.requires_grad_()) for k, v in inputs.items()}
+    saved = {}  # storage -> bytes: a tensor saved by several ops counts once
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan_fn(**inputs, delta_softplus=True, backend="torch")
+    full_states = b * d * L * n * 4
+    assert sum(saved.values()) < full_states / 4, f"saved {sum(saved.values())} bytes vs {full_states} for all states"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequence_is_stable(dtype):
+    """L = 16K: finite, and close to a float64 run of the reference (forward, last state, and two gradients)."""
+    b, d, n, L = 1, 4, 4, 16384
+    inputs = make_inputs(b, d, n, L, None, dtype, seed=3)
+    inputs["A"] = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)  # S4D-real init
+    hi = {k: (None if v is None else v.double()) for k, v in inputs.items()}
+    y64, last64, g64 = run(selective_scan_ref, hi, softplus=True)
+    y, last, g = run(_selective_scan_torch, inputs, softplus=True)
+    assert torch.isfinite(y.float()).all() and torch.isfinite(last).all()
+    assert all(torch.isfinite(v.float()).all() for v in g.values())
+    tol = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    close(y, y64, tol, "y")
+    close(last, last64, tol, "last state")
+    for k in ("delta", "A"):
+        close(g[k], g64[k], tol if dtype == torch.bfloat16 else torch.float32, f"grad {k}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode: repeated single steps equal the full scan.
+
+
+@pytest.mark.parametrize("g", [None, 2], ids=["B(b,n)", "B(b,g,n)"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_state_update_channel_form_equals_scan(g, backend):
+    b, d, n, L = 2, 8, 4, 9
+    x = make_inputs(b, d, n, L, g, torch.float32)
+    y_ref, last_ref = selective_scan_ref(**{k: x[k] for k in NAMES}, delta_softplus=True, return_last_state=True)
+    state = x["initial_state"].clone()  # (b, d, n)
+    for t in range(L):
+        y_t = selective_state_update(
+            state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t], D=x["D"],
+            z=x["z"][..., t], dt_bias=x["delta_bias"], dt_softplus=True, backend=backend,
+        )  # (b, d)
+        close(y_t, y_ref[..., t], torch.float32, f"step {t}")
+    close(state, last_ref, torch.float32, "state")
+
+
+def test_state_update_head_form_equals_scan():
+    """Per-head form (b, h, p, n) with grouped B/C equals the scan over d = h * p channels."""
+    b, h, p, n, g, L = 2, 4, 3, 5, 2, 7
+    x = make_inputs(b, h * p, n, L, g, torch.float32)
+    y_ref, last_ref = selective_scan_ref(**{k: x[k] for k in NAMES}, delta_softplus=True, return_last_state=True)
+    state = x["initial_state"].view(b, h, p, n).clone()
+    heads = lambda t: t.reshape(b, h, p)  # noqa: E731
+    for t in range(L):
+        args = (heads(x["u"][..., t]), heads(x["delta"][..., t]), x["A"].view(h, p, n), x["B"][..., t], x["C"][..., t])
+        kw = dict(D=x["D"].view(h, p), z=heads(x["z"][..., t]), dt_bias=x["delta_bias"].view(h, p), dt_softplus=True)
+        s_ref = state.clone()
+        y_ref_t = selective_state_update_ref(s_ref, *args, **kw)
+        y_t = selective_state_update(state, *args, **kw)  # (b, h, p)
+        torch.testing.assert_close(y_t, y_ref_t)
+        torch.testing.assert_close(state, s_ref)
+        close(y_t.reshape(b, h * p), y_ref[..., t], torch.float32, f"step {t}")
+    close(state.view(b, h * p, n), last_ref, torch.float32, "state")
+
+
+def test_state_update_bf16_state_and_inputs():
+    b, d, n = 2, 8, 4
+    x = make_inputs(b, d, n, 1, None, torch.bfloat16)
+    state = x["initial_state"].clone()
+    state32 = state.float()
+    y = selective_state_update(state, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0])
+    y32 = selective_state_update_ref(state32, x["u"][..., 0].float(), x["delta"][..., 0].float(), x["A"],
+                                     x["B"][..., 0].float(), x["C"][..., 0].float())
+    assert y.dtype == torch.bfloat16 and state.dtype == torch.bfloat16
+    close(y, y32, torch.bfloat16)
+    close(state, state32, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input validation.
+
+
+def test_bad_shapes_raise_helpful_errors():
+    x = make_inputs(1, 8, 4, 10, 2, torch.float32)
+    with pytest.raises(ValueError, match="groups dividing dim=8"):
+        selective_scan_fn(x["u"], x["delta"], x["A"], torch.randn(1, 3, 4, 10), x["C"])
+    with pytest.raises(ValueError, match="delta must have u's shape"):
+        selective_scan_fn(x["u"], x["delta"][..., :5], x["A"], x["B"], x["C"])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], initial_state=torch.zeros(1, 8, 5))
+    with pytest.raises(ValueError, match="x must be"):
+        selective_state_update(torch.zeros(1, 8, 4), torch.zeros(1, 7), torch.zeros(1, 8), x["A"],
+                               torch.zeros(1, 4), torch.zeros(1, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA kernels (mamba-ssm) against the reference.
+
+
+def _need_cuda(op):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if load_kernel(op)[0] is None:
+        pytest.skip(f"CUDA kernel for {op} not installed: {load_kernel(op)[1]}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_selective_scan_matches_reference(dtype):
+    _need_cuda("selective_scan")
+    x = {k: (None if v is None else v.cuda()) for k, v in make_inputs(2, 64, 16, 512, 4, dtype).items()}
+    x["initial_state"] = None  # mamba-ssm's kernel has no initial state
+    y_ref, last_ref, g_ref = run(selective_scan_ref, x, softplus=True)
+    y, last, g = run(lambda **kw: selective_scan_fn(**kw, backend="cuda"), x, softplus=True)
+    close(y, y_ref, dtype, "y")
+    close(last.float(), last_ref, dtype, "last state")
+    for k in g_ref:
+        close(g[k], g_ref[k], dtype, f"grad {k}")
+
+
+@pytest.mark.gpu
+def test_cuda_state_update_matches_reference():
+    _need_cuda("selective_state_update")
+    b, h, p, n = 2, 4, 16, 16
+    state = torch.randn(b, h, p, n, device="cuda")
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    args = [r(b, h, p), r(b, h, p).abs(), -r(h, p, n).abs(), r(b, 2, n), r(b, 2, n)]
+    s_ref = state.clone()
+    y = selective_state_update(state, *args, dt_softplus=True, backend="cuda")
+    y_ref = selective_state_update_ref(s_ref, *args, dt_softplus=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(state, s_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_softplus_applied_after_bias():
+    """delta_bias is added before the softplus (mamba-ssm semantics)."""
+    x = make_inputs(1, 4, 2, 3, None, torch.float32, full=False)
+    bias = torch.full((4,), 0.7)
+    y1 = selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_bias=bias, delta_softplus=True)
+    y2 = selective_scan_fn(x["u"], F.softplus(x["delta"] + 0.7), x["A"], x["B"], x["C"])
+    torch.testing.assert_close(y1, y2)
