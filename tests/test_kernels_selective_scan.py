@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import close
 
 from suture.kernels import (
     selective_scan_fn,
@@ -15,17 +16,8 @@ from suture.kernels import (
 from suture.kernels.backend import load_kernel
 from suture.kernels.selective_scan import _selective_scan_torch
 
-# (rtol, atol relative to the reference's max magnitude), by input dtype; bf16 like mamba-ssm's tests.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2)}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
-
-def close(actual, expected, dtype, what=""):
-    rtol, atol = TOL[dtype]
-    scale = expected.detach().abs().max().item() or 1.0
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}"
-    )
 
 
 def make_inputs(b, d, n, L, g, dtype, full=True, seed=0):

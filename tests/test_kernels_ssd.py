@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import close
 
 from suture.kernels import mamba_chunk_scan_combined, selective_state_update, ssd_scan_ref
 from suture.kernels.backend import load_kernel
 from suture.kernels.ssd import _ssd_torch
 
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2)}
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
-
-def close(actual, expected, dtype, what=""):
-    rtol, atol = TOL[dtype]
-    scale = expected.detach().abs().max().item() or 1.0
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}"
-    )
 
 
 def make_inputs(b, L, h, p, g, n, dtype, full=True, D_per_channel=False, seed=0):
