@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from ._quiet import no_hf_progress_bars
 from .architectures import HybridForCausalLM
 from .surgery import hybridize_model
 
@@ -93,9 +94,10 @@ def run_demo(out_dir: str | Path, mixer: str = "mamba", force: bool = False, con
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        teacher.save_pretrained(tmp / "teacher")
-        hybrid.save_pretrained(tmp / "hybrid")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp / "hybrid").eval()
+        with no_hf_progress_bars():
+            teacher.save_pretrained(tmp / "teacher")
+            hybrid.save_pretrained(tmp / "hybrid")
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp / "hybrid").eval()
         probe = torch.randint(3, 256, (2, 24))
         diff = (reloaded(probe).logits - hybrid(probe).logits).abs().max().item()
 

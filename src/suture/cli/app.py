@@ -18,6 +18,10 @@ app = typer.Typer(
 )
 console = Console()
 
+from .workload import app as workload_app  # noqa: E402
+
+app.add_typer(workload_app, name="workload")
+
 
 def _version(value: bool) -> None:
     if value:

@@ -1,0 +1,75 @@
+"""`suture workload ...`: build the built-in model zoo and evaluate checkpoints on the workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="The built-in reasoning workload: model zoo and evaluator.", no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+def build(
+    out: Path = typer.Argument(..., help="Directory to write the zoo to."),
+    size: str = typer.Option("full", help="Zoo size: full (minutes) or test (seconds)."),
+    family: str = typer.Option("llama", help="Model class: llama or qwen2."),
+    seed: int = typer.Option(0, help="Seed for data and initialisation."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Train the zoo (base, long-CoT, short-CoT, RL-like) and write Hugging Face checkpoints under OUT."""
+    from ..workload import ZOO_SIZES, build_zoo
+
+    if size not in ZOO_SIZES:
+        raise typer.BadParameter(f"--size must be one of {', '.join(ZOO_SIZES)}, got {size!r}.")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks = {s.name: progress.add_task(f"{s.name:>5} ({s.data})", total=s.steps, loss="-")
+                 for s in ZOO_SIZES[size].stages}
+
+        def on_step(stage: str, step: int, loss: float) -> None:
+            progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}")
+
+        try:
+            manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step)
+        except (FileExistsError, ValueError) as err:
+            progress.stop()
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from None
+    for name, info in manifest["models"].items():
+        console.print(f"{name:>5}: {out / name}  (init: {info['init'] or 'scratch'}, data: {info['data']})")
+    console.print(f"built in {manifest['build_seconds']:.0f} s; manifest {out / 'zoo.json'}")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model_dir: Path = typer.Argument(..., help="A checkpoint directory that uses the workload tokenizer."),
+    n: int = typer.Option(200, help="Test problems per difficulty level."),
+    seed: int = typer.Option(0, help="Seed of the test problems."),
+    json_out: Path = typer.Option(None, "--json", help="Write the report as JSON here."),
+) -> None:
+    """Greedy-decode the test split: accuracy and mean response length per level, tokens/s."""
+    from ..workload import evaluate
+
+    if not (model_dir / "config.json").exists():
+        console.print(f"[red]error:[/red] {model_dir} has no config.json: not a checkpoint directory.")
+        raise typer.Exit(1)
+    with console.status(f"evaluating {model_dir} ..."):
+        report = evaluate(model_dir, n_per_level=n, seed=seed)
+    table = Table(title=f"{model_dir} on the workload test split (greedy)")
+    for column in ("level", "n", "accuracy", "mean length (tokens)", "tokens/s"):
+        table.add_column(column, justify="right")
+    for r in report.levels.values():
+        table.add_row(r.level, str(r.n), f"{r.accuracy:.3f}", f"{r.mean_response_tokens:.1f}", f"{r.tokens_per_second:.0f}")
+    table.add_row("all", str(sum(r.n for r in report.levels.values())), f"{report.accuracy:.3f}",
+                  f"{report.mean_response_tokens:.1f}", f"{report.tokens_per_second:.0f}")
+    console.print(table)
+    console.print(report.summary())
+    if json_out is not None:
+        report.save(json_out)
+        console.print(f"wrote {json_out}")

@@ -1,0 +1,180 @@
+"""The built-in workload: task generator, tokenizer, zoo checkpoints, evaluator, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Qwen2ForCausalLM
+from typer.testing import CliRunner
+
+from suture.cli import app
+from suture.surgery import hybridize_model
+from suture.workload import (
+    LEVELS,
+    Problem,
+    build_tokenizer,
+    build_zoo,
+    evaluate,
+    generate,
+    load_manifest,
+    parse_answer,
+    score,
+    split_of,
+)
+from suture.workload.evaluate import _response_tokens
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """The test-size zoo, built once per test run."""
+    path = tmp_path_factory.mktemp("workload") / "zoo"
+    build_zoo(path, size="test", seed=0)
+    return path
+
+
+# ----------------------------------------------------------------------------- task
+def test_generator_is_deterministic_and_splits_are_disjoint():
+    assert generate("train", 50, seed=3) == generate("train", 50, seed=3)
+    assert generate("train", 50, seed=3) != generate("train", 50, seed=4)
+    problems = {split: generate(split, 300, seed=0) for split in ("train", "validation", "test")}
+    prompts = {split: {p.prompt for p in found} for split, found in problems.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["validation"] & prompts["test"]
+    for split, found in problems.items():
+        assert len(prompts[split]) == 300 and all(split_of(p) == split for p in found)
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_levels_fix_the_number_of_steps(level):
+    problems = generate("test", 40, level=level)
+    assert all(len(p.ops) == LEVELS[level] and p.level == level for p in problems)
+    assert all(split_of(p) == "test" for p in problems)
+
+
+def test_answers_follow_left_to_right_mod_100():
+    problem = Problem(71, (("*", 3), ("+", 9), ("-", 5), ("-", 30)))
+    assert problem.prompt == "71*3+9-5-30="
+    assert problem.answer == (((71 * 3) % 100 + 9 - 5) - 30) % 100 == 87
+    assert problem.long_answer() == "71*3=213>13;13+9=22;22-5=17;17-30=-13>87;#87"
+    assert problem.short_answer() == "#87"
+    assert len(problem.long_answer()) > 5 * len(problem.short_answer())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("12+3=15;#15", 15), ("#7", 7), ("#07", 7), (" #42 trailing", 42), ("no mark", None), ("#", None),
+     ("#1;#2", 2), ("#3x", 3)],
+)
+def test_parse_answer(text, expected):
+    assert parse_answer(text) == expected
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
+    build_tokenizer().save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    for problem in generate("test", 20, level="hard"):
+        text = problem.prompt + problem.long_answer()
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1  # one token per character
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "12+3"}, {"role": "assistant", "content": "12+3=15;#15"}], tokenize=False
+    )
+    assert rendered == "<bos>12+3=12+3=15;#15<eos>"
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == 0
+
+
+# ----------------------------------------------------------------------------- evaluator
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose `generate` writes given responses (to test the evaluator's scoring)."""
+
+    def __init__(self, tokenizer, respond):
+        super().__init__()
+        self.tokenizer, self.respond = tokenizer, respond
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        rows = [self.tokenizer(self.respond(p), add_special_tokens=False)["input_ids"] + [2] for p in prompts]
+        width = max(map(len, rows))
+        out = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+        return torch.cat([input_ids, out], dim=1)
+
+
+def test_evaluator_scores_hand_made_responses():
+    tokenizer = build_tokenizer()
+    by_prompt = {p.prompt: p for level in LEVELS for p in generate("test", 10, level=level)}
+    right = evaluate(_Scripted(tokenizer, lambda q: by_prompt[q].long_answer()), tokenizer, n_per_level=10, name="r")
+    assert right.accuracy == 1.0
+    for level, result in right.levels.items():
+        expected = sum(len(p.long_answer()) + 1 for p in generate("test", 10, level=level)) / 10
+        assert result.mean_response_tokens == pytest.approx(expected)
+    wrong = evaluate(_Scripted(tokenizer, lambda q: f"#{(by_prompt[q].answer + 1) % 100}"), tokenizer, n_per_level=10)
+    assert wrong.accuracy == 0.0 and wrong.mean_response_tokens < 5
+    assert "accuracy 0.000" in wrong.summary()
+    problems = generate("test", 4, level="easy")
+    assert score(problems, [p.short_answer() for p in problems[:2]] + ["#x", "nothing"]) == 0.5
+
+
+def test_response_tokens_stop_at_first_eos():
+    tokenizer = build_tokenizer()
+    out = torch.tensor([[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0]])
+    assert _response_tokens(out, tokenizer) == 3 + 5 + 1
+
+
+# ----------------------------------------------------------------------------- zoo
+def test_zoo_checkpoints_load_through_auto_classes(zoo):
+    manifest = load_manifest(zoo)
+    assert set(manifest["models"]) == {"base", "long", "short", "rl"}
+    assert manifest["models"]["long"]["init"] == manifest["models"]["short"]["init"] == "base"
+    assert manifest["models"]["rl"]["init"] == "long"
+    weights = {}
+    for name in manifest["models"]:
+        model = AutoModelForCausalLM.from_pretrained(zoo / name)
+        tokenizer = AutoTokenizer.from_pretrained(zoo / name)
+        assert isinstance(model, LlamaForCausalLM) and len(tokenizer) == model.config.vocab_size
+        assert (zoo / name / "model.safetensors").exists()
+        weights[name] = model.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(weights["long"], weights["short"])  # the fine-tunes moved away from base
+    assert not torch.equal(weights["long"], weights["base"]) and not torch.equal(weights["rl"], weights["long"])
+
+
+def test_zoo_models_evaluate_and_hybridize(zoo):
+    report = evaluate(zoo / "long", n_per_level=8, batch_size=8)
+    assert set(report.levels) == set(LEVELS) and report.mean_response_tokens > 0
+    teacher = AutoModelForCausalLM.from_pretrained(zoo / "long")
+    hybrid = hybridize_model(teacher, ["mamba", None]).eval()
+    hybrid_report = evaluate(hybrid, AutoTokenizer.from_pretrained(zoo / "long"), n_per_level=4, batch_size=4)
+    assert 0.0 <= hybrid_report.accuracy <= 1.0
+
+
+def test_qwen2_zoo_and_refusal_to_overwrite(tmp_path):
+    out = tmp_path / "qwen"
+    build_zoo(out, size="test", family="qwen2")
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out / "short"), Qwen2ForCausalLM)
+    with pytest.raises(FileExistsError, match="force"):
+        build_zoo(out, size="test", family="qwen2")
+    with pytest.raises(ValueError, match="family"):
+        build_zoo(tmp_path / "x", size="test", family="gpt2")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_build_and_eval(tmp_path, zoo):
+    runner = CliRunner()
+    result = runner.invoke(app, ["workload", "build", str(tmp_path / "z"), "--size", "test"])
+    assert result.exit_code == 0, result.output
+    assert "long" in result.output and (tmp_path / "z" / "zoo.json").exists()
+    again = runner.invoke(app, ["workload", "build", str(tmp_path / "z"), "--size", "test"])
+    assert again.exit_code == 1 and "--force" in again.output
+
+    report = tmp_path / "eval.json"
+    result = runner.invoke(app, ["workload", "eval", str(zoo / "short"), "--n", "6", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "hard" in result.output and json.loads(report.read_text())["levels"]["easy"]["n"] == 6
+    missing = runner.invoke(app, ["workload", "eval", str(tmp_path)])
+    assert missing.exit_code == 1 and "config.json" in missing.output
