@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job on the built-in workload: train the model zoo once (~6 min on 2 cores, cached in demo-output/zoo),
+# then hybridize its long chain-of-thought model and compare teacher and hybrid.
 demo: setup
-	$(VENV)/bin/suture demo demo-output --force
+	test -f demo-output/zoo/zoo.json || $(VENV)/bin/suture workload build demo-output/zoo --force
+	$(VENV)/bin/suture demo demo-output/hybrid-demo --teacher demo-output/zoo/long --force
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

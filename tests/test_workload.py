@@ -178,3 +178,15 @@ def test_cli_build_and_eval(tmp_path, zoo):
     assert "hard" in result.output and json.loads(report.read_text())["levels"]["easy"]["n"] == 6
     missing = runner.invoke(app, ["workload", "eval", str(tmp_path)])
     assert missing.exit_code == 1 and "config.json" in missing.output
+
+
+def test_demo_hybridizes_a_workload_teacher(zoo, tmp_path):
+    from suture.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", teacher=zoo / "long", contexts=(16,), eval_n=4)
+    assert report.reload_max_abs_diff == 0.0 and report.layer_types == ["mamba", "full_attention"]
+    assert set(report.workload) == {"teacher", "hybrid"} and all(isinstance(g, str) for g in report.generated)
+    assert (tmp_path / "demo" / "hybrid" / "tokenizer.json").exists()
+    assert AutoTokenizer.from_pretrained(tmp_path / "demo" / "hybrid").pad_token_id == 0
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        run_demo(tmp_path / "other", teacher=tmp_path, contexts=(16,))

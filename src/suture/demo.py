@@ -1,7 +1,8 @@
-"""The end-to-end demo: a tiny transformer becomes a hybrid, is saved, reloaded and generates.
+"""The end-to-end demo: a transformer becomes a hybrid, is saved, reloaded, generates and is evaluated.
 
-Runs offline on a CPU in seconds: the teacher is a small randomly initialised Llama built with transformers'
-own classes (the built-in reasoning workload replaces it once it exists).
+Runs offline on a CPU. The teacher is a checkpoint directory (`make demo` uses the built-in workload zoo's long
+chain-of-thought model, so both models are also scored on the workload) or, without one, a small randomly
+initialised Llama built with transformers' own classes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ class DemoReport:
     kv_bytes_per_token: dict[str, int]
     ssm_state_bytes_per_sequence: int
     reload_max_abs_diff: float
-    generated: list[list[int]]
+    generated: list
     decode_ms_per_token: dict[str, dict[int, float]] = field(default_factory=dict)
+    teacher: str = "random tiny llama"
+    workload: dict[str, dict] = field(default_factory=dict)  # model -> evaluation report (workload teachers)
 
 
 def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:
@@ -79,47 +82,92 @@ def decode_latency_ms(model, context: int, steps: int = 16) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def run_demo(out_dir: str | Path, mixer: str = "mamba", force: bool = False, contexts=(128, 512, 2048)) -> DemoReport:
-    """Build teacher and hybrid, write both under `out_dir` (atomically), reload the hybrid and generate."""
+def _load_teacher(teacher: str | Path | None):
+    if teacher is None:
+        return tiny_teacher(), None
+    from transformers import AutoTokenizer
+
+    path = Path(teacher)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"Teacher {path} has no config.json: pass a Hugging Face checkpoint directory.")
+    with no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
+    return model, tokenizer
+
+
+def _is_workload_tokenizer(tokenizer) -> bool:
+    from .workload.tokenizer import CHARACTERS
+
+    return tokenizer is not None and all(ch in tokenizer.get_vocab() for ch in CHARACTERS)
+
+
+def run_demo(
+    out_dir: str | Path,
+    mixer: str = "mamba",
+    force: bool = False,
+    contexts=(128, 512, 2048),
+    teacher: str | Path | None = None,
+    eval_n: int = 100,
+) -> DemoReport:
+    """Hybridize `teacher` (M1 layout), write teacher and hybrid under `out_dir` atomically, reload the hybrid
+    through `AutoModelForCausalLM`, generate a left-padded batch, time decoding and, for a workload teacher,
+    evaluate both models on the workload test split (`eval_n` problems per level)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it.")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    teacher = tiny_teacher()
-    n = teacher.config.num_hidden_layers
+    source, tokenizer = _load_teacher(teacher)
+    n = source.config.num_hidden_layers
     # M1's layout scaled down: keep attention on every 4th layer and the last one.
     layer_types = [None if (i % 4 == 3 or i == n - 1) else mixer for i in range(n)]
-    hybrid = hybridize_model(teacher, layer_types).eval()
+    hybrid = hybridize_model(source, layer_types).eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         with no_hf_progress_bars():
-            teacher.save_pretrained(tmp / "teacher")
+            source.save_pretrained(tmp / "teacher")
             hybrid.save_pretrained(tmp / "hybrid")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "teacher")
+                tokenizer.save_pretrained(tmp / "hybrid")
             reloaded = AutoModelForCausalLM.from_pretrained(tmp / "hybrid").eval()
-        probe = torch.randint(3, 256, (2, 24))
+        vocab = source.config.vocab_size
+        probe = torch.randint(3, vocab, (2, 24))
         diff = (reloaded(probe).logits - hybrid(probe).logits).abs().max().item()
 
-        prompts = torch.tensor([[0, 0, 0, 1, 17, 42, 99], [1, 5, 6, 7, 8, 9, 10]])  # left padded with pad id 0
-        mask = (prompts != 0).long()
-        generated = reloaded.generate(
-            prompts, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0
-        )[:, prompts.shape[1]:]
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+            batch = tokenizer(["12+3*4=", "71*3+9-5-30="], return_tensors="pt", padding=True)
+            out = reloaded.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            generated = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        else:
+            prompts = torch.tensor([[0, 0, 0, 1, 17, 42, 99], [1, 5, 6, 7, 8, 9, 10]])  # left padded, pad id 0
+            out = reloaded.generate(prompts, attention_mask=(prompts != 0).long(), max_new_tokens=12,
+                                    do_sample=False, pad_token_id=0)
+            generated = out[:, prompts.shape[1]:].tolist()
         latency = {
-            "teacher": {c: decode_latency_ms(teacher, c) for c in contexts},
+            "teacher": {c: decode_latency_ms(source, c) for c in contexts},
             "hybrid": {c: decode_latency_ms(reloaded, c) for c in contexts},
         }
+        workload = {}
+        if _is_workload_tokenizer(tokenizer):
+            from .workload import evaluate
+
+            workload = {name: evaluate(model, tokenizer, n_per_level=eval_n, name=name).to_dict()
+                        for name, model in (("teacher", source), ("hybrid", reloaded))}
         report = DemoReport(
             out_dir=str(out_dir),
             layer_types=list(hybrid.config.layer_types),
-            teacher_params=sum(p.numel() for p in teacher.parameters()),
+            teacher_params=sum(p.numel() for p in source.parameters()),
             hybrid_params=sum(p.numel() for p in hybrid.parameters()),
-            kv_bytes_per_token={"teacher": kv_bytes_per_token(teacher), "hybrid": kv_bytes_per_token(hybrid)},
+            kv_bytes_per_token={"teacher": kv_bytes_per_token(source), "hybrid": kv_bytes_per_token(hybrid)},
             ssm_state_bytes_per_sequence=ssm_state_bytes(hybrid),
             reload_max_abs_diff=diff,
-            generated=generated.tolist(),
+            generated=generated,
             decode_ms_per_token=latency,
+            teacher=str(teacher) if teacher is not None else "random tiny llama",
+            workload=workload,
         )
         (tmp / "demo.json").write_text(json.dumps(asdict(report), indent=2))
         if out_dir.exists():
