@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="full")
     parser.add_argument("--family", default="llama")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zoo", type=Path, default=Path("benchmarks/results/zoo"))
     parser.add_argument("--no-build", action="store_true", help="evaluate the zoo already at --zoo")
     parser.add_argument("--n", type=int, default=300, help="test problems per level")
@@ -36,7 +37,7 @@ def main() -> None:
 
     if not args.no_build:
         start = time.perf_counter()
-        build_zoo(args.zoo, size=args.size, family=args.family, force=True)
+        build_zoo(args.zoo, size=args.size, family=args.family, seed=args.seed, force=True)
         console.print(f"zoo built in {time.perf_counter() - start:.0f} s")
     manifest = load_manifest(args.zoo)
 
@@ -51,7 +52,7 @@ def main() -> None:
     console.print(stages)
     console.print(f"total build time: {manifest['build_seconds']:.0f} s")
 
-    reports = {name: evaluate(args.zoo / name, n_per_level=args.n, name=name) for name in manifest["models"]}
+    reports = {name: evaluate(args.zoo / name, n_per_level=args.n, name=name) for name in manifest["models"]}  # test set: seed 0
     table = Table(title=f"greedy accuracy / mean response tokens on the test split ({args.n} per level)")
     table.add_column("model")
     for level in LEVELS:
