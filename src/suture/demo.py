@@ -8,8 +8,6 @@ initialised Llama built with transformers' own classes.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ._quiet import no_hf_progress_bars
 from .architectures import HybridForCausalLM
+from .io import atomic_output_dir, check_output_dir
 from .surgery import hybridize_model
 
 
@@ -113,18 +112,14 @@ def run_demo(
     """Hybridize `teacher` (M1 layout), write teacher and hybrid under `out_dir` atomically, reload the hybrid
     through `AutoModelForCausalLM`, generate a left-padded batch, time decoding and, for a workload teacher,
     evaluate both models on the workload test split (`eval_n` problems per level)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it.")
+    out_dir = check_output_dir(out_dir, force)
     source, tokenizer = _load_teacher(teacher)
     n = source.config.num_hidden_layers
     # M1's layout scaled down: keep attention on every 4th layer and the last one.
     layer_types = [None if (i % 4 == 3 or i == n - 1) else mixer for i in range(n)]
     hybrid = hybridize_model(source, layer_types).eval()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, force=force) as tmp:
         with no_hf_progress_bars():
             source.save_pretrained(tmp / "teacher")
             hybrid.save_pretrained(tmp / "hybrid")
@@ -170,10 +165,4 @@ def run_demo(
             workload=workload,
         )
         (tmp / "demo.json").write_text(json.dumps(asdict(report), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,6 +18,7 @@ import torch
 
 from .. import __version__
 from .._quiet import no_hf_progress_bars
+from ..io import atomic_output_dir, check_output_dir
 from .tokenizer import build_tokenizer
 from .train import ZOO_SIZES, new_model, self_training_pool, train_stage
 
@@ -42,17 +41,13 @@ def build_zoo(
     """
     if size not in ZOO_SIZES:
         raise ValueError(f"Unknown zoo size {size!r}; use one of {', '.join(ZOO_SIZES)}.")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it.")
+    out_dir = check_output_dir(out_dir, force)
     if threads:
         torch.set_num_threads(threads)
     spec = ZOO_SIZES[size]
     tokenizer = build_tokenizer()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     start = time.perf_counter()
-    try:
+    with atomic_output_dir(out_dir, force=force) as tmp:
         models, stats = {}, []
         for stage in spec.stages:
             if stage.init is None:
@@ -81,12 +76,6 @@ def build_zoo(
             "threads": torch.get_num_threads(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
