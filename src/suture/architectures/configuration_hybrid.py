@@ -48,7 +48,8 @@ class HybridConfig(PreTrainedConfig):
         mamba_dt_min, mamba_dt_max, mamba_dt_init_floor (`float`): range of the initial time steps (fresh init).
         mamba2_d_conv (`int`, defaults to 4): causal conv width of Mamba-2 layers.
         mamba2_chunk_size (`int`, defaults to 256): SSD chunk length used by the CUDA kernel.
-        mamba2_norm_eps (`float`, defaults to 1e-5): epsilon of the gated RMSNorm before out_proj.
+        mamba2_norm_eps (`float`, *optional*): epsilon of the gated RMSNorm before out_proj; defaults to the
+            source's `rms_norm_eps` (which keeps the hybrid exportable to GraniteMoeHybrid, whose eps is shared).
         mamba2_a_init_range (`list[float]`, defaults to [1, 16]): A is initialised as -U(range) per head.
 
     Mamba-2 layers have one SSM head per attention head: n_heads = n_groups = num_attention_heads and
@@ -97,7 +98,7 @@ class HybridConfig(PreTrainedConfig):
     # Mamba-2 (MambaInLlama mamba2 style)
     mamba2_d_conv: int = 4
     mamba2_chunk_size: int = 256
-    mamba2_norm_eps: float = 1e-5
+    mamba2_norm_eps: float | None = None
     mamba2_a_init_range: list[float] | tuple[float, float] = (1.0, 16.0)
 
     def __post_init__(self, **kwargs):
@@ -116,6 +117,8 @@ class HybridConfig(PreTrainedConfig):
             self.layer_types = [kind] * self.num_hidden_layers
         layer_types = list(self.layer_types)
         self.mamba2_a_init_range = [float(v) for v in self.mamba2_a_init_range]
+        if self.mamba2_norm_eps is None:
+            self.mamba2_norm_eps = self.rms_norm_eps
         super().__post_init__(**kwargs)
         # The base class rewrites the legacy name "mamba" to "linear_attention"; our layer vocabulary
         # distinguishes Mamba-1 from Mamba-2, so keep the names as given.

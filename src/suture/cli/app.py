@@ -173,5 +173,29 @@ def inspect(
         console.print(f"wrote {json_out}")
 
 
+@app.command()
+def export(
+    hybrid: Path = typer.Argument(..., help="A suture hybrid checkpoint directory."),
+    out: Path = typer.Argument(..., help="Directory to write the native checkpoint to."),
+    to: str = typer.Option("granitemoehybrid", "--to", help="Target architecture (granitemoehybrid)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_norm_eps_mismatch: bool = typer.Option(
+        False, help="Export even if the Mamba-2 norm eps differs from rms_norm_eps (logits then differ slightly)."
+    ),
+) -> None:
+    """Write a hybrid in a native transformers format (loads in stock transformers and vLLM, no remote code)."""
+    from ..surgery.export import export_granitemoehybrid
+
+    if to != "granitemoehybrid":
+        raise typer.BadParameter(f"--to must be 'granitemoehybrid', got {to!r}.")
+    with console.status(f"exporting {hybrid} -> {out} ({to}) ..."):
+        try:
+            path = export_granitemoehybrid(hybrid, out, force=force, allow_norm_eps_mismatch=allow_norm_eps_mismatch)
+        except (ValueError, FileExistsError, FileNotFoundError, OSError) as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from None
+    console.print(f"wrote {path} (GraniteMoeHybridForCausalLM; loads with AutoModelForCausalLM, no suture import)")
+
+
 def main() -> None:
     app()
