@@ -155,10 +155,7 @@ def granitemoehybrid_config(config: HybridConfig, allow_norm_eps_mismatch: bool 
     from transformers import GraniteMoeHybridConfig
 
     heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
-    expand = heads * head_dim / hidden
-    if expand != int(expand):  # unreachable after the head_dim check, kept as a guard
-        raise ValueError(f"mamba_expand = heads * head_dim / hidden_size = {expand} is not an integer.")
-    attention_bias = bool(config.attention_bias) or config.source_model_type == "qwen2"
+    attention_bias = _has_attention_bias(config)
     legacy_types = ["mamba" if t == "mamba2" else "attention" for t in config.layer_types]
     values = {
         "architectures": ["GraniteMoeHybridForCausalLM"],
@@ -192,7 +189,7 @@ def granitemoehybrid_config(config: HybridConfig, allow_norm_eps_mismatch: bool 
         "mamba_n_groups": heads,
         "mamba_d_head": head_dim,
         "mamba_d_state": head_dim,
-        "mamba_expand": int(expand),
+        "mamba_expand": 1,  # n_heads * d_head == hidden_size (checked above)
         "mamba_d_conv": config.mamba2_d_conv,
         "mamba_chunk_size": config.mamba2_chunk_size,
         "mamba_conv_bias": bool(config.mamba_conv_bias),
@@ -206,6 +203,11 @@ def granitemoehybrid_config(config: HybridConfig, allow_norm_eps_mismatch: bool 
     out["layer_types"] = legacy_types
     out["model_type"] = "granitemoehybrid"
     return out
+
+
+def _has_attention_bias(config: HybridConfig) -> bool:
+    """Whether the exported attention carries q/k/v/o biases (qwen2 always has q/k/v biases)."""
+    return bool(config.attention_bias) or config.source_model_type == "qwen2"
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -247,7 +249,7 @@ def _mamba2_tensors(mixer, prefix: str) -> dict[str, torch.Tensor]:
 def granitemoehybrid_state_dict(model: HybridForCausalLM) -> dict[str, torch.Tensor]:
     """The GraniteMoeHybrid tensors (contiguous CPU copies) of a hybrid whose config passed the export checks."""
     config = model.config
-    attention_bias = bool(config.attention_bias) or config.source_model_type == "qwen2"
+    attention_bias = _has_attention_bias(config)
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.model.embed_tokens.weight,
                                     "model.norm.weight": model.model.norm.weight}
     if not config.tie_word_embeddings:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from .task import LEVELS, TRAIN_STEPS, Problem, generate, parse_answer, random_problem, split_of
+from .task import LEVELS, TRAIN_STEPS, Problem, parse_answer, random_problem, split_of
 from .tokenizer import build_tokenizer
 
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -224,6 +224,6 @@ def generate_answers(model, tokenizer, problems: list[Problem], max_new_tokens: 
 
 
 __all__ = [
-    "FAMILIES", "ModelShape", "Stage", "StageStats", "ZOO_SIZES", "ZooSpec", "encode", "generate",
+    "FAMILIES", "ModelShape", "Stage", "StageStats", "ZOO_SIZES", "ZooSpec", "encode",
     "generate_answers", "new_model", "self_training_pool", "train_stage",
 ]
