@@ -18,9 +18,11 @@ app = typer.Typer(
 )
 console = Console()
 
+from .hybridize import hybridize_command  # noqa: E402
 from .workload import app as workload_app  # noqa: E402
 
 app.add_typer(workload_app, name="workload")
+app.command("hybridize")(hybridize_command)
 
 
 def _version(value: bool) -> None:
@@ -135,7 +137,7 @@ def inspect(
     try:
         report = inspect_checkpoint(ckpt)
         diff = diff_checkpoints(ckpt, other) if other is not None else None
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
     table = Table(title=f"{ckpt} ({report.model_type})")

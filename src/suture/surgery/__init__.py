@@ -1,5 +1,14 @@
-"""Surgery: turn a transformer checkpoint into an attention + Mamba hybrid."""
+"""Surgery: turn a transformer checkpoint into an attention + Mamba hybrid.
 
-from .mil import hybridize_model
+    from suture.surgery import hybridize, select_layers
+    hybridize("Llama-3.2-3B", "llama-m1", select_layers(28, preset="m1"), mixer="mamba")
+"""
 
-__all__ = ["hybridize_model"]
+from .layers import PRESETS, LayerSelection, parse_layer_list, select_layers
+from .mil import hybridize_model, mil_mixer
+from .streaming import HybridizeResult, hybridize
+
+__all__ = [
+    "PRESETS", "HybridizeResult", "LayerSelection", "hybridize", "hybridize_model", "mil_mixer", "parse_layer_list",
+    "select_layers",
+]

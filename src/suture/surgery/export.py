@@ -19,30 +19,15 @@ attention layers replaced by Mamba-2 layers" (see native-export.md). The mapping
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..architectures import HybridConfig, HybridForCausalLM
+from ..checkpoint import copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir
 
 SUPPORTED_FAMILIES = ("llama", "qwen2")
-
-# Files copied verbatim from a source directory (tokenizer and generation settings).
-_COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def export_granitemoehybrid(
@@ -90,9 +75,7 @@ def export_granitemoehybrid(
         (tmp / "config.json").write_text(json.dumps(granite_config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if source_dir is not None:
-            for name in _COPIED_FILES:
-                if (source_dir / name).is_file():
-                    shutil.copy2(source_dir / name, tmp / name)
+            copy_tokenizer_files(source_dir, tmp)
         elif model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
     return out_dir

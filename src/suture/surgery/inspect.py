@@ -1,7 +1,7 @@
 """Inspect checkpoints without loading them: per-layer mixer and parameters, cache footprint, and diffs.
 
 Everything is read from `config.json` and the safetensors headers; tensor data is touched only to diff two
-checkpoints, one tensor at a time through memory maps.
+checkpoints, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -12,49 +12,15 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
+from ..checkpoint import DTYPES, CheckpointReader, TensorInfo
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 _LAYER = re.compile(r"^(?:model\.|backbone\.)?layers\.(\d+)\.")
-_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
-
-
-@dataclass
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-    file: str
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+_DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def read_tensor_index(ckpt: str | Path) -> dict[str, TensorInfo]:
     """Names, shapes, dtypes and files of every tensor of a safetensors checkpoint directory (or file)."""
-    ckpt = Path(ckpt)
-    if ckpt.is_file():
-        files = [ckpt]
-    elif (ckpt / "model.safetensors.index.json").exists():
-        weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
-        files = [ckpt / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        pickles = [name for name in _PICKLE_FILES if (ckpt / name).exists()]
-        hint = (f" It holds pickle weights ({', '.join(pickles)}), which suture does not read here: convert them to "
-                "safetensors first (e.g. load and `save_pretrained(..., safe_serialization=True)`).") if pickles else ""
-        raise FileNotFoundError(f"No safetensors weights found in {ckpt}.{hint}")
-    index = {}
-    for path in files:
-        if not path.exists():
-            raise FileNotFoundError(f"Shard {path.name} listed in the index of {ckpt} is missing.")
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                index[name] = TensorInfo(tuple(sl.get_shape()), sl.get_dtype(), str(path))
-    return index
+    return CheckpointReader(ckpt).index
 
 
 @dataclass
@@ -174,17 +140,18 @@ class CheckpointDiff:
 def diff_checkpoints(a: str | Path, b: str | Path) -> CheckpointDiff:
     """Tensor names present in only one checkpoint, shape mismatches, and the relative change of every common
     tensor, streamed one tensor at a time (memory stays near the largest tensor)."""
-    index_a, index_b = read_tensor_index(a), read_tensor_index(b)
+    reader_a, reader_b = CheckpointReader(a), CheckpointReader(b)
+    index_a, index_b = reader_a.index, reader_b.index
     common = sorted(set(index_a) & set(index_b))
     mismatches = {n: (index_a[n].shape, index_b[n].shape) for n in common if index_a[n].shape != index_b[n].shape}
     changes = []
-    for name in common:
-        if name in mismatches:
-            continue
-        with safe_open(index_a[name].file, framework="pt") as fa, safe_open(index_b[name].file, framework="pt") as fb:
-            ta, tb = fa.get_tensor(name).double(), fb.get_tensor(name).double()
-        base, delta = ta.norm().item(), (tb - ta).norm().item()
-        rel = delta / base if base > 0 else (0.0 if delta == 0 else math.inf)
-        changes.append(TensorChange(name, index_a[name].shape, rel))
+    with reader_a, reader_b:
+        for name in common:
+            if name in mismatches:
+                continue
+            ta, tb = reader_a.read(name).double(), reader_b.read(name).double()
+            base, delta = ta.norm().item(), (tb - ta).norm().item()
+            rel = delta / base if base > 0 else (0.0 if delta == 0 else math.inf)
+            changes.append(TensorChange(name, index_a[name].shape, rel))
     return CheckpointDiff(str(a), str(b), sorted(set(index_a) - set(index_b)), sorted(set(index_b) - set(index_a)),
                           mismatches, changes)

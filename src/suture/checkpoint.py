@@ -1,0 +1,296 @@
+"""Checkpoint tensors on disk, read and written one tensor at a time.
+
+`CheckpointReader` reads the tensors of a Hugging Face checkpoint directory (single or sharded safetensors; pickle
+`.bin` files only when the caller opts in) with positioned reads (`os.pread`) at the offsets in the safetensors
+header. Unlike a memory map, whose touched pages stay resident for as long as the file is open, a positioned read
+holds only the tensor asked for, so streaming a whole checkpoint keeps the peak memory near its largest tensor;
+reads also release the GIL, so worker threads can read in parallel.
+
+`ShardedSafetensorsWriter` writes a checkpoint whose tensor names, shapes and dtypes are known up front: the
+shard plan and every header are fixed first, then each tensor is written at its offset (`os.pwrite`) as soon as it
+is ready, in any order, and dropped. The files are standard safetensors (`safe_open`, transformers and vLLM read
+them) with a `model.safetensors.index.json` when there is more than one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+# Files that travel with the weights: tokenizer and generation settings.
+TOKENIZER_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer and generation-config files present in `src` to `dst`; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors name, e.g. "BF16"
+    file: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype].itemsize if self.dtype in DTYPES else 0
+
+
+class SafetensorsFile:
+    """One safetensors file: its header, and tensors read on demand with positioned reads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError(f"{self.path} is not a safetensors file (bad header length).")
+            try:
+                header = json.loads(f.read(n))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path} has a corrupt safetensors header: {err}.") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if end > size - self._data_start or entry["dtype"] not in DTYPES:
+                raise ValueError(f"{self.path}: tensor {name!r} has an invalid dtype or lies past the end of the file "
+                                 "(truncated download?).")
+            self.entries[name] = (entry["dtype"], tuple(entry["shape"]), begin, end)
+        self._fd: int | None = None
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+            if got == 0:
+                raise OSError(f"{self.path}: unexpected end of file while reading {name!r}.")
+            done += got
+        if not buf:
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def checkpoint_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint directory (or a single file): safetensors, else pickle if allowed."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} does not exist.")
+    if ckpt.is_file():
+        files = [ckpt]
+    else:
+        files = _listed_or_globbed(ckpt, "model.safetensors.index.json", "*.safetensors")
+        if not files:
+            pickles = _listed_or_globbed(ckpt, "pytorch_model.bin.index.json", "*.bin") + sorted(ckpt.glob("*.pt*"))
+            if not pickles:
+                raise FileNotFoundError(f"No weights found in {ckpt}: expected *.safetensors "
+                                        "(or model.safetensors.index.json with its shards).")
+            if not allow_pickle:
+                raise ValueError(
+                    f"{ckpt} holds only pickle weights ({', '.join(p.name for p in pickles[:3])}), which can run "
+                    "arbitrary code when loaded. Pass --allow-pickle (Python: allow_pickle=True) to load them with "
+                    "torch.load(weights_only=True), or convert them to safetensors first."
+                )
+            files = pickles
+    for path in files:
+        if not path.exists():
+            raise FileNotFoundError(f"Shard {path.name} listed in the index of {ckpt} is missing.")
+    return files
+
+
+def _listed_or_globbed(ckpt: Path, index_name: str, pattern: str) -> list[Path]:
+    if (ckpt / index_name).exists():
+        weight_map = json.loads((ckpt / index_name).read_text())["weight_map"]
+        return [ckpt / name for name in sorted(set(weight_map.values()))]
+    return sorted(ckpt.glob(pattern))
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint, by name, read one at a time (see the module docstring)."""
+
+    def __init__(self, ckpt: str | Path, allow_pickle: bool = False):
+        self.path = Path(ckpt)
+        self.files = checkpoint_files(ckpt, allow_pickle)
+        self.index: dict[str, TensorInfo] = {}
+        self._source: dict[str, SafetensorsFile | dict] = {}
+        for path in self.files:
+            if path.suffix == ".safetensors":
+                handle = SafetensorsFile(path)
+                items = [(n, dtype, shape) for n, (dtype, shape, _, _) in handle.entries.items()]
+            else:  # opted-in pickle: tensors only (weights_only), memory-mapped so nothing is read twice
+                handle = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                items = [(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in handle.items()]
+            for name, dtype, shape in items:
+                if name in self.index:
+                    raise ValueError(f"Tensor {name!r} appears in both {self.index[name].file} and {path}.")
+                self.index[name] = TensorInfo(shape, dtype, str(path))
+                self._source[name] = handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.index:
+            raise KeyError(f"{self.path} has no tensor {name!r}.")
+        source = self._source[name]
+        return source.read(name) if isinstance(source, SafetensorsFile) else source[name].clone()
+
+    def sha256(self, on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
+        """SHA-256 of every weight file (read in 8 MiB blocks)."""
+        digests = {}
+        for path in self.files:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(8 << 20):
+                    h.update(block)
+                    if on_bytes:
+                        on_bytes(len(block))
+            digests[path.name] = h.hexdigest()
+        return digests
+
+    def close(self) -> None:
+        for handle in self._source.values():
+            if isinstance(handle, SafetensorsFile):
+                handle.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB" / "500MiB" (transformers' convention)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    return convert_file_size_to_int(size)
+
+
+class ShardedSafetensorsWriter:
+    """Write a safetensors checkpoint (sharded above `max_shard_size`) whose tensor list is known up front.
+
+    Args:
+        out_dir: an existing (normally temporary) directory.
+        tensors: (name, shape, dtype) of every tensor, in the order they should appear.
+        max_shard_size: shard byte limit (int or "5GB"); a tensor larger than the limit gets a shard of its own.
+    """
+
+    def __init__(self, out_dir: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None):
+        limit = parse_size(max_shard_size)
+        self.out_dir = Path(out_dir)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in tensors:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._slots: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}  # name -> (fd, offset, ...)
+        self._fds: list[int] = []
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        for file_name, shard in zip(names, shards):
+            header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+            for name, shape, dtype in shard:
+                if name in self.weight_map:
+                    raise ValueError(f"Tensor {name!r} is listed twice.")
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                self.weight_map[name] = file_name
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+            fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, 8 + len(raw) + offset)
+            for name, shape, dtype in shard:
+                begin = header[name]["data_offsets"][0]
+                self._slots[name] = (fd, 8 + len(raw) + begin, shape, dtype)
+            self.total_size += offset
+        self._pending = set(self._slots)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._slots:
+            raise KeyError(f"Tensor {name!r} is not in the output plan.")
+        fd, offset, shape, dtype = self._slots[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"Tensor {name!r}: planned {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}.")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+        self._pending.discard(name)
+
+    def _close_files(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def close(self) -> None:
+        """Finish the checkpoint: every planned tensor must have been written; writes the index if sharded."""
+        self._close_files()
+        if self._pending:
+            missing = sorted(self._pending)
+            raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:5]}.")
+        if len(set(self.weight_map.values())) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_files()  # the caller's atomic output directory discards the partial files

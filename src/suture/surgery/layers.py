@@ -1,0 +1,121 @@
+"""Which attention layers become Mamba: explicit lists, evenly spaced ratios and the published layouts.
+
+Presets (attention is *kept* at the listed layers, every other layer is replaced):
+
+| preset | kept attention | source |
+|---|---|---|
+| `m1` | every 5th layer from layer 3, plus the last: [3, 8, 13, 18, 23, 27] at 28 layers | M1-3B |
+| `mil-50` | odd layers (50% replaced) | MambaInLlama |
+| `mil-75` | layers 3, 7, 11, ... (75% replaced) | MambaInLlama |
+| `mil-87.5` | layers 7, 15, 23, ... (87.5% replaced) | MambaInLlama |
+
+A ratio r replaces round(r * n) layers and keeps the others evenly spaced, always including the last layer; at
+32 layers, r = 0.5 / 0.75 / 0.875 give exactly the MambaInLlama layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _keep_m1(n: int) -> set[int]:
+    return {i for i in range(n) if i % 5 == 3} | {n - 1}
+
+
+PRESETS = {
+    "m1": (_keep_m1, "M1: attention kept at every 5th layer from layer 3 plus the last"),
+    "mil-50": (lambda n: {i for i in range(n) if i % 2 == 1}, "MambaInLlama 50%: attention kept at odd layers"),
+    "mil-75": (lambda n: {i for i in range(n) if i % 4 == 3}, "MambaInLlama 75%: attention kept at layers 3, 7, 11, ..."),
+    "mil-87.5": (lambda n: {i for i in range(n) if i % 8 == 7}, "MambaInLlama 87.5%: attention kept at layers 7, 15, ..."),
+}
+
+
+@dataclass
+class LayerSelection:
+    """The layers to replace, with how they were chosen (recorded in surgery.json)."""
+
+    replace: list[int]
+    method: str  # "explicit", "keep-attention", "ratio", "preset", "importance"
+    detail: dict = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """"0,2,5-7" -> [0, 2, 5, 6, 7]; "" -> []."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep and lo else [int(part)])
+        except ValueError:
+            raise ValueError(f"Cannot read layer list {text!r}: use indices and ranges such as '0,2,5-7'.") from None
+    return out
+
+
+def _checked(indices: list[int], n_layers: int, what: str) -> list[int]:
+    bad = [i for i in indices if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"{what}: layer indices {bad} are out of range; the model has {n_layers} layers (0..{n_layers - 1}).")
+    dupes = sorted({i for i in indices if indices.count(i) > 1})
+    if dupes:
+        raise ValueError(f"{what}: layer indices {dupes} are listed more than once.")
+    return sorted(indices)
+
+
+def evenly_kept(n_layers: int, n_keep: int) -> list[int]:
+    """`n_keep` layers evenly spaced over `n_layers`, the last one included."""
+    return sorted({round((j + 1) * n_layers / n_keep) - 1 for j in range(n_keep)}) if n_keep else []
+
+
+def select_layers(
+    n_layers: int,
+    mamba_layers: list[int] | None = None,
+    keep_attention: list[int] | None = None,
+    ratio: float | None = None,
+    preset: str | None = None,
+    scores: dict[int, float] | None = None,
+) -> LayerSelection:
+    """Resolve exactly one way of choosing layers into the sorted list of layers to replace.
+
+    Args:
+        mamba_layers: replace these layers.
+        keep_attention: keep these layers, replace all others.
+        ratio: fraction of layers to replace (0 < ratio <= 1); evenly spaced, or the least important if `scores`.
+        preset: one of `PRESETS`.
+        scores: per-layer importance (lower = less important = replaced first), used with `ratio`.
+    """
+    given = [name for name, value in (("mamba_layers", mamba_layers), ("keep_attention", keep_attention),
+                                      ("ratio", ratio), ("preset", preset)) if value is not None]
+    if len(given) != 1:
+        raise ValueError("Choose the layers to replace in exactly one way: an explicit list (--mamba-layers), the "
+                         "layers to keep (--keep-attention), a ratio (--ratio) or a preset (--preset); "
+                         f"got {', '.join(given) or 'none'}.")
+    if scores is not None and ratio is None:
+        raise ValueError("Importance scores select layers together with a ratio (--select importance --ratio R).")
+    if mamba_layers is not None:
+        replace = _checked(list(mamba_layers), n_layers, "--mamba-layers")
+        return LayerSelection(replace, "explicit", {"mamba_layers": replace}, {i: "listed" for i in replace})
+    if keep_attention is not None:
+        keep = _checked(list(keep_attention), n_layers, "--keep-attention")
+        replace = [i for i in range(n_layers) if i not in keep]
+        return LayerSelection(replace, "keep-attention", {"keep_attention": keep}, {i: "not kept" for i in replace})
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        rule, description = PRESETS[preset]
+        replace = [i for i in range(n_layers) if i not in rule(n_layers)]
+        return LayerSelection(replace, "preset", {"preset": preset, "description": description},
+                              {i: f"preset {preset}" for i in replace})
+    if not 0 < ratio <= 1:
+        raise ValueError(f"--ratio must be in (0, 1] (the fraction of layers to replace), got {ratio}.")
+    n_replace = round(ratio * n_layers)
+    if scores is not None:
+        ranked = sorted(scores, key=lambda i: (scores[i], i))
+        if n_replace > len(ranked):
+            raise ValueError(f"--ratio {ratio} asks for {n_replace} layers but only {len(ranked)} have scores.")
+        replace = sorted(ranked[:n_replace])
+        reasons = {i: f"importance rank {ranked.index(i) + 1} of {len(ranked)} (score {scores[i]:.4g})" for i in replace}
+        return LayerSelection(replace, "importance", {"ratio": ratio}, reasons)
+    keep = set(evenly_kept(n_layers, n_layers - n_replace))
+    replace = [i for i in range(n_layers) if i not in keep]
+    return LayerSelection(replace, "ratio", {"ratio": ratio}, {i: f"ratio {ratio}, evenly spaced" for i in replace})

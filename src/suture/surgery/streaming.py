@@ -1,0 +1,275 @@
+"""`hybridize`: checkpoint directory -> hybrid checkpoint directory, streaming one tensor at a time.
+
+The output's tensor list is planned from a meta-device (weightless) hybrid before anything is read: every tensor
+of the source is accounted for (copied under its own name, used to seed a mixer, or dropped with the replaced
+attention), every tensor of the hybrid has a source (a copy or a fresh MIL-initialised mixer), and any mismatch
+is an error naming the tensors before a byte is written. Tensors are then read with positioned reads and written
+straight into the planned safetensors shards, so the peak memory is about one layer's mixer plus one tensor,
+whatever the model size. The result is bit-identical to `hybridize_model` on the loaded source.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
+from ..architectures.families import FAMILIES, get_family
+from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
+from ..io import atomic_output_dir, check_output_dir
+from .layers import LayerSelection
+from .mil import layer_index, mil_mixer
+
+# Buffers some older checkpoints saved that today's modules recompute (transformers ignores them on load too).
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+TRANSFER_MAP = {
+    "self_attn.v_proj.weight": "mamba.in_proj.weight rows [x]",
+    "self_attn.k_proj.weight": "mamba.in_proj.weight rows [B]",
+    "self_attn.q_proj.weight": "mamba.in_proj.weight rows [C]",
+    "self_attn.o_proj.weight": "mamba.out_proj.weight",
+}
+
+
+@dataclass
+class HybridizeResult:
+    out: Path
+    layer_types: list[str]
+    replaced: list[int]
+    surgery: dict = field(repr=False, default_factory=dict)
+
+
+def load_source_config(src: str | Path):
+    """The source's transformers config, after checking that its family is one suture can hybridize."""
+    src = Path(src)
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{src} has no config.json: pass a Hugging Face checkpoint directory.")
+    model_type = json.loads(path.read_text()).get("model_type")
+    if model_type == HybridConfig.model_type:
+        raise ValueError(f"{src} is already a suture hybrid; hybridize its teacher (the original transformer).")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not a family suture can hybridize; supported: "
+                         f"{', '.join(FAMILIES)}.")
+    return get_family(model_type).config_class.from_pretrained(src)
+
+
+def _meta_tensors(model_class, config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names and shapes of the tensors a checkpoint of `model_class(config)` holds (tied copies excluded)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items() if n not in tied}
+
+
+def _check_source(reader: CheckpointReader, expected: dict, src: Path, config) -> list[str]:
+    """Compare the checkpoint's tensors with what its config describes; returns ignorable extras."""
+    names = set(reader.index)
+    missing = sorted(set(expected) - names)
+    extra = sorted(n for n in names - set(expected) if not n.endswith(_IGNORABLE_SUFFIXES))
+    where = f"{src} (model_type {config.model_type}, {config.num_hidden_layers} layers in config.json)"
+    if missing:
+        raise ValueError(f"{where} lacks {len(missing)} tensors its config requires, e.g. {missing[:5]}. "
+                         "Is the checkpoint complete and does config.json belong to it?")
+    if extra:
+        raise ValueError(f"{where} holds {len(extra)} tensors its config does not describe, e.g. {extra[:5]}. "
+                         "Does config.json belong to these weights?")
+    for name, (shape, _) in expected.items():
+        if reader.index[name].shape != shape:
+            raise ValueError(f"{src}: tensor {name!r} has shape {list(reader.index[name].shape)}, but config.json "
+                             f"implies {list(shape)}.")
+    return sorted(names - set(expected))
+
+
+def hybridize(
+    src: str | Path,
+    out: str | Path,
+    selection: LayerSelection | list[int],
+    mixer: str = "mamba",
+    seed: int = 0,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "5GB",
+    checksum: bool = True,
+    scores: dict | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    **mixer_overrides,
+) -> HybridizeResult:
+    """Write a hybrid of the checkpoint `src` to `out`, replacing `selection.replace` by `mixer` layers.
+
+    Args:
+        selection: the layers to replace and why (`suture.surgery.select_layers`), or a plain list of indices.
+        mixer: "mamba" (Mamba-1, M1 / Apriel-H1 style) or "mamba2" (MambaInLlama Mamba-2 style).
+        seed: seeds the fresh init of each mixer (with the layer index; see `mil_mixer`).
+        dtype: cast every floating tensor to this dtype (default: keep the source's; new mixers take the dtype of
+            the attention they replace).
+        allow_pickle: accept pickle `.bin` weights (loaded with `torch.load(weights_only=True)`).
+        checksum: record the SHA-256 of every source weight file in surgery.json.
+        scores: per-layer importance scores to record (`ImportanceReport.to_dict()`).
+        on_progress: called as (phase, done, total) with phase "checksum" (bytes) or "tensors" (bytes written).
+        mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``).
+    """
+    if mixer not in MAMBA_LAYER_TYPES:
+        raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
+    src, out = Path(src), check_output_dir(out, force)
+    if not isinstance(selection, LayerSelection):
+        selection = LayerSelection(sorted(selection), "explicit", {"mamba_layers": sorted(selection)})
+    cast = _resolve_dtype(dtype)
+    source_config = load_source_config(src)
+    n = source_config.num_hidden_layers
+    bad = [i for i in selection.replace if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"Layer indices {bad} are out of range: {src} has {n} layers (0..{n - 1}).")
+    replaced = set(selection.replace)
+    config = HybridConfig.from_source(source_config, [mixer if i in replaced else None for i in range(n)],
+                                      **mixer_overrides)
+    config.architectures = ["HybridForCausalLM"]
+
+    with CheckpointReader(src, allow_pickle=allow_pickle) as reader:
+        ignored = _check_source(reader, _meta_tensors(get_family(source_config.model_type).causal_lm_class,
+                                                      source_config), src, source_config)
+        plan, fresh_dtype = _plan(config, reader, cast)
+        config.dtype = fresh_dtype
+        total = sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in plan)
+        digests = _checksums(reader, on_progress) if checksum else {}
+        with atomic_output_dir(out, force) as tmp:
+            with ShardedSafetensorsWriter(tmp, plan, max_shard_size) as writer:
+                _stream(reader, config, plan, writer, seed, total, on_progress)
+            config.save_pretrained(tmp)
+            copied = copy_tokenizer_files(src, tmp)
+            used = {name for name, _, _ in plan if ".mamba." not in name}
+            surgery = _surgery_record(src, source_config, config, selection, mixer, seed, mixer_overrides,
+                                      digests, scores, reader, used, ignored, copied)
+            (tmp / "surgery.json").write_text(json.dumps(surgery, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(surgery, out.name))
+    return HybridizeResult(out, list(config.layer_types), sorted(replaced), surgery)
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype such as bfloat16, float16 or float32, got {dtype!r}.")
+    return resolved
+
+
+def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | None):
+    """(name, shape, dtype) of every output tensor, in model order, and the dtype of the fresh mixers."""
+    q_name = next(n for n in reader.index if n.endswith("self_attn.q_proj.weight"))
+    fresh_dtype = cast or DTYPES[reader.index[q_name].dtype]
+    plan = []
+    for name, (shape, _) in _meta_tensors(HybridForCausalLM, config).items():
+        if ".mamba." in name:
+            plan.append((name, shape, fresh_dtype))
+            continue
+        source_dtype = DTYPES[reader.index[name].dtype]
+        plan.append((name, shape, cast if cast is not None and source_dtype.is_floating_point else source_dtype))
+    return plan, fresh_dtype
+
+
+def _checksums(reader: CheckpointReader, on_progress) -> dict[str, str]:
+    total = sum(Path(f).stat().st_size for f in reader.files)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if on_progress:
+            on_progress("checksum", done, total)
+
+    return reader.sha256(advance)
+
+
+def _stream(reader, config, plan, writer, seed, total, on_progress) -> None:
+    """Write every planned tensor; a replaced layer's mixer is built once, when its first tensor comes up."""
+    mixer_layer, mixer_state, done = None, {}, 0
+    for name, shape, dtype in plan:
+        if ".mamba." in name:
+            i = layer_index(name)
+            if i != mixer_layer:
+                attn = f"model.layers.{i}.self_attn."
+                q, k, v, o = (reader.read(f"{attn}{p}_proj.weight") for p in ("q", "k", "v", "o"))
+                mixer = mil_mixer(config, i, q, k, v, o, seed=seed, dtype=dtype)
+                mixer_layer, mixer_state = i, mixer.state_dict()
+                del q, k, v, o, mixer
+            tensor = mixer_state.pop(name.split(".mamba.", 1)[1])
+        else:
+            tensor = reader.read(name)
+        writer.write(name, tensor.to(dtype))
+        done += tensor.numel() * dtype.itemsize
+        del tensor
+        if on_progress:
+            on_progress("tensors", done, total)
+
+
+def _surgery_record(src, source_config, config, selection, mixer, seed, overrides, digests, scores, reader, used,
+                    ignored, copied) -> dict:
+    dropped = sorted(n for n in reader.index if n not in used and n not in ignored)
+    return {
+        "suture_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "path": str(src.resolve()),
+            "name": _hub_name(source_config) or src.name,
+            "model_type": source_config.model_type,
+            "num_hidden_layers": source_config.num_hidden_layers,
+            "sha256": digests,
+        },
+        "mixer": mixer,
+        "seed": seed,
+        "mixer_overrides": overrides,
+        "selection": {"method": selection.method, **selection.detail},
+        "layers": [
+            {"index": i, "type": kind, "replaced": kind in MAMBA_LAYER_TYPES, "reason": selection.reasons.get(i)}
+            for i, kind in enumerate(config.layer_types)
+        ],
+        "scores": scores,
+        "weight_transfer": TRANSFER_MAP,
+        "fresh_init": "z and dt rows of in_proj ~ N(0, initializer_range); dt_proj, A_log, D, conv (and the Mamba-2 "
+                      "norm) as in the reference recipes",
+        "dropped_source_tensors": dropped,
+        "ignored_source_tensors": ignored,
+        "copied_files": copied,
+    }
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _hub_name(config) -> str | None:
+    name = getattr(config, "_name_or_path", "") or ""
+    return name if _is_hub_id(name) else None
+
+
+def model_card(surgery: dict, title: str) -> str:
+    """README.md for a hybrid checkpoint: front matter for the hub, the layer layout and how to load it."""
+    source = surgery["source"]
+    replaced = [row["index"] for row in surgery["layers"] if row["replaced"]]
+    n = len(surgery["layers"])
+    front = ["---", "library_name: transformers", "tags:", "- suture", "- hybrid", "- mamba", "- " + surgery["mixer"]]
+    if _is_hub_id(source["name"]):
+        front.insert(1, f"base_model: {source['name']}")
+    rows = "\n".join(f"| {r['index']} | {r['type']} | {r['reason'] or ''} |" for r in surgery["layers"])
+    return "\n".join(front + ["---", "", f"# {title}", "",
+        f"An attention + Mamba hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
+        f"[suture](https://pypi.org/project/suture/) {surgery['suture_version']}: {len(replaced)} of {n} attention "
+        f"layers were replaced by `{surgery['mixer']}` mixers initialised from the attention weights they replace "
+        "(V -> x, K -> B, Q -> C, O -> out_proj; MLPs, norms and embeddings copied).",
+        "", "The replaced layers are initialised, not trained: distill the hybrid from its source before use.", "",
+        f"Layer selection: `{surgery['selection']['method']}`.", "",
+        "| layer | type | why replaced |", "|---|---|---|", rows, "",
+        "## Load", "", "```python", "import suture  # registers the hybrid architecture with transformers",
+        "from transformers import AutoModelForCausalLM", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{title}")', "```", "",
+        "`surgery.json` records the source checksums, the selection, the scores (if any) and every dropped tensor.",
+        ""])
+

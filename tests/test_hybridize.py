@@ -1,0 +1,230 @@
+"""Streaming checkpoint -> hybrid surgery: bit-exact transfer, identity of untouched tensors, outputs, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, tiny_source
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import suture  # noqa: F401  (registers the hybrid with the Auto classes)
+from suture.checkpoint import CheckpointReader, ShardedSafetensorsWriter
+from suture.cli.app import app
+from suture.surgery import hybridize, hybridize_model, select_layers
+from suture.workload import build_tokenizer
+
+REPLACED = [0, 2]
+
+
+def _save(model, path, **kwargs):
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def _load(path):
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    return model.eval()
+
+
+def _leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+def test_streamed_hybrid_equals_in_memory_surgery_and_keeps_every_other_tensor(tmp_path, family, mixer):
+    source = tiny_source(family)
+    src = _save(source, tmp_path / "src", max_shard_size="100KB")  # sharded source
+    result = hybridize(src, tmp_path / "out", REPLACED, mixer=mixer, seed=7, max_shard_size="80KB")
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()  # sharded output
+    assert result.replaced == REPLACED
+    hybrid = _load(tmp_path / "out")
+    assert hybrid.config.layer_types == [mixer, hybrid.config.layer_types[1], mixer, hybrid.config.layer_types[3]]
+
+    reference = hybridize_model(source, [mixer if i in REPLACED else None for i in range(4)], seed=7)
+    got, want, src_state = hybrid.state_dict(), reference.state_dict(), source.state_dict()
+    assert got.keys() == want.keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+        if ".mamba." not in name:  # embeddings, kept layers, MLPs, norms, head: identical to the source
+            assert torch.equal(got[name], src_state[name]), name
+
+    cfg = hybrid.config
+    q_width, kv_width = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    for i in REPLACED:
+        mixer_module = hybrid.model.layers[i].mamba
+        attn = {p: src_state[f"model.layers.{i}.self_attn.{p}_proj.weight"] for p in "qkvo"}
+        rows = mixer_module.in_proj.weight[q_width:]  # [z | x | B | C | dt]: skip the gate z (d_inner = q width)
+        assert torch.equal(rows[:kv_width], attn["v"])  # V -> x
+        assert torch.equal(rows[kv_width : 2 * kv_width], attn["k"])  # K -> B
+        assert torch.equal(rows[2 * kv_width : 2 * kv_width + q_width], attn["q"])  # Q -> C
+        assert torch.equal(mixer_module.out_proj.weight, attn["o"])  # O -> out_proj
+
+    ids = torch.randint(3, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(hybrid(ids).logits, reference.eval()(ids).logits)
+
+
+def test_surgery_record_model_card_and_copied_files(tmp_path):
+    tokenizer = build_tokenizer()
+    source = tiny_source("qwen2", vocab_size=len(tokenizer))
+    src = _save(source, tmp_path / "src")
+    tokenizer.save_pretrained(src)
+    selection = select_layers(4, keep_attention=[3])
+    hybridize(src, tmp_path / "out", selection, mixer="mamba2")
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "surgery.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "surgery.json").read_text())
+    digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    assert record["source"]["sha256"] == {"model.safetensors": digest}
+    assert record["selection"] == {"method": "keep-attention", "keep_attention": [3]}
+    assert [row["replaced"] for row in record["layers"]] == [True, True, True, False]
+    assert record["layers"][0]["reason"] == "not kept"
+    dropped = set(record["dropped_source_tensors"])
+    for i in range(3):  # the replaced attention, including Qwen2's q/k/v biases, is accounted for
+        for p in "qkvo":
+            assert f"model.layers.{i}.self_attn.{p}_proj.weight" in dropped
+        assert f"model.layers.{i}.self_attn.q_proj.bias" in dropped
+    assert not any(".layers.3." in n for n in dropped)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "| 3 | full_attention |" in card and "import suture" in card
+
+
+def test_tied_embeddings_and_dtype_cast(tmp_path):
+    source = tiny_source("llama", tie_word_embeddings=True)
+    src = _save(source, tmp_path / "src")
+    hybridize(src, tmp_path / "out", [1], dtype="bfloat16")
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" not in weights and all(t.dtype == torch.bfloat16 for t in weights.values())
+    hybrid = _load(tmp_path / "out")
+    assert hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(hybrid.model.embed_tokens.weight, source.model.embed_tokens.weight.bfloat16())
+
+
+def test_pickle_source_needs_opt_in_and_then_matches(tmp_path):
+    source = tiny_source("llama")
+    src = tmp_path / "src"
+    source.save_pretrained(src)
+    (src / "model.safetensors").unlink()
+    torch.save(source.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="--allow-pickle"):
+        hybridize(src, tmp_path / "out", [0])
+    assert not (tmp_path / "out").exists()
+    hybridize(src, tmp_path / "out", [0], allow_pickle=True)
+    reference = hybridize_model(source, ["mamba", None, None, None])
+    got = _load(tmp_path / "out").state_dict()
+    assert all(torch.equal(got[n], t) for n, t in reference.state_dict().items())
+
+
+def _tamper(src, edit):
+    weights = load_file(src / "model.safetensors")
+    edit(weights)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: w.pop("model.layers.1.mlp.up_proj.weight"), r"lacks 1 tensors .*mlp\.up_proj"),
+    (lambda w: w.update({"model.layers.9.extra.weight": torch.zeros(2)}), r"holds 1 tensors its config does not"),
+    (lambda w: w.update({"model.norm.weight": torch.ones(65)}), r"'model\.norm\.weight' has shape \[65\]"),
+])
+def test_checkpoints_that_do_not_match_their_config_are_refused(tmp_path, edit, message):
+    src = _save(tiny_source("llama"), tmp_path / "src")
+    _tamper(src, edit)
+    with pytest.raises(ValueError, match=message):
+        hybridize(src, tmp_path / "out", [0])
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
+
+
+def test_old_rotary_buffers_are_ignored(tmp_path):
+    src = _save(tiny_source("llama"), tmp_path / "src")
+    _tamper(src, lambda w: w.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    result = hybridize(src, tmp_path / "out", [0])
+    assert result.surgery["ignored_source_tensors"] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+
+
+def test_other_bad_inputs(tmp_path):
+    src = _save(tiny_source("llama"), tmp_path / "src")
+    with pytest.raises(ValueError, match=r"\[4\] are out of range: .* has 4 layers"):
+        hybridize(src, tmp_path / "out", [4])
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        hybridize(src, tmp_path / "out", [0], mixer="rwkv")
+    config = json.loads((src / "config.json").read_text())
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not a family"):
+        hybridize(tmp_path / "gpt", tmp_path / "out", [0])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hybridize(tmp_path / "missing", tmp_path / "out", [0])
+    hybridize(src, tmp_path / "out", [0])
+    with pytest.raises(FileExistsError, match="--force"):
+        hybridize(src, tmp_path / "out", [1])
+    with pytest.raises(ValueError, match="already a suture hybrid"):
+        hybridize(tmp_path / "out", tmp_path / "again", [1])
+    hybridize(src, tmp_path / "out", [1], force=True)
+    assert json.loads((tmp_path / "out" / "surgery.json").read_text())["selection"]["mamba_layers"] == [1]
+
+
+def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    src = _save(tiny_source("llama"), tmp_path / "src")
+    import suture.surgery.streaming as module
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    real = module.mil_mixer
+    monkeypatch.setattr(module, "mil_mixer", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        hybridize(src, tmp_path / "out", [0, 2])
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
+
+
+def test_cli_hybridize(tmp_path):
+    src = _save(tiny_source("mistral", num_hidden_layers=6), tmp_path / "src")
+    runner = CliRunner()
+    result = runner.invoke(app, ["hybridize", str(src), str(tmp_path / "out"), "--preset", "mil-50", "--mixer", "mamba2"])
+    assert result.exit_code == 0, result.output
+    hybrid = _load(tmp_path / "out")
+    assert hybrid.config.layer_types == ["mamba2", "sliding_attention"] * 3
+    result = runner.invoke(app, ["hybridize", str(src), str(tmp_path / "out"), "--ratio", "0.5"])
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = runner.invoke(app, ["hybridize", str(src), str(tmp_path / "o2"), "--mamba-layers", "1,7"])
+    assert result.exit_code == 1 and "out of range" in result.output
+    result = runner.invoke(app, ["hybridize", str(src), str(tmp_path / "o2"), "--ratio", "0.5", "--select", "importance"])
+    assert result.exit_code == 1 and "needs --ratio and exactly one of --data" in result.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_writer_and_reader_round_trip_every_dtype(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+    }
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with ShardedSafetensorsWriter(tmp_path, plan, max_shard_size=24) as writer:
+        for name in reversed(list(tensors)):  # any order
+            writer.write(name, tensors[name])
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    loaded = {}
+    for shard in set(index["weight_map"].values()):
+        loaded.update(load_file(tmp_path / shard))  # the reference reader agrees
+    reader = CheckpointReader(tmp_path)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor) and torch.equal(reader.read(name), tensor), name
+    with pytest.raises(RuntimeError, match="never written"):
+        ShardedSafetensorsWriter(tmp_path / ".", plan[:1]).close()
+    with pytest.raises(ValueError, match="planned"):
+        ShardedSafetensorsWriter(tmp_path, plan[:1]).write("f32", torch.zeros(4, 3))
