@@ -228,3 +228,28 @@ def test_writer_and_reader_round_trip_every_dtype(tmp_path):
         ShardedSafetensorsWriter(tmp_path / ".", plan[:1]).close()
     with pytest.raises(ValueError, match="planned"):
         ShardedSafetensorsWriter(tmp_path, plan[:1]).write("f32", torch.zeros(4, 3))
+
+
+def test_cli_selects_layers_by_importance_and_records_the_scores(tmp_path):
+    tokenizer = build_tokenizer()
+    source = tiny_source("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    with torch.no_grad():  # layer 1's attention contributes nothing: it must be the first to go
+        source.model.layers[1].self_attn.o_proj.weight.zero_()
+    src = _save(source, tmp_path / "src")
+    tokenizer.save_pretrained(src)
+    runner = CliRunner()
+    args = ["hybridize", str(src), str(tmp_path / "out"), "--select", "importance", "--ratio", "0.25"]
+    result = runner.invoke(app, [*args, "--data", "workload"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    assert [row["index"] for row in record["layers"] if row["replaced"]] == [1]
+    assert record["selection"] == {"method": "importance", "ratio": 0.25}
+    assert "importance rank 1 of 4" in record["layers"][1]["reason"]
+    assert record["scores"]["layers"][1]["scores"]["loo"] == 0.0
+
+    # a saved report gives the same selection without scoring again
+    result = runner.invoke(app, ["importance", str(src), "--n", "8", "--json", str(tmp_path / "imp.json")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args[:2], str(tmp_path / "out2"), *args[3:], "--importance", str(tmp_path / "imp.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out2" / "surgery.json").read_text())["layers"][1]["replaced"]

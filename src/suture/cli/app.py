@@ -19,10 +19,12 @@ app = typer.Typer(
 console = Console()
 
 from .hybridize import hybridize_command  # noqa: E402
+from .importance import importance_command  # noqa: E402
 from .workload import app as workload_app  # noqa: E402
 
 app.add_typer(workload_app, name="workload")
 app.command("hybridize")(hybridize_command)
+app.command("importance")(importance_command)
 
 
 def _version(value: bool) -> None:

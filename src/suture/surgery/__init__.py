@@ -4,11 +4,12 @@
     hybridize("Llama-3.2-3B", "llama-m1", select_layers(28, preset="m1"), mixer="mamba")
 """
 
+from .importance import ImportanceReport, layer_importance
 from .layers import PRESETS, LayerSelection, parse_layer_list, select_layers
 from .mil import hybridize_model, mil_mixer
 from .streaming import HybridizeResult, hybridize
 
 __all__ = [
-    "PRESETS", "HybridizeResult", "LayerSelection", "hybridize", "hybridize_model", "mil_mixer", "parse_layer_list",
-    "select_layers",
+    "PRESETS", "HybridizeResult", "ImportanceReport", "LayerSelection", "hybridize", "hybridize_model",
+    "layer_importance", "mil_mixer", "parse_layer_list", "select_layers",
 ]

@@ -1,0 +1,71 @@
+"""`suture importance SRC`: rank a checkpoint's attention layers by how much replacing each one costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+def importance_command(
+    src: Path = typer.Argument(..., help="Checkpoint directory: a transformer or a suture hybrid, with its tokenizer."),
+    data: str = typer.Option(
+        "workload", "--data",
+        help='Calibration data: "workload" (built-in task; workload models only) or a .jsonl file of {"text"}, '
+             '{"messages"} or {"prompt", "response"} records.',
+    ),
+    method: list[str] = typer.Option(["loo"], "--method", help="Probe: loo or mil (repeat for several)."),
+    n: int = typer.Option(64, "--n", min=1, help="Calibration sequences."),
+    max_length: int = typer.Option(512, "--max-length", min=1, help="Truncate sequences to this many tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass."),
+    mixer: str = typer.Option("mamba", "--mixer", help="Mixer of the mil probe: mamba or mamba2."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the workload problems and of the MIL mixers' fresh init."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
+    png: Path | None = typer.Option(None, "--png", help="Write a bar chart (PNG) here."),
+) -> None:
+    """Score every attention layer by KL(source || probed) on calibration data; least important first."""
+    from ..architectures import MAMBA_LAYER_TYPES
+    from ..surgery.importance import PROBES, layer_importance
+
+    unknown = [m for m in method if m not in PROBES]
+    if unknown:
+        raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; use {', '.join(PROBES)}.")
+    if mixer not in MAMBA_LAYER_TYPES:
+        raise typer.BadParameter(f"--mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
+    methods = list(dict.fromkeys(method))  # a repeated --method is scored once
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"scoring {src.name} ({', '.join(methods)})", total=None)
+        try:
+            report = layer_importance(
+                src, data=data, methods=methods, n=n, max_length=max_length, batch_size=batch_size, mixer=mixer,
+                seed=seed, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        except (FileNotFoundError, ValueError) as err:
+            progress.stop()
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from None
+
+    table = Table(title=f"layer importance of {src} (mean KL per token, least important first)")
+    for column in ("rank", "layer", "kind", *methods):
+        table.add_column(column, justify="right")
+    by_index = {entry.index: entry for entry in report.layers}
+    for rank, index in enumerate(report.ranking(), start=1):
+        entry = by_index[index]
+        table.add_row(str(rank), str(index), entry.kind, *(f"{entry.scores[m]:.3e}" for m in methods))
+    console.print(table)
+    console.print(f"{report.n_sequences} sequences, {report.n_tokens} tokens from {report.data}; "
+                  f"ranked by {methods[0]}")
+    if json_out is not None:
+        report.save_json(json_out)
+        console.print(f"wrote {json_out}")
+    if png is not None:
+        report.plot(png)
+        console.print(f"wrote {png}")

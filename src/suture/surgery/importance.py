@@ -1,0 +1,444 @@
+"""Layer importance: which attention layers can become Mamba with the least damage (Apriel-H1's selection step).
+
+For every attention layer i of a transformer (or every remaining attention layer of a suture hybrid) and every
+probe method, the score is the mean KL(p_source || p_probed) of the next-token distributions over all real
+(non-padding) positions of a calibration set, in fp32. Low score = unimportant = replace first.
+
+Built-in probes:
+
+- ``loo``: leave-one-out; layer i's attention output is replaced by zeros (the attention becomes the identity on
+  the residual stream, its MLP stays), Apriel-H1's first, static ranking;
+- ``mil``: layer i's attention is replaced by its MIL-initialised mixer (``mixer="mamba"`` or ``"mamba2"``), the
+  exact mixer `hybridize_model` would build for that layer with the same seed.
+
+Probe interface. A probe is a function registered with `register_probe(name)`; it gets a `ProbeContext` (the
+model, the candidate layer, the mixer kind, the seed and the calibration batches) and returns a *re-enterable*
+context manager that modifies the model while active. `layer_importance` calls each probe once per (method,
+layer), then enters the returned patch once per calibration batch, so anything expensive (building a mixer)
+happens once. `AttentionReplacement(attention, fn)` is the usual patch: inside ``with``, the attention's output is
+``fn(hidden_states)``. Apriel-H1's MMR probe (a short distillation per candidate) plugs in as one more probe:
+
+    @register_probe("mmr")
+    def mmr_probe(ctx: ProbeContext) -> AttentionReplacement:
+        mixer = mil_probe_mixer(ctx)                       # the MIL init, as the "mil" probe builds it
+        with torch.enable_grad():
+            distill(ctx.model, ctx.layer, mixer, ctx.batches, steps=100)   # train only `mixer` (hypothetical helper)
+        return AttentionReplacement(ctx.attention, mixer)
+
+and `layer_importance(src, methods=("mmr",))` then scores the KL left after the probe's distillation.
+
+Memory: one batch of teacher log-probs (b, L, vocab) at a time, plus every prepared patch (the "mil" probe holds
+one mixer per candidate, about the size of the attention it stands in for).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .._quiet import no_hf_progress_bars
+from ..architectures import ATTENTION_LAYER_TYPES, MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
+from ..architectures.families import get_family, source_attention_layer_types
+from .mil import mil_mixer
+
+JSONL_FIELDS = '{"text": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "response": ...}'
+Batch = tuple[torch.Tensor, torch.Tensor]  # right-padded (input_ids, attention_mask), both (b, L)
+
+
+# ---------------------------------------------------------------------------------------------------- calibration
+def load_calibration(data: str | Path, tokenizer, n: int = 64, max_length: int = 512, seed: int = 0) -> list[list[int]]:
+    """Token id sequences (each at most `max_length` long) of the first `n` usable calibration records.
+
+    Args:
+        data: "workload" (the built-in workload's validation problems, mixed levels, prompt + long answer, encoded as
+            workload training encodes them; needs the workload tokenizer) or a `.jsonl` file of `JSONL_FIELDS`
+            records (messages, and prompt/response when the tokenizer has a chat template, go through it).
+        seed: picks the workload problems (a JSONL file is read in order).
+    """
+    if n < 1 or max_length < 1:
+        raise ValueError(f"n and max_length must be >= 1, got n={n}, max_length={max_length}.")
+    if str(data) == "workload":
+        sequences = _workload_sequences(tokenizer, n, seed)
+    else:
+        sequences = _jsonl_sequences(Path(data), tokenizer, n)
+    sequences = [ids[:max_length] for ids in sequences if ids]
+    if not sequences:
+        raise ValueError(f"No usable calibration records in {data}: every record tokenized to nothing.")
+    return sequences
+
+
+def _workload_sequences(tokenizer, n: int, seed: int) -> list[list[int]]:
+    from ..workload import build_tokenizer, generate
+    from ..workload.train import encode
+
+    if tokenizer is None or tokenizer.get_vocab() != build_tokenizer().get_vocab():
+        raise ValueError(
+            "data='workload' needs the workload tokenizer (suture.workload.build_tokenizer(), saved with the "
+            "workload zoo models); this model's tokenizer has a different vocabulary. Pass a .jsonl file instead."
+        )
+    problems = generate("validation", n, seed=seed)  # level=None: k drawn from 1..8, i.e. mixed levels
+    # one problem per call, so there is no padding to strip
+    return [encode(tokenizer, [p], [p.long_answer()])[0][0].tolist() for p in problems]
+
+
+def _jsonl_sequences(path: Path, tokenizer, n: int) -> list[list[int]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Calibration data {path} not found: pass 'workload' or a .jsonl file.")
+    if tokenizer is None:
+        raise ValueError(f"A tokenizer is needed to encode {path}.")
+    sequences = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                ids = _encode_record(json.loads(line), tokenizer)
+            except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
+                raise ValueError(
+                    f"{path}, line {number}: {err}. Each line must be a JSON object: {JSONL_FIELDS}."
+                ) from None
+            if ids:  # an empty text is skipped, not an error
+                sequences.append(ids)
+            if len(sequences) == n:
+                break
+    return sequences
+
+
+def _encode_record(record, tokenizer) -> list[int]:
+    if not isinstance(record, dict):
+        raise TypeError(f"expected a JSON object, got {type(record).__name__}")
+    if isinstance(record.get("text"), str):
+        return tokenizer(record["text"])["input_ids"]
+    if isinstance(record.get("messages"), list):
+        return _chat(tokenizer, record["messages"])
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        if tokenizer.chat_template is None:  # a base model: plain concatenation
+            return tokenizer(record["prompt"] + record["response"])["input_ids"]
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        return _chat(tokenizer, messages)
+    raise KeyError(f"no usable field among {sorted(record)}")
+
+
+def _chat(tokenizer, messages: list) -> list[int]:
+    if tokenizer.chat_template is None:
+        raise ValueError("a 'messages' record needs a tokenizer with a chat template")
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+
+def _right_padded(sequences: list[list[int]], batch_size: int, pad_id: int, device) -> list[Batch]:
+    """Batches of similar length (less padding), right padded so padding never precedes a real position."""
+    ordered = sorted(sequences, key=len, reverse=True)
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        ids = torch.full((len(chunk), len(chunk[0])), pad_id, dtype=torch.long)  # (b, L)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        batches.append((ids.to(device), mask.to(device)))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------- probes
+@dataclass
+class ProbeContext:
+    """What a probe may use to modify `model` at candidate `layer` (read-only; the patch does the modifying)."""
+
+    model: PreTrainedModel
+    layer: int
+    mixer: str  # "mamba" or "mamba2": the mixer a replaced layer would get
+    seed: int
+    batches: list[Batch]  # the calibration batches (a training probe, e.g. MMR, distills on them)
+
+    @property
+    def attention(self) -> nn.Module:
+        return self.model.model.layers[self.layer].self_attn
+
+    def hybrid_config(self) -> HybridConfig:
+        """The model's hybrid config with `layer` replaced by `mixer` (for `mil_mixer`)."""
+        if isinstance(self.model, HybridForCausalLM):
+            config = copy.deepcopy(self.model.config)
+            config.layer_types = [self.mixer if i == self.layer else t for i, t in enumerate(config.layer_types)]
+            return config
+        layer_types = [self.mixer if i == self.layer else None for i in range(self.model.config.num_hidden_layers)]
+        return HybridConfig.from_source(self.model.config, layer_types)
+
+
+Probe = Callable[[ProbeContext], AbstractContextManager]
+PROBES: dict[str, Probe] = {}
+
+
+def register_probe(name: str) -> Callable[[Probe], Probe]:
+    """Decorator: register `probe` under `name` (a method of `layer_importance`)."""
+
+    def decorate(probe: Probe) -> Probe:
+        if name in PROBES:
+            raise ValueError(f"A probe named {name!r} is already registered.")
+        PROBES[name] = probe
+        return probe
+
+    return decorate
+
+
+class AttentionReplacement:
+    """While active (``with``), `attention`'s output is `fn(hidden_states)` (b, L, hidden). Re-enterable.
+
+    A forward hook replaces the first element of the attention's output tuple; the attention still runs (hooks
+    cannot skip it), which keeps the patch independent of each family's layer code.
+    """
+
+    def __init__(self, attention: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.attention, self.fn, self.handle = attention, fn, None
+
+    def _hook(self, module, args, kwargs, output):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return (self.fn(hidden_states), *output[1:])
+
+    def __enter__(self) -> AttentionReplacement:
+        self.handle = self.attention.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+        self.handle = None
+
+
+@register_probe("loo")
+def loo_probe(ctx: ProbeContext) -> AttentionReplacement:
+    """Leave-one-out: the attention adds nothing to the residual stream."""
+    return AttentionReplacement(ctx.attention, torch.zeros_like)
+
+
+def mil_probe_mixer(ctx: ProbeContext) -> nn.Module:
+    """The MIL-initialised mixer for `ctx.layer`, on the model's device and dtype (bit-identical to hybridize's)."""
+    attention = ctx.attention
+    q, k, v, o = (getattr(attention, f"{p}_proj").weight for p in ("q", "k", "v", "o"))
+    mixer = mil_mixer(ctx.hybrid_config(), ctx.layer, q, k, v, o, seed=ctx.seed, dtype=ctx.model.dtype)
+    return mixer.to(q.device).eval()
+
+
+@register_probe("mil")
+def mil_probe(ctx: ProbeContext) -> AttentionReplacement:
+    """The attention swapped for its MIL-initialised Mamba mixer (no training)."""
+    mixer = mil_probe_mixer(ctx)
+    # right padding: padded positions come after every real one, so the causal mixer needs no mask
+    return AttentionReplacement(ctx.attention, mixer)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def layer_importance(
+    source: PreTrainedModel | str | Path,
+    data: str | Path = "workload",
+    methods: tuple[str, ...] | list[str] = ("loo",),
+    tokenizer=None,
+    n: int = 64,
+    max_length: int = 512,
+    batch_size: int = 8,
+    mixer: str = "mamba",
+    seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ImportanceReport:
+    """Score every attention layer of `source` with each probe in `methods` (see the module docstring).
+
+    Args:
+        source: a llama / qwen2 / qwen3 / mistral `*ForCausalLM` or a `HybridForCausalLM` (its attention layers are
+            the candidates), or a checkpoint directory of one (loaded in fp32 with its tokenizer).
+        data, n, max_length, seed: the calibration set (`load_calibration`); `seed` also seeds the MIL mixers.
+        tokenizer: required for an in-memory model.
+        on_progress: called as `on_progress(done, total)`; one unit per probe preparation and per forward pass.
+    """
+    methods = list(dict.fromkeys(methods))  # a repeated method is scored once
+    unknown = [m for m in methods if m not in PROBES]
+    if not methods or unknown:
+        raise ValueError(f"Unknown or no probe method(s) {unknown}; registered: {', '.join(PROBES)}.")
+    if mixer not in MAMBA_LAYER_TYPES:
+        raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if str(data) != "workload" and not Path(data).is_file():  # before loading a large model
+        raise FileNotFoundError(f"Calibration data {data} not found: pass 'workload' or a .jsonl file.")
+    model, tokenizer, name = _load_source(source, tokenizer)
+    sequences = load_calibration(data, tokenizer, n=n, max_length=max_length, seed=seed)
+    largest = max(max(s) for s in sequences)
+    if largest >= model.config.vocab_size:
+        raise ValueError(f"Token id {largest} is outside the model's vocabulary ({model.config.vocab_size}): "
+                         "the tokenizer does not belong to this model.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _right_padded(sequences, batch_size, pad_id, model.device)
+    candidates = candidate_layers(model)
+    if not candidates:
+        raise ValueError(f"{name} has no attention layer left to score.")
+
+    total = len(candidates) * len(methods) * (1 + len(batches)) + len(batches)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total)
+
+    was_training = model.training
+    model.eval()
+    try:
+        patches = {}
+        for method in methods:
+            for layer in candidates:
+                patches[method, layer] = PROBES[method](ProbeContext(model, layer, mixer, seed, batches))
+                tick()
+        kl_sums = _kl_sums(model, batches, patches, tick)
+    finally:
+        model.train(was_training)
+    n_tokens = int(sum(mask.sum() for _, mask in batches))
+    layers = [
+        LayerScore(i, kind, {m: kl_sums[m, i] / n_tokens for m in methods}) for i, kind in candidates.items()
+    ]
+    return ImportanceReport(name, str(data), methods, len(sequences), n_tokens, mixer, layers)
+
+
+def candidate_layers(model: PreTrainedModel) -> dict[int, str]:
+    """{layer index: attention kind} of every attention layer (a hybrid's Mamba layers are not candidates)."""
+    if isinstance(model, HybridForCausalLM):
+        kinds = model.config.layer_types
+    else:
+        get_family(model.config.model_type)  # raises naming the supported families
+        kinds = source_attention_layer_types(model.config)
+    return {i: kind for i, kind in enumerate(kinds) if kind in ATTENTION_LAYER_TYPES}
+
+
+@torch.no_grad()
+def _kl_sums(model, batches: list[Batch], patches: dict, tick) -> dict:
+    """Sum over real positions of KL(p_source || p_patched), per patch; batches outer, so one batch of logits."""
+    sums = dict.fromkeys(patches, 0.0)
+    for ids, mask in batches:
+        target = _log_probs(model, ids, mask)  # (b, L, vocab)
+        tick()
+        real = mask.bool()
+        for key, patch in patches.items():
+            with patch:
+                probed = _log_probs(model, ids, mask)
+            kl = (target.exp() * (target - probed)).sum(-1)  # (b, L)
+            sums[key] += kl[real].double().sum().item()
+            tick()
+    return sums
+
+
+def _log_probs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+
+
+def _load_source(source, tokenizer):
+    if isinstance(source, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("Pass `tokenizer` with an in-memory model (the built-in workload's is "
+                             "suture.workload.build_tokenizer()).")
+        return source, tokenizer, getattr(source.config, "_name_or_path", "") or type(source).__name__
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory.")
+    if tokenizer is None:
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json); save the tokenizer there.")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    # importing suture (done by this package) registers the hybrid with the Auto classes; no remote code
+    with no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    return model, tokenizer, str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+@dataclass
+class LayerScore:
+    index: int
+    kind: str  # "full_attention" or "sliding_attention"
+    scores: dict[str, float]  # method -> mean KL per token (nats)
+
+
+@dataclass
+class ImportanceReport:
+    source: str
+    data: str
+    methods: list[str]
+    n_sequences: int
+    n_tokens: int
+    mixer: str
+    layers: list[LayerScore] = field(default_factory=list)
+
+    def _method(self, method: str | None) -> str:
+        method = method or self.methods[0]
+        if method not in self.methods:
+            raise ValueError(f"Method {method!r} was not scored; this report has {', '.join(self.methods)}.")
+        return method
+
+    def ranking(self, method: str | None = None) -> list[int]:
+        """Layer indices, least important (lowest KL) first; ties keep layer order. Default: the first method."""
+        method = self._method(method)
+        return [e.index for e in sorted(self.layers, key=lambda e: (e.scores[method], e.index))]
+
+    def scores(self, method: str | None = None) -> dict[int, float]:
+        """{layer index: score} for one method (default: the first)."""
+        method = self._method(method)
+        return {e.index: e.scores[method] for e in self.layers}
+
+    def select(self, k: int | None = None, ratio: float | None = None, method: str | None = None) -> list[int]:
+        """The layers to replace, ascending: the `k` least important, or `round(ratio * candidates)` of them."""
+        count = len(self.layers)
+        if (k is None) == (ratio is None):
+            raise ValueError("Give exactly one of k and ratio.")
+        if ratio is not None:
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"ratio must be in [0, 1], got {ratio}.")
+            k = round(ratio * count)
+        if not 0 <= k <= count:
+            raise ValueError(f"k must be in [0, {count}] (the number of candidate layers), got {k}.")
+        return sorted(self.ranking(method)[:k])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> ImportanceReport:
+        try:
+            values = json.loads(Path(path).read_text())
+            values["layers"] = [LayerScore(**entry) for entry in values["layers"]]
+            return cls(**values)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not an importance report ({type(err).__name__}: {err}).") from None
+
+    def plot(self, path: str | Path) -> None:
+        """A PNG bar chart: layers on x, KL on y, one bar per method (log scale when the range is wide)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(max(6.0, 0.35 * len(self.layers) * len(self.methods) + 2), 4), layout="constrained")
+        FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
+        ax = fig.subplots()
+        width = 0.8 / len(self.methods)
+        positions = range(len(self.layers))
+        for j, method in enumerate(self.methods):
+            offsets = [p + (j - (len(self.methods) - 1) / 2) * width for p in positions]
+            ax.bar(offsets, [e.scores[method] for e in self.layers], width, label=method)
+        values = [e.scores[m] for e in self.layers for m in self.methods]
+        if min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")
+        ax.set_xticks(list(positions), [str(e.index) for e in self.layers])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("KL(source || probed), nats / token")
+        ax.set_title(f"layer importance of {self.source}\n{self.data}: {self.n_sequences} sequences, "
+                     f"{self.n_tokens} tokens", fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
+        fig.savefig(path, format="png", dpi=120)
