@@ -1,0 +1,33 @@
+"""Linear (weighted average) merge: ``sum_i w_i theta_i``, divided by ``sum_i w_i`` when ``normalize``.
+
+mergekit (``merge_methods/linear.py:20-38``): ``weight`` is required, ``normalize`` defaults to true, and the base
+model, if the config names one, is an ordinary input with its own weight (mergekit adds it to the inputs).
+Deliberate difference: mergekit divides by a zero weight sum (line 37, no guard) and returns inf/nan; we raise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from suture.merge.methods import REQUIRED, merge_method
+
+
+@merge_method(
+    "linear",
+    per_model={"weight": REQUIRED},
+    shared={"normalize": True},
+    description="Weighted average of the models (normalised by the weight sum unless normalize: false).",
+)
+def linear(
+    tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool
+) -> torch.Tensor:
+    """``tensors``: N tensors of one shape; ``weight``: N floats. Returns the weighted sum / mean, same shape."""
+    result = torch.zeros_like(tensors[0])
+    for w, x in zip(weight, tensors):
+        result.add_(x, alpha=w)
+    if normalize:
+        total = sum(weight)
+        if total == 0:
+            raise ValueError("linear: the weights sum to 0, so normalize cannot divide by them; set normalize: false.")
+        result.div_(total)
+    return result
