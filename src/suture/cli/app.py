@@ -20,9 +20,11 @@ console = Console()
 
 from .hybridize import hybridize_command  # noqa: E402
 from .importance import importance_command  # noqa: E402
+from .merge import app as merge_app  # noqa: E402
 from .workload import app as workload_app  # noqa: E402
 
 app.add_typer(workload_app, name="workload")
+app.add_typer(merge_app, name="merge")
 app.command("hybridize")(hybridize_command)
 app.command("importance")(importance_command)
 

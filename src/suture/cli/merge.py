@@ -1,0 +1,137 @@
+"""`suture merge RECIPE OUT` and `suture merge long-short ...`: parse, validate, call `suture.merge`, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+console = Console()
+
+
+class _RecipeFirst(TyperGroup):
+    """`suture merge RECIPE OUT` is `suture merge run RECIPE OUT`; named subcommands (long-short) still work."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_RecipeFirst, no_args_is_help=True,
+                  help="Merge checkpoints: `suture merge RECIPE.yaml OUT`, or `suture merge long-short ...`.")
+
+_WORKERS = typer.Option(4, help="Worker threads (read, merge and write whole tensors).")
+_BUDGET = typer.Option("4GB", "--memory-budget", help="Bound on the tensor bytes in flight.")
+_DEVICE = typer.Option("cpu", help="Where the math runs: cpu or cuda.")
+_FORCE = typer.Option(False, "--force", help="Replace OUT if it exists.")
+_PICKLE = typer.Option(False, "--allow-pickle", help="Accept pickle .bin weights (weights_only load).")
+_SHARD = typer.Option("5GB", help="Shard size limit of the written safetensors.")
+
+
+@app.command("run")
+def run(
+    recipe: Path = typer.Argument(..., help="Merge recipe (YAML; mergekit configs for shared methods work)."),
+    out: Path = typer.Argument(..., help="Directory to write the merged checkpoint to."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
+    allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD,
+) -> None:
+    """Merge the models of RECIPE into OUT, streaming tensor by tensor."""
+    _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size)
+
+
+LONG_SHORT_DEFAULTS = {  # Wu et al. (Long-to-Short) at 1.5B / 7B
+    "task_arithmetic": {"lambda": 0.7},
+    "ties": {"density": 0.2, "lambda": 1.0},
+    "dare_ties": {"density": 0.7, "lambda": 1.0},
+    "dare_linear": {"density": 0.7, "lambda": 1.0},
+    "tsv": {"lambda": 1.0},
+    "low_rank": {"lambda": 1.0},
+}
+
+
+@app.command("long-short")
+def long_short(
+    out: Path = typer.Argument(..., help="Directory to write the merged checkpoint to."),
+    long: str = typer.Option(..., "--long", help="The long-CoT (slow, System 2) model."),
+    short: str = typer.Option(..., "--short", help="The short-CoT (quick, System 1) model."),
+    method: str = typer.Option("ties", help=f"One of {', '.join(LONG_SHORT_DEFAULTS)}."),
+    base: str = typer.Option(None, help="A common ancestor of both: merge both task vectors over it. Default: the "
+                             "short model is the base and long - short the task vector (Wu et al.)."),
+    lam: float = typer.Option(None, "--lambda", help="Task-vector scale (default: the paper's for the method)."),
+    density: float = typer.Option(None, help="Fraction of each task vector kept (ties / dare)."),
+    long_weight: float = typer.Option(1.0, help="Weight of the long model's task vector."),
+    short_weight: float = typer.Option(1.0, help="With --base: weight of the short model's task vector."),
+    aim: bool = typer.Option(False, "--aim", help="AIM post-step (activation statistics of the base model)."),
+    omega: float = typer.Option(0.4, help="AIM relaxation floor (lower relaxes more)."),
+    calibration: str = typer.Option("workload", help="AIM calibration data: 'workload' or a JSONL file."),
+    calibration_n: int = typer.Option(100, help="AIM calibration samples."),
+    seed: int = typer.Option(0, help="Seed of the random methods (DARE)."),
+    out_dtype: str = typer.Option(None, help="Output dtype (default: the inputs')."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
+    allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD,
+) -> None:
+    """Long-to-Short merging in one line: the config (context length included) comes from the long model."""
+    from ..merge.recipe import long_short_recipe
+
+    if method not in LONG_SHORT_DEFAULTS:
+        raise typer.BadParameter(f"--method must be one of {', '.join(LONG_SHORT_DEFAULTS)}, got {method!r}.")
+    params = dict(LONG_SHORT_DEFAULTS[method])
+    if lam is not None:
+        params["lambda"] = lam
+    if density is not None:
+        params["density"] = density
+    recipe = long_short_recipe(long, short, method, params, base=base, long_weight=long_weight,
+                               short_weight=short_weight, aim_omega=omega if aim else None,
+                               calibration=calibration, calibration_n=calibration_n, seed=seed, out_dtype=out_dtype)
+    _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size)
+
+
+def _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size) -> None:
+    from ..merge.engine import merge, plan_merge
+    from ..merge.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(recipe)
+        if dry_run:
+            _print_plan(plan_merge(recipe, allow_pickle=allow_pickle))
+            return
+        columns = (TextColumn("merging"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"),
+                   DownloadColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("merge", total=None, tensors="0/?")
+
+            def on_progress(done: int, total: int, nbytes: int, total_bytes: int) -> None:
+                progress.update(task, completed=nbytes, total=total_bytes, tensors=f"{done}/{total}")
+
+            result = merge(recipe, out, force=force, workers=workers, memory_budget=memory_budget, device=device,
+                           allow_pickle=allow_pickle, max_shard_size=max_shard_size, on_progress=on_progress)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    counts = ", ".join(f"{n} {action}" for action, n in result.plan.counts().items())
+    console.print(f"wrote {out}: {len(result.plan.tensors)} tensors ({counts}), "
+                  f"{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.1f} s")
+
+
+def _print_plan(plan) -> None:
+    recipe = plan.recipe
+    console.print(f"method: {recipe.merge_method}   base: {recipe.base_model}   inputs: {', '.join(plan.inputs)}")
+    console.print(f"layers: {plan.num_layers}   output: {plan.total_bytes / 2**20:.1f} MiB   "
+                  + ", ".join(f"{n} {a}" for a, n in plan.counts().items()))
+    table = Table(title="plan")
+    for column in ("tensor", "shape", "dtype", "action", "note"):
+        table.add_column(column)
+    for t in plan.tensors:
+        table.add_row(t.name, str(list(t.shape)), str(t.dtype).removeprefix("torch."), t.action, t.note)
+    console.print(table)
+    for problem in plan.problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    if plan.problems:
+        raise typer.Exit(1)

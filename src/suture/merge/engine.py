@@ -1,0 +1,475 @@
+"""The merge engine: plan, then stream every tensor through a method on worker threads into sharded safetensors.
+
+1. **Plan** (`plan_merge`), before anything is written: open every input (header reads only), take the union of
+   tensor names and shapes, and decide per tensor: merged (present everywhere with one shape), taken from the base
+   (`tensor_policy: base`), vocabulary-aligned (`vocab_policy: base`), copied (non-floating tensors), or an error.
+   Errors name the tensors; `--dry-run` prints the plan. The engine knows no architecture: suture hybrids,
+   GraniteMoeHybrid, Mamba, Llama, ... merge alike, and the output tensor set equals the input set.
+2. **Stream** (`merge`): worker threads read a tensor from every input (positioned reads release the GIL), resolve
+   its parameters (mergekit's gradients and filters), run the method in fp32 (float64 where it says so) on the
+   chosen device, apply the post-steps, cast to the output dtype and write it at its planned offset. A memory
+   budget bounds the bytes in flight. Random methods get a generator seeded by (seed, tensor name), so the result
+   does not depend on thread order.
+3. **Finish**: config (from the donor, with overrides), tokenizer and generation config, the recipe and a model
+   card, all in a temporary directory renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files, parse_size
+from ..io import atomic_output_dir, check_output_dir
+from .methods import REQUIRED, MergeMethod, get_method
+from .params import gradient_position, resolve_parameter
+from .recipe import MergeRecipe, load_recipe, torch_dtype
+
+_VOCAB_HINTS = ("embed", "lm_head", "wte", "output.weight", "word_embeddings")
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    action: str  # "merge", "base" (taken from the base), "copy" (non-floating, from the donor), "vocab" (aligned)
+    note: str = ""
+
+
+@dataclass
+class MergePlan:
+    recipe: MergeRecipe
+    inputs: list[str]  # the method's models, in order
+    tensors: list[PlannedTensor]
+    num_layers: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(torch.Size(t.shape).numel() * t.dtype.itemsize for t in self.tensors)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.action] = out.get(t.action, 0) + 1
+        return out
+
+    def check(self) -> None:
+        if self.problems:
+            shown = "\n  ".join(self.problems[:20])
+            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+            raise ValueError(f"The merge cannot be planned ({len(self.problems)} problems):\n  {shown}{more}")
+
+
+class _Inputs:
+    """Every distinct model of a recipe, opened once (checkpoint directories or base+LoRA references)."""
+
+    def __init__(self, recipe: MergeRecipe, allow_pickle: bool):
+        self.readers: dict[str, CheckpointReader] = {}
+        refs = [m.model for m in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+        try:
+            for ref in dict.fromkeys(refs):
+                self.readers[ref] = open_model(ref, allow_pickle)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+def open_model(ref: str, allow_pickle: bool = False):
+    """A tensor source for a recipe's model reference: a checkpoint directory, or `base+adapter` (PEFT LoRA)."""
+    try:
+        from .lora import open_model as open_with_lora
+    except ImportError:  # pragma: no cover - LoRA support is optional at import time
+        return CheckpointReader(ref, allow_pickle=allow_pickle)
+    return open_with_lora(ref, allow_pickle=allow_pickle)
+
+
+def _num_layers(donor: str, names) -> int:
+    config = Path(donor) / "config.json"
+    if config.is_file():
+        n = json.loads(config.read_text()).get("num_hidden_layers")
+        if isinstance(n, int) and n > 0:
+            return n
+    from .params import layer_index
+
+    indices = [i for i in map(layer_index, names) if i is not None]
+    return max(indices) + 1 if indices else 1
+
+
+def plan_merge(recipe, allow_pickle: bool = False, _inputs: _Inputs | None = None) -> MergePlan:
+    """Decide what happens to every tensor (see the module docstring); problems are collected, not raised."""
+    recipe = load_recipe(recipe)
+    inputs = _inputs or _Inputs(recipe, allow_pickle)
+    try:
+        return _plan(recipe, inputs)
+    finally:
+        if _inputs is None:
+            inputs.close()
+
+
+def _plan(recipe: MergeRecipe, inputs: _Inputs) -> MergePlan:
+    models = [m.model for m in recipe.method_inputs]
+    base = recipe.base_model
+    involved = list(dict.fromkeys(models + ([base] if base else [])))
+    donor_ref = base if base else models[0]
+    donor = inputs.readers[donor_ref].index
+    out_dtype = torch_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    names = list(dict.fromkeys([n for ref in involved for n in inputs.readers[ref].index]))
+    problems, tensors = [], []
+    for name in names:
+        infos = {ref: inputs.readers[ref].index.get(name) for ref in involved}
+        missing = [ref for ref, info in infos.items() if info is None]
+        reference = donor.get(name) or next(info for info in infos.values() if info is not None)
+        dtype = DTYPES[reference.dtype]
+        final = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+        shapes = {info.shape for info in infos.values() if info is not None}
+        if missing:
+            if recipe.tensor_policy == "base" and base and name in donor:
+                tensors.append(PlannedTensor(name, donor[name].shape, final, "base", f"missing in {missing}"))
+            else:
+                problems.append(f"{name}: missing in {', '.join(missing)} (present in "
+                                f"{', '.join(r for r in involved if r not in missing)}); set tensor_policy: base to "
+                                "take it from the base model")
+            continue
+        if len(shapes) > 1:
+            vocab_like = any(h in name for h in _VOCAB_HINTS) and len({s[1:] for s in shapes}) == 1
+            if vocab_like and recipe.vocab_policy == "base" and base:
+                tensors.append(PlannedTensor(name, donor[name].shape, final, "vocab",
+                                             f"rows aligned to the base ({donor[name].shape[0]})"))
+            else:
+                listed = ", ".join(f"{ref}: {list(info.shape)}" for ref, info in infos.items())
+                hint = " (a vocabulary mismatch: set vocab_policy: base)" if vocab_like else ""
+                problems.append(f"{name}: shapes differ ({listed}){hint}")
+            continue
+        if not dtype.is_floating_point:
+            tensors.append(PlannedTensor(name, reference.shape, dtype, "copy", "non-floating: copied from the donor"))
+            continue
+        tensors.append(PlannedTensor(name, reference.shape, final, "merge"))
+    problems += _parameter_problems(recipe)
+    return MergePlan(recipe, models, tensors, _num_layers(recipe.donor, names), problems)
+
+
+def _parameter_problems(recipe: MergeRecipe) -> list[str]:
+    method = get_method(recipe.merge_method)
+    known = set(method.per_model) | set(method.shared)
+    problems = [f"parameters.{key}: {recipe.merge_method} has no parameter {key!r} (it takes {sorted(known)})"
+                for key in (recipe.parameters or {}) if key not in known]
+    for entry in recipe.models:
+        for key in entry.parameters or {}:
+            if key not in method.per_model:
+                problems.append(f"models[{entry.model}].parameters.{key}: not a per-model parameter of "
+                                f"{recipe.merge_method} (those are {sorted(method.per_model)})")
+    top = recipe.parameters or {}
+    for key, default in method.per_model.items():
+        lacking = [e.model for e in recipe.method_inputs if default is REQUIRED and key not in (e.parameters or {})
+                   and key not in top]
+        if lacking:
+            problems.append(f"{recipe.merge_method} needs parameter {key!r} for {', '.join(lacking)}: set it in "
+                            "the model's `parameters` or the top-level `parameters`")
+    problems += [f"{recipe.merge_method} needs parameter {key!r}: set it in the top-level `parameters`"
+                 for key, default in method.shared.items() if default is REQUIRED and key not in top]
+    return problems
+
+
+# -------------------------------------------------------------------------------------------------- execution
+@dataclass
+class MergeResult:
+    out: Path
+    plan: MergePlan = field(repr=False)
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+
+class _Budget:
+    """Bytes in flight across worker threads; a task larger than the budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.cond = limit, 0, threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def merge(
+    recipe,
+    out: str | Path,
+    *,
+    force: bool = False,
+    workers: int = 4,
+    memory_budget: int | str = "4GB",
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "5GB",
+    statistics: dict | None = None,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
+) -> MergeResult:
+    """Merge the models of `recipe` (a YAML path, a dict or a `MergeRecipe`) into the checkpoint directory `out`.
+
+    Args:
+        workers: worker threads (each reads, merges and writes whole tensors).
+        memory_budget: bound on the bytes of tensors in flight (inputs and fp32 work copies), e.g. "4GB".
+        device: where the math runs ("cpu", "cuda", "cuda:1"); reads and writes stay on the host.
+        statistics: per-method statistic providers overriding the recipe's (see `suture.merge.statistics`).
+        on_progress: called as (tensors_done, tensors_total, bytes_done, bytes_total).
+    """
+    recipe = load_recipe(recipe)
+    out = check_output_dir(out, force)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu.")
+    start = time.perf_counter()
+    inputs = _Inputs(recipe, allow_pickle)
+    try:
+        plan = plan_merge(recipe, _inputs=inputs)
+        plan.check()
+        providers = statistics if statistics is not None else _statistics(recipe, inputs)
+        with atomic_output_dir(out, force) as tmp:
+            with ShardedSafetensorsWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors],
+                                          max_shard_size) as writer:
+                _run(plan, inputs, writer, providers, workers, parse_size(memory_budget), device, on_progress)
+            _finish(recipe, plan, tmp, out.name)
+    finally:
+        inputs.close()
+    return MergeResult(out, plan, time.perf_counter() - start, plan.total_bytes)
+
+
+def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_progress) -> None:
+    """Merge and write every planned tensor on `workers` threads; the first error stops the run and is raised."""
+    method = get_method(plan.recipe.merge_method)
+    posts = [(get_method(step.method), step.parameters or {}) for step in plan.recipe.post_steps]
+    budget, failed, errors = _Budget(budget_bytes), threading.Event(), []
+    lock, progress = threading.Lock(), [0, 0]  # tensors, bytes written
+
+    def task(planned: PlannedTensor, reserved: int) -> None:
+        try:
+            if failed.is_set():
+                return
+            tensor = _merge_one(planned, plan, inputs, method, posts, providers, device)
+            writer.write(planned.name, tensor.to("cpu", planned.dtype))
+            del tensor
+            with lock:
+                progress[0] += 1
+                progress[1] += torch.Size(planned.shape).numel() * planned.dtype.itemsize
+                if on_progress:
+                    on_progress(progress[0], len(plan.tensors), progress[1], plan.total_bytes)
+        except BaseException as err:  # noqa: BLE001 - re-raised on the main thread below
+            errors.append(err)
+            failed.set()
+        finally:
+            budget.release(reserved)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="suture-merge") as pool:
+        for planned in plan.tensors:
+            if failed.is_set():
+                break
+            # the main thread blocks here while the tensors in flight (inputs + fp32 work copies) fill the budget
+            cost = torch.Size(planned.shape).numel() * 4 * (len(plan.inputs) + 3)
+            pool.submit(task, planned, budget.acquire(cost))
+    if errors:
+        raise errors[0]
+
+
+def _merge_one(planned: PlannedTensor, plan: MergePlan, inputs: _Inputs, method: MergeMethod, posts, providers,
+               device: str) -> torch.Tensor:
+    recipe, name = plan.recipe, planned.name
+    base_ref = recipe.base_model
+    if planned.action in ("base", "copy"):
+        return inputs.readers[base_ref if planned.action == "base" else (base_ref or plan.inputs[0])].read(name)
+    read = (lambda ref: _aligned(inputs.readers[ref].read(name), planned.shape, inputs.readers[base_ref].read(name))
+            if planned.action == "vocab" else inputs.readers[ref].read(name))
+    tensors = [read(ref).to(device) for ref in plan.inputs]
+    base = read(base_ref).to(device) if base_ref and (method.needs_base or any(p.needs_base for p, _ in posts)) else None
+    t = gradient_position(name, plan.num_layers)
+    params = _resolve(method, recipe, name, t, len(tensors))
+    stats = {s: _statistic(providers, method.name, s, name, device) for s in method.statistics}
+    generator = None
+    if method.random:
+        generator = torch.Generator(device=device).manual_seed(_tensor_seed(recipe.seed, name))
+    merged = method(tensors, base if method.needs_base else None, generator=generator, **params, **stats)
+    for post, given in posts:
+        post_params = {k: resolve_parameter(k, [given], tensor_name=name, t=t, default=v)
+                       for k, v in post.shared.items()}
+        post_stats = {s: _statistic(providers, post.name, s, name, device) for s in post.statistics}
+        merged = post([merged], base, **post_params, **post_stats)
+    return merged
+
+
+def _resolve(method: MergeMethod, recipe: MergeRecipe, name: str, t: float, n: int) -> dict:
+    shared = recipe.parameters or {}
+    params = {}
+    for key, default in method.per_model.items():
+        values = [resolve_parameter(key, [entry.parameters, shared], tensor_name=name, t=t, default=default,
+                                    cast=float if isinstance(default, (int, float)) or default is None else None)
+                  for entry in recipe.method_inputs]
+        params[key] = values
+    for key, default in method.shared.items():
+        params[key] = resolve_parameter(key, [shared], tensor_name=name, t=t, default=default)
+    return params
+
+
+def _aligned(tensor: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor) -> torch.Tensor:
+    """Rows of `tensor` aligned to the base's vocabulary: missing rows from the base, extra rows dropped."""
+    rows = min(tensor.shape[0], shape[0])
+    out = base.clone()
+    out[:rows] = tensor[:rows]
+    return out
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _statistic(providers: dict, method: str, stat: str, name: str, device: str):
+    provider = providers.get(method)
+    if provider is None:
+        raise ValueError(f"Method {method!r} needs statistics ({stat}); give them under `statistics: {{{method}: "
+                         "PATH}` in the recipe (suture.merge.statistics computes them) or set `calibration`.")
+    value = provider(stat, name)
+    if isinstance(value, list):
+        return [v.to(device) for v in value]
+    return value.to(device) if value is not None else None
+
+
+def _statistics(recipe: MergeRecipe, inputs: _Inputs) -> dict:
+    """Statistic providers `(stat, tensor_name) -> tensor | None` for the methods of the recipe."""
+    needed = {m for m in [recipe.merge_method, *(s.method for s in recipe.post_steps)] if get_method(m).statistics}
+    providers = {}
+    for method in needed:
+        if method in recipe.statistics:
+            providers[method] = _open_statistics(method, recipe.statistics[method])
+        elif method == "aim" and recipe.calibration is not None:
+            providers[method] = _aim_from_calibration(recipe)
+        else:
+            raise ValueError(f"Method {method!r} needs statistics: set `statistics: {{{method}: PATH}}` "
+                             + ("or `calibration: {data: ...}` " if method == "aim" else "") + "in the recipe.")
+    return providers
+
+
+def _open_statistics(method: str, path: str):
+    from . import statistics as stats_module
+
+    if method == "aim":
+        scales = stats_module.load_statistics(path)
+        return lambda stat, name: scales.get(name)
+    if method == "rcp":
+        rcp = stats_module.RcpStatistics.open(path)
+        return lambda stat, name: (rcp.reasoning_prior(name) if stat == "reasoning_prior"
+                                   else rcp.domain_sensitivity(name))
+    raise ValueError(f"No statistics loader for method {method!r}.")
+
+
+def _aim_from_calibration(recipe: MergeRecipe):
+    from . import statistics as stats_module
+
+    cal = recipe.calibration
+    scales = stats_module.activation_scales_from_checkpoint(recipe.base_model, cal.data, n=cal.n,
+                                                            max_length=cal.max_length)
+    return lambda stat, name: scales.get(name)
+
+
+def merge_state_dicts(
+    merge_method: str,
+    models: list[dict[str, torch.Tensor]],
+    base: dict[str, torch.Tensor] | None = None,
+    parameters: dict | None = None,
+    model_parameters: list[dict | None] | None = None,
+    num_layers: int | None = None,
+    seed: int = 0,
+    statistics: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """In-memory merge of small models (or a notebook's hand-picked tensors) with the same semantics as `merge`.
+
+    Args:
+        models: the method's inputs (not including `base`), as state dicts with identical names and shapes.
+        parameters / model_parameters: the recipe's top-level `parameters` and each model's `parameters`
+            (scalars, layer gradients and `{filter, value}` conditions, as in YAML).
+        num_layers: for layer gradients (default: inferred from the tensor names).
+        statistics: providers `(stat, tensor_name) -> tensor` per method name, for aim / rcp.
+    Returns the merged state dict (each tensor in its first model's dtype).
+    """
+    refs = [f"model_{i}" for i in range(len(models))]
+    entries = [{"model": ref, "parameters": p} for ref, p in zip(refs, model_parameters or [None] * len(models))]
+    recipe = MergeRecipe.model_validate({"merge_method": merge_method, "models": entries, "parameters": parameters,
+                                         "base_model": "base" if base is not None else None, "seed": seed})
+    method = get_method(merge_method)
+    problems = _parameter_problems(recipe)
+    if problems:
+        raise ValueError("; ".join(problems))
+    names = list(models[0])
+    missing = [n for sd in [*models, *([base] if base is not None else [])] for n in names if n not in sd]
+    if missing:
+        raise ValueError(f"Tensors missing from some inputs: {sorted(set(missing))[:10]}.")
+    from .params import layer_index
+
+    layers = num_layers or max([i for i in map(layer_index, names) if i is not None], default=0) + 1
+    merged = {}
+    for name in names:
+        t = gradient_position(name, layers)
+        params = _resolve(method, recipe, name, t, len(models))
+        stats = {s: _statistic(statistics or {}, method.name, s, name, "cpu") for s in method.statistics}
+        generator = torch.Generator().manual_seed(_tensor_seed(seed, name)) if method.random else None
+        out = method([sd[name] for sd in models], base[name] if base is not None and method.needs_base else None,
+                     generator=generator, **params, **stats)
+        merged[name] = out.to(models[0][name].dtype)
+    return merged
+
+
+# -------------------------------------------------------------------------------------------------- outputs
+def _finish(recipe: MergeRecipe, plan: MergePlan, tmp: Path, title: str) -> None:
+    donor = Path(recipe.donor)
+    if (donor / "config.json").is_file():
+        config = json.loads((donor / "config.json").read_text())
+        config.update(recipe.config_overrides)
+        dtypes = {t.dtype for t in plan.tensors if t.dtype.is_floating_point}
+        if len(dtypes) == 1:
+            config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+            config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    elif recipe.config_overrides:
+        raise ValueError(f"config_overrides given but the config donor {donor} has no config.json.")
+    tokenizer_donor = Path(recipe.tokenizer_donor)
+    if tokenizer_donor.is_dir():
+        copy_tokenizer_files(tokenizer_donor, tmp)
+    if recipe.chat_template and recipe.chat_template != "auto":
+        (tmp / "chat_template.jinja").write_text(recipe.chat_template)
+    (tmp / "suture_merge.yaml").write_text(recipe.to_yaml())
+    (tmp / "README.md").write_text(model_card(recipe, plan, title))
+
+
+def model_card(recipe: MergeRecipe, plan: MergePlan, title: str) -> str:
+    hub_ids = [ref for ref in dict.fromkeys([recipe.base_model, *(m.model for m in recipe.models)])
+               if ref and ref.count("/") == 1 and not Path(ref).exists()]
+    front = ["---", "library_name: transformers", "tags:", "- suture", "- merge", f"- {recipe.merge_method}"]
+    if hub_ids:
+        front += ["base_model:", *(f"- {ref}" for ref in hub_ids)]
+    counts = ", ".join(f"{n} {action}" for action, n in plan.counts().items())
+    lineage = "\n".join(f"- `{m.model}`" + (f" ({m.parameters})" if m.parameters else "") for m in recipe.models)
+    return "\n".join(front + [
+        "---", "", f"# {recipe.name or title}", "",
+        f"A `{recipe.merge_method}` merge made with suture {__version__}"
+        + (f" on the base `{recipe.base_model}`" if recipe.base_model else "") + ".", "",
+        "## Models", "", lineage, "", f"Tensors: {len(plan.tensors)} ({counts}).", "",
+        "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
+        "Reproduce with `suture merge suture_merge.yaml OUT`.", ""])

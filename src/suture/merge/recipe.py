@@ -1,0 +1,234 @@
+"""The merge recipe: a YAML schema that is a superset of mergekit's for the methods we share.
+
+A mergekit config for linear / task_arithmetic / ties / dare_linear / dare_ties / slerp runs unchanged::
+
+    merge_method: ties
+    base_model: Qwen2.5-Math-7B
+    models:
+      - model: DeepSeek-R1-Distill-Qwen-7B
+        parameters: {weight: 1.0, density: 0.2}
+    parameters: {lambda: 1.0}
+    dtype: float32
+    out_dtype: bfloat16
+
+suture's additions (all optional):
+
+- `post_steps`: methods applied after the merge, e.g. ``[{method: aim, parameters: {omega: 0.4}}]``;
+- `statistics`: where a method's statistics live: ``{aim: aim_stats.safetensors}`` (from
+  `suture.merge.statistics`), ``{rcp: rcp_stats_dir}``; or `calibration` to compute AIM statistics from the base
+  model before merging: ``{data: workload, n: 100, max_length: 512}``;
+- `config_source` (default: the base model, else the first model) and `config_overrides` (e.g.
+  ``{max_position_embeddings: 131072}``: a long-CoT model needs its long context);
+- `tensor_policy`: ``error`` (default: a tensor missing from any input is an error naming it) or ``base`` (take
+  it from the base model);
+- `vocab_policy`: ``error`` (default) or ``base`` (embedding / lm_head rows are aligned to the base's vocabulary:
+  rows a model lacks are taken from the base, rows beyond it are dropped);
+- `seed`: seeds the random methods (DARE) per tensor, so a merge is reproducible whatever the thread order;
+- `name`: the title of the model card.
+
+Not supported (clear error): mergekit's `slices` and `modules` (layer stacking), `tokenizer_source: union` and
+`tokenizer:` vocabulary surgery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods import get_method
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    parameters: dict[str, Any] | None = None
+
+
+class PostStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    parameters: dict[str, Any] | None = None
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "workload"
+    n: int = Field(100, ge=1)
+    max_length: int = Field(512, ge=1)
+
+
+class MergeRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, Any] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    # suture extensions
+    post_steps: list[PostStep] = Field(default_factory=list)
+    statistics: dict[str, str] = Field(default_factory=dict)
+    calibration: Calibration | None = None
+    config_source: str | None = None
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    tensor_policy: Literal["error", "base"] = "error"
+    vocab_policy: Literal["error", "base"] = "error"
+    seed: int = 0
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_mergekit_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("slices", "modules"):
+                if values.get(key):
+                    raise ValueError(f"mergekit's `{key}` (layer stacking / per-module merges) is not supported; "
+                                     "list whole models under `models:`.")
+            if values.get("tokenizer"):
+                raise ValueError("`tokenizer:` vocabulary surgery is not supported; use `tokenizer_source` (a model "
+                                 "of the recipe, or `base`) and `vocab_policy`.")
+            values = {k: v for k, v in values.items() if k not in ("slices", "modules", "tokenizer")}
+        return values
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        get_method(name)  # raises with the list of known methods
+        return name
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, name: str | None) -> str | None:
+        if name is not None:
+            torch_dtype(name)
+        return name
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, value: str | None) -> str | None:
+        if value == "union":
+            raise ValueError("tokenizer_source: union (merging vocabularies) is not supported; use `base` or a model.")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeRecipe:
+        method = get_method(self.merge_method)
+        if method.post_step:
+            raise ValueError(f"{self.merge_method!r} is a post-step; use it under `post_steps:` after a merge method.")
+        if method.needs_base and self.base_model is None:
+            raise ValueError(f"merge_method {self.merge_method!r} needs `base_model`.")
+        if not self.models:
+            raise ValueError("`models` is empty: list the models to merge.")
+        for step in self.post_steps:
+            post = get_method(step.method)
+            if not post.post_step:
+                raise ValueError(f"post_steps: {step.method!r} is not a post-step method.")
+            if post.needs_base and self.base_model is None:
+                raise ValueError(f"post-step {step.method!r} needs `base_model`.")
+        return self
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def method_inputs(self) -> list[ModelEntry]:
+        """The models the method combines: the base model is not a task vector of base-relative methods."""
+        if get_method(self.merge_method).needs_base:
+            return [m for m in self.models if m.model != self.base_model]
+        if self.base_model and all(m.model != self.base_model for m in self.models):
+            return [*self.models, ModelEntry(model=self.base_model)]  # mergekit: the base is one more input
+        return list(self.models)
+
+    @property
+    def donor(self) -> str:
+        return self.config_source or self.base_model or self.models[0].model
+
+    @property
+    def tokenizer_donor(self) -> str:
+        source = self.tokenizer_source
+        if source in (None, "base"):
+            return self.base_model if source == "base" and self.base_model else self.donor
+        return source
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_defaults=True, mode="json"), sort_keys=False)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"Unknown floating dtype {name!r}; use float32, bfloat16, float16 or float64.")
+    return dtype
+
+
+def load_recipe(recipe: str | Path | dict | MergeRecipe) -> MergeRecipe:
+    """A `MergeRecipe` from a YAML file, a dict or a recipe; errors name the file and the field."""
+    if isinstance(recipe, MergeRecipe):
+        return recipe
+    where = "recipe"
+    if not isinstance(recipe, dict):
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"Merge recipe {path} not found.")
+        where = str(path)
+        try:
+            recipe = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{path} must hold a mapping (merge_method, models, ...).")
+    try:
+        return MergeRecipe.model_validate(recipe)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'recipe'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{where}: {problems}") from None
+
+
+def long_short_recipe(
+    long: str,
+    short: str,
+    method: str,
+    parameters: dict[str, Any],
+    base: str | None = None,
+    long_weight: float = 1.0,
+    short_weight: float = 1.0,
+    aim_omega: float | None = None,
+    calibration: str = "workload",
+    calibration_n: int = 100,
+    seed: int = 0,
+    out_dtype: str | None = None,
+) -> MergeRecipe:
+    """The Long-to-Short recipe (Wu et al.): by default the short (quick) model is the base and long - short the
+    task vector; with `base` (a common ancestor) both task vectors are merged over it. The config comes from the
+    long model, whose context length long chains of thought need; AIM statistics, if asked for, from the base."""
+    per_model = {k: v for k, v in parameters.items() if k in ("density",)}
+    shared = {k: v for k, v in parameters.items() if k not in per_model}
+    models = [{"model": long, "parameters": {"weight": long_weight, **per_model}}]
+    if base is not None:
+        models.append({"model": short, "parameters": {"weight": short_weight, **per_model}})
+    if method in ("tsv",):  # TSV has no per-model parameters: it merges the task vectors' singular triplets
+        for entry in models:
+            entry.pop("parameters")
+    elif method == "low_rank":
+        for entry in models:
+            entry["parameters"].pop("density", None)
+    recipe: dict[str, Any] = {
+        "merge_method": method, "base_model": base or short, "models": models, "parameters": shared,
+        "config_source": long, "tokenizer_source": long, "seed": seed,
+        "name": f"long-short {method} merge",
+    }
+    if out_dtype:
+        recipe["out_dtype"] = out_dtype
+    if aim_omega is not None:
+        recipe["post_steps"] = [{"method": "aim", "parameters": {"omega": aim_omega}}]
+        recipe["calibration"] = {"data": calibration, "n": calibration_n}
+    return MergeRecipe.model_validate(recipe)
