@@ -267,3 +267,26 @@ def test_cli_merge_dry_run_and_long_short(tmp_path):
         torch.testing.assert_close(got[name], expected[name])
     written = yaml.safe_load((tmp_path / "ls" / "suture_merge.yaml").read_text())
     assert written["base_model"] == short and written["config_source"] == long
+
+
+def test_lora_adapters_merge_on_the_fly(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, ft = _family(tmp_path, n=2)
+    model = tiny_source("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged_by_peft = {k: v for k, v in peft_model.merge_and_unload().state_dict().items()}
+    recipe = {"merge_method": "task_arithmetic", "base_model": base, "models": [
+        {"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 0.5}},
+        {"model": ft, "parameters": {"weight": 0.5}}]}
+    merge(recipe, tmp_path / "out")
+    got, base_w, ft_w = _weights(tmp_path / "out"), _weights(base), _weights(ft)
+    for name, tensor in got.items():
+        expected = base_w[name] + 0.5 * (merged_by_peft[name] - base_w[name]) + 0.5 * (ft_w[name] - base_w[name])
+        torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert (tmp_path / "out" / "config.json").exists()

@@ -20,13 +20,17 @@ console = Console()
 
 from .hybridize import hybridize_command  # noqa: E402
 from .importance import importance_command  # noqa: E402
+from .lora import extract_lora_command  # noqa: E402
 from .merge import app as merge_app  # noqa: E402
+from .publish import publish_command  # noqa: E402
 from .workload import app as workload_app  # noqa: E402
 
 app.add_typer(workload_app, name="workload")
 app.add_typer(merge_app, name="merge")
 app.command("hybridize")(hybridize_command)
 app.command("importance")(importance_command)
+app.command("extract-lora")(extract_lora_command)
+app.command("publish")(publish_command)
 
 
 def _version(value: bool) -> None:

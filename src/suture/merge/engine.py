@@ -90,16 +90,28 @@ class _Inputs:
 
 
 def open_model(ref: str, allow_pickle: bool = False):
-    """A tensor source for a recipe's model reference: a checkpoint directory, or `base+adapter` (PEFT LoRA)."""
-    try:
-        from .lora import open_model as open_with_lora
-    except ImportError:  # pragma: no cover - LoRA support is optional at import time
-        return CheckpointReader(ref, allow_pickle=allow_pickle)
+    """A tensor source for a recipe's model reference: a checkpoint directory, `base+adapter` (PEFT LoRA applied
+    tensor by tensor) or an adapter directory whose base is local."""
+    from .lora import open_model as open_with_lora
+
     return open_with_lora(ref, allow_pickle=allow_pickle)
 
 
+def config_dir(ref: str) -> Path:
+    """The directory holding a model reference's config.json (the base's for `base+adapter` references)."""
+    path = Path(ref)
+    if (path / "config.json").is_file():
+        return path
+    from .lora import is_adapter_dir, parse_model_ref, read_adapter_config
+
+    base, _ = parse_model_ref(ref)
+    if is_adapter_dir(base):  # an adapter alone: its config names the base
+        return Path(read_adapter_config(base).get("base_model_name_or_path") or base)
+    return Path(base)
+
+
 def _num_layers(donor: str, names) -> int:
-    config = Path(donor) / "config.json"
+    config = config_dir(donor) / "config.json"
     if config.is_file():
         n = json.loads(config.read_text()).get("num_hidden_layers")
         if isinstance(n, int) and n > 0:
@@ -438,7 +450,7 @@ def merge_state_dicts(
 
 # -------------------------------------------------------------------------------------------------- outputs
 def _finish(recipe: MergeRecipe, plan: MergePlan, tmp: Path, title: str) -> None:
-    donor = Path(recipe.donor)
+    donor = config_dir(recipe.donor)
     if (donor / "config.json").is_file():
         config = json.loads((donor / "config.json").read_text())
         config.update(recipe.config_overrides)
@@ -449,7 +461,7 @@ def _finish(recipe: MergeRecipe, plan: MergePlan, tmp: Path, title: str) -> None
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif recipe.config_overrides:
         raise ValueError(f"config_overrides given but the config donor {donor} has no config.json.")
-    tokenizer_donor = Path(recipe.tokenizer_donor)
+    tokenizer_donor = config_dir(recipe.tokenizer_donor)
     if tokenizer_donor.is_dir():
         copy_tokenizer_files(tokenizer_donor, tmp)
     if recipe.chat_template and recipe.chat_template != "auto":

@@ -1,0 +1,57 @@
+"""`suture extract-lora FT BASE OUT`: parse options, call `suture.merge.lora.extract_lora`, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+def extract_lora_command(
+    finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint directory (safetensors)."),
+    base: Path = typer.Argument(..., help="Its base checkpoint directory (same tensor names and shapes)."),
+    out: Path = typer.Argument(..., help="Directory to write the PEFT LoRA adapter to."),
+    rank: int = typer.Option(128, "--rank", min=1, help="Maximum LoRA rank (capped by each weight's min(out, in))."),
+    include: list[str] = typer.Option(None, "--include", help="Only tensors matching this regex (repeatable)."),
+    dtype: str = typer.Option(None, "--dtype", help="Factor dtype: float32, float16 or bfloat16 (default: FT's)."),
+    skip_unsupported: bool = typer.Option(False, "--skip-unsupported",
+                                          help="Leave out changed tensors that LoRA cannot express (listed)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Extract a LoRA adapter (SVD of FT - BASE per decoder-layer weight) that PEFT loads onto BASE."""
+    from ..merge.lora import dtype_from_name, extract_lora
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    try:
+        factor_dtype = dtype_from_name(dtype)
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"factorise {finetuned.name} - {base.name} (tensors)", total=None)
+            extract_lora(finetuned, base, out, rank, force=force, include=include or None, dtype=factor_dtype,
+                         skip_unsupported=skip_unsupported,
+                         on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+
+    report = json.loads((out / "extract_lora.json").read_text())
+    errors = [entry["rel_error"] for entry in report["lora"]]
+    table = Table(title=f"LoRA extracted from {finetuned} - {base} (rank <= {rank})", show_header=False)
+    table.add_row("tensors factorised", str(len(errors)))
+    table.add_row("relative error mean / max",
+                  f"{sum(errors) / len(errors):.3e} / {max(errors):.3e}" if errors else "-")
+    table.add_row("modules_to_save", ", ".join(report["modules_to_save"]) or "none")
+    table.add_row("identical (skipped)", str(report["identical"]))
+    if report["excluded"]:
+        table.add_row("excluded by --include", str(report["excluded"]))
+    if report["skipped_unsupported"]:
+        table.add_row("[yellow]left out (unsupported)[/yellow]", ", ".join(report["skipped_unsupported"]))
+    table.add_row("adapter size", f"{report['adapter_bytes'] / 2**20:.2f} MiB")
+    console.print(table)
+    console.print(f"wrote {out}")
