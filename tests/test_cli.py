@@ -38,3 +38,29 @@ def test_demo_end_to_end_and_refuses_to_overwrite(tmp_path):
     again = runner.invoke(app, ["demo", str(out), "--context", "16"])
     assert again.exit_code == 1 and "--force" in again.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo")]  # no temporary left behind
+
+
+def test_the_installed_command_registers_the_hybrid_where_a_subcommand_loads_one(tmp_path):
+    """The `suture` executable defers the architecture import; commands that load hybrids must still load them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_source
+
+    from suture.surgery import hybridize_model
+    from suture.workload import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    hybrid = hybridize_model(tiny_source("llama", vocab_size=len(tokenizer)), ["mamba", None, None, None])
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    tokenizer.save_pretrained(tmp_path / "hybrid")
+    command = str(Path(sys.executable).with_name("suture"))
+    check = "import sys; sys.argv = ['suture']; import suture, transformers; " \
+            "print('suture_hybrid' in transformers.CONFIG_MAPPING)"
+    lazy = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert lazy.stdout.strip() == "False"  # nothing heavy imported at start-up
+    result = subprocess.run([command, "workload", "eval", str(tmp_path / "hybrid"), "--n", "2"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "easy" in result.stdout

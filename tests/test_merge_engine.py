@@ -290,3 +290,31 @@ def test_lora_adapters_merge_on_the_fly(tmp_path):
         expected = base_w[name] + 0.5 * (merged_by_peft[name] - base_w[name]) + 0.5 * (ft_w[name] - base_w[name])
         torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=1e-5, msg=name)
     assert (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp"])
+def test_row_blocks_of_elementwise_methods_give_identical_tensors(tmp_path, monkeypatch, method):
+    import suture.merge.engine as engine
+    from suture.merge.statistics import activation_scales, save_statistics
+    from suture.workload import build_tokenizer
+
+    base, a, c = _family(tmp_path, vocab_size=len(build_tokenizer()))
+    recipe = RECIPES[method](base, a, c)
+    if method == "task_arithmetic":  # with an AIM post-step, whose [in] statistics broadcast over the rows
+        from transformers import AutoModelForCausalLM
+
+        scales = activation_scales(AutoModelForCausalLM.from_pretrained(base), "workload",
+                                   tokenizer=build_tokenizer(), n=4, max_length=32)
+        save_statistics(scales, tmp_path / "aim.safetensors")
+        recipe = {**recipe, "post_steps": [{"method": "aim", "parameters": {"omega": 0.3}}],
+                  "statistics": {"aim": str(tmp_path / "aim.safetensors")}}
+    merge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)  # every matrix in many row blocks
+    calls = []
+    real = engine.MergeMethod.__call__
+    monkeypatch.setattr(engine.MergeMethod, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    merge(recipe, tmp_path / "blocks")
+    whole, blocks = _weights(tmp_path / "whole"), _weights(tmp_path / "blocks")
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+    blockwise = method in ("linear", "task_arithmetic")
+    assert (len(calls) > 2 * len(whole)) == blockwise  # elementwise methods ran in blocks, the others whole

@@ -432,3 +432,15 @@ def test_parameter_resolution_matches_mergekit_planner(mergekit_plan, num_layers
                 ours = resolve_parameter(name, [params, top], tensor_name=tensor_name, t=t, default=default,
                                          cast=float)
                 assert ours == per_model[model][name], (tensor_name, model, name)
+
+
+def test_kth_largest_radix_select_is_exact():
+    from suture.merge.methods.task_arithmetic import kth_largest
+
+    gen = torch.Generator().manual_seed(0)
+    for values in (torch.randn(3_000_000, generator=gen).abs(),  # radix path
+                   torch.randint(0, 7, (2_000_000,), generator=gen).float(),  # heavy ties
+                   torch.rand(1000, generator=gen)):  # small: kthvalue path
+        n = values.numel()
+        for k in (1, 2, n // 5, n - 1, n):
+            assert kth_largest(values, k) == torch.kthvalue(values, n - k + 1).values, (n, k)

@@ -279,7 +279,7 @@ def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_prog
             if failed.is_set():
                 return
             tensor = _merge_one(planned, plan, inputs, method, posts, providers, device)
-            writer.write(planned.name, tensor.to("cpu", planned.dtype))
+            writer.write(planned.name, tensor.to(planned.dtype))
             del tensor
             with lock:
                 progress[0] += 1
@@ -296,36 +296,66 @@ def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_prog
         for planned in plan.tensors:
             if failed.is_set():
                 break
-            # the main thread blocks here while the tensors in flight (inputs + fp32 work copies) fill the budget
-            cost = torch.Size(planned.shape).numel() * 4 * (len(plan.inputs) + 3)
+            # the main thread blocks here while the tensors in flight fill the budget: inputs and output, plus fp32
+            # work copies of the whole tensor unless the method is elementwise (row blocks; an estimate, not a bound)
+            numel = torch.Size(planned.shape).numel()
+            cost = numel * (planned.dtype.itemsize * (len(plan.inputs) + 2) + 4 * (len(plan.inputs) + 3))
             pool.submit(task, planned, budget.acquire(cost))
     if errors:
         raise errors[0]
 
 
+BLOCK_ELEMENTS = 1 << 20  # entries per row block of an elementwise merge: the block's work stays in cache
+
+
 def _merge_one(planned: PlannedTensor, plan: MergePlan, inputs: _Inputs, method: MergeMethod, posts, providers,
                device: str) -> torch.Tensor:
+    """The merged tensor `planned.name`, in its output dtype on the host."""
     recipe, name = plan.recipe, planned.name
     base_ref = recipe.base_model
     if planned.action in ("base", "copy"):
         return inputs.readers[base_ref if planned.action == "base" else (base_ref or plan.inputs[0])].read(name)
     read = (lambda ref: _aligned(inputs.readers[ref].read(name), planned.shape, inputs.readers[base_ref].read(name))
             if planned.action == "vocab" else inputs.readers[ref].read(name))
-    tensors = [read(ref).to(device) for ref in plan.inputs]
-    base = read(base_ref).to(device) if base_ref and (method.needs_base or any(p.needs_base for p, _ in posts)) else None
+    tensors = [read(ref) for ref in plan.inputs]  # source dtype, host
+    wants_base = base_ref and (method.needs_base or any(p.needs_base for p, _ in posts))
+    base = read(base_ref) if wants_base else None
     t = gradient_position(name, plan.num_layers)
     params = _resolve(method, recipe, name, t, len(tensors))
-    stats = {s: _statistic(providers, method.name, s, name, device) for s in method.statistics}
-    generator = None
-    if method.random:
-        generator = torch.Generator(device=device).manual_seed(_tensor_seed(recipe.seed, name))
-    merged = method(tensors, base if method.needs_base else None, generator=generator, **params, **stats)
-    for post, given in posts:
-        post_params = {k: resolve_parameter(k, [given], tensor_name=name, t=t, default=v)
-                       for k, v in post.shared.items()}
-        post_stats = {s: _statistic(providers, post.name, s, name, device) for s in post.statistics}
-        merged = post([merged], base, **post_params, **post_stats)
-    return merged
+    stats = {s: _statistic(providers, method.name, s, name) for s in method.statistics}
+    post_steps = [(post, {k: resolve_parameter(k, [given], tensor_name=name, t=t, default=v)
+                          for k, v in post.shared.items()},
+                   {s: _statistic(providers, post.name, s, name) for s in post.statistics}) for post, given in posts]
+
+    def run(rows: slice) -> torch.Tensor:
+        """Merge rows `rows` (all rows: slice(None)) on `device`; statistics of the tensor's shape are sliced too."""
+        def cut(x):
+            if isinstance(x, list):
+                return [cut(v) for v in x]
+            if x is None:
+                return None
+            return (x[rows] if x.shape == tuple(planned.shape) else x).to(device)
+
+        generator = None
+        if method.random:
+            generator = torch.Generator(device=device).manual_seed(_tensor_seed(recipe.seed, name))
+        block_base = cut(base)
+        merged = method(cut(tensors), block_base if method.needs_base else None, generator=generator, **params,
+                        **{k: cut(v) for k, v in stats.items()})
+        for post, post_params, post_stats in post_steps:
+            merged = post([merged], block_base, **post_params, **{k: cut(v) for k, v in post_stats.items()})
+        return merged.to("cpu", planned.dtype)
+
+    numel = torch.Size(planned.shape).numel()
+    blockwise = (len(planned.shape) >= 1 and numel > BLOCK_ELEMENTS and method.is_elementwise(params)
+                 and all(post.is_elementwise(pp) for post, pp, _ in post_steps))
+    if not blockwise:
+        return run(slice(None))
+    out = torch.empty(planned.shape, dtype=planned.dtype)
+    step = max(1, BLOCK_ELEMENTS // max(1, numel // planned.shape[0]))  # rows per block
+    for start in range(0, planned.shape[0], step):
+        out[start : start + step] = run(slice(start, start + step))
+    return out
 
 
 def _resolve(method: MergeMethod, recipe: MergeRecipe, name: str, t: float, n: int) -> dict:
@@ -353,15 +383,12 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _statistic(providers: dict, method: str, stat: str, name: str, device: str):
+def _statistic(providers: dict, method: str, stat: str, name: str):
     provider = providers.get(method)
     if provider is None:
         raise ValueError(f"Method {method!r} needs statistics ({stat}); give them under `statistics: {{{method}: "
                          "PATH}` in the recipe (suture.merge.statistics computes them) or set `calibration`.")
-    value = provider(stat, name)
-    if isinstance(value, list):
-        return [v.to(device) for v in value]
-    return value.to(device) if value is not None else None
+    return provider(stat, name)
 
 
 def _statistics(recipe: MergeRecipe, inputs: _Inputs) -> dict:
@@ -440,7 +467,7 @@ def merge_state_dicts(
     for name in names:
         t = gradient_position(name, layers)
         params = _resolve(method, recipe, name, t, len(models))
-        stats = {s: _statistic(statistics or {}, method.name, s, name, "cpu") for s in method.statistics}
+        stats = {s: _statistic(statistics or {}, method.name, s, name) for s in method.statistics}
         generator = torch.Generator().manual_seed(_tensor_seed(seed, name)) if method.random else None
         out = method([sd[name] for sd in models], base[name] if base is not None and method.needs_base else None,
                      generator=generator, **params, **stats)

@@ -90,7 +90,7 @@ def evaluate(
     if isinstance(model, (str, Path)):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        import suture  # noqa: F401  (registers hybrids with the Auto classes)
+        import suture.architectures  # noqa: F401  (registers hybrids with the Auto classes)
 
         name = name or str(model)
         from .._quiet import no_hf_progress_bars

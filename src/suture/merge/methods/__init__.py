@@ -72,6 +72,12 @@ class MergeMethod:
     statistics: tuple[str, ...] = ()
     post_step: bool = False
     same_shape: bool = True
+    elementwise: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def is_elementwise(self, params: Mapping[str, Any]) -> bool:
+        """Whether each output entry depends only on the same entry of the inputs (and of same-shape statistics)
+        for these parameters: the engine may then merge a large tensor in row blocks of its own choosing."""
+        return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
     def bind(self, given: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Fill defaults and broadcast scalar per-model values; returns keyword arguments for ``fn``."""
@@ -144,6 +150,7 @@ def merge_method(
     statistics: Sequence[str] = (),
     post_step: bool = False,
     same_shape: bool = True,
+    elementwise: bool | Callable[[Mapping[str, Any]], bool] = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register the decorated function under ``name`` (see the module docstring); returns it unchanged."""
 
@@ -153,7 +160,7 @@ def merge_method(
         METHODS[name] = MergeMethod(
             name=name, fn=fn, needs_base=needs_base, per_model=dict(per_model or {}), shared=dict(shared or {}),
             dtype=dtype, random=random, description=description, n_models=n_models, statistics=tuple(statistics),
-            post_step=post_step, same_shape=same_shape,
+            post_step=post_step, same_shape=same_shape, elementwise=elementwise,
         )
         return fn
 

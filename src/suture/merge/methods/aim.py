@@ -18,6 +18,7 @@ from suture.merge.methods import merge_method
 
 @merge_method(
     "aim",
+    elementwise=True,
     needs_base=True,
     shared={"omega": 0.4},
     statistics=("activation_scale",),

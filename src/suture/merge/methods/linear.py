@@ -14,6 +14,7 @@ from suture.merge.methods import REQUIRED, merge_method
 
 @merge_method(
     "linear",
+    elementwise=True,
     per_model={"weight": REQUIRED},
     shared={"normalize": True},
     description="Weighted average of the models (normalised by the weight sum unless normalize: false).",

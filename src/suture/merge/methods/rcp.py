@@ -23,6 +23,7 @@ from suture.merge.methods import merge_method
 
 @merge_method(
     "rcp",
+    elementwise=True,
     needs_base=True,
     n_models=2,
     shared={"lambda": 1000.0},

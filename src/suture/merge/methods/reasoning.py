@@ -13,6 +13,7 @@ from suture.merge.methods import merge_method
 
 @merge_method(
     "reasoning_vector",
+    elementwise=True,
     n_models=3,
     shared={"alpha": 1.0},
     description="target + alpha * (plus - minus), e.g. plus = GRPO and minus = SFT checkpoints of one init.",

@@ -19,8 +19,10 @@ Defaults per name and exact behaviour match mergekit 0.1.5 (``merge_methods/regi
 - DARE does not rescale survivors by exactly ``1 / density``: it multiplies them by ``|delta|_1 / |kept|_1``
   (L1-norm matching, ``sparsify.py:23-53``), and skips the rescale when either norm is < 1e-7.
   ``rescale`` defaults to true for DARE and false otherwise; TIES with ``rescale: true`` does the same.
-- Magnitude trim keeps ``max(1, int(density * numel))`` entries (floor, at least one), chosen by
-  ``argsort(|delta|, descending)`` (``sparsify.py:56-78``); ``density >= 1`` keeps all, ``<= 0`` none.
+- Magnitude trim keeps ``max(1, int(density * numel))`` entries (floor, at least one), the largest ``|delta|``
+  (mergekit sorts them, ``sparsify.py:56-78``; we select them with ``kthvalue``, 3-4x faster); ``density >= 1``
+  keeps all, ``<= 0`` none. Magnitudes tied at the threshold are kept lowest index first, where mergekit keeps an
+  arbitrary subset (its sort is unstable); this only matters for data with ties (e.g. bf16-rounded deltas).
   Random drop uses ``torch.bernoulli(full(density))`` per model in model order (``sparsify.py:118-134``): with the
   same seed we draw the same masks.
 - Consensus: entries whose (weighted) delta is exactly 0 have sign 0 and never agree, so they add nothing to the
@@ -45,13 +47,15 @@ def _shared(sparsification: str, consensus: str, normalize: bool, rescale: bool)
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    kept = delta * mask
+    """``delta`` with the entries outside ``mask`` zeroed (in place), L1-rescaled when ``rescale``."""
+    before = delta.abs().sum() if rescale else None
+    kept = delta.masked_fill_(~mask.bool(), 0)
     if not rescale:
         return kept
-    before, after = delta.abs().sum(), kept.abs().sum()  # L1 matching, as mergekit (not 1 / density)
+    after = kept.abs().sum()  # L1 matching, as mergekit (not 1 / density)
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def sparsify(
@@ -63,27 +67,81 @@ def sparsify(
     if method == "magnitude":
         if density <= 0 or delta.numel() == 0:
             return torch.zeros_like(delta)
-        k = max(1, int(density * delta.numel()))
-        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-        mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
-        return _rescaled(delta, mask.reshape_as(delta), rescale)
+        return _rescaled(delta, _top_magnitude_mask(delta, max(1, int(density * delta.numel()))), rescale)
     if method == "random":
         mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
         return _rescaled(delta, mask, rescale)
     raise ValueError(f"Unknown sparsification {method!r}; use 'none', 'magnitude' or 'random'.")
 
 
-def _consensus_mask(deltas: torch.Tensor, consensus: str) -> torch.Tensor:
-    """``deltas``: (N, *shape) weighted task vectors -> bool (N, *shape), True where the sign agrees."""
-    sign = deltas.sign()
+def _top_magnitude_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest ``|delta|`` entries: a selection (O(n)) instead of mergekit's full sort.
+
+    Entries tied in magnitude at the threshold are kept in index order until there are exactly ``k``. mergekit keeps
+    whichever tied entries its unstable ``argsort`` happens to put first; without ties the two masks are equal.
+    """
+    magnitude = delta.abs().reshape(-1)  # (n,)
+    n = magnitude.numel()
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    threshold = kth_largest(magnitude, k)
+    mask = magnitude > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # fill up with entries equal to the threshold, lowest index first
+        mask[(magnitude == threshold).nonzero().squeeze(1)[:missing]] = True
+    return mask.view_as(delta)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest entry of a 1-D tensor of non-negative values (1 <= k <= n), as a 0-d tensor.
+
+    For large fp32 inputs this is a two-pass radix select: non-negative floats order like their int32 bit patterns,
+    so a histogram of the top 15 bits finds the bucket holding the answer and a histogram of the low 16 bits of
+    that bucket's entries finds the exact value. Two parallel passes instead of `torch.kthvalue`'s single-threaded
+    selection on a copy: about 3x faster on embedding-sized tensors.
+    """
+    n = values.numel()
+    if values.dtype != torch.float32 or n < (1 << 20):
+        return torch.kthvalue(values, n - k + 1).values
+    bits = values.view(torch.int32)  # (n,)
+    high = torch.bitwise_right_shift(bits, 16)  # (n,), in [0, 2^15): the sign bit is 0
+    above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)  # [j]: entries in the top j+1 buckets
+    j = int(torch.searchsorted(above, torch.tensor(k, device=values.device)))
+    bucket, before = (1 << 15) - 1 - j, int(above[j - 1]) if j else 0
+    low = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=1 << 16).flip(0).cumsum(0)
+    i = int(torch.searchsorted(low, torch.tensor(k - before, device=values.device)))
+    pattern = torch.tensor((bucket << 16) | ((1 << 16) - 1 - i), dtype=torch.int32, device=values.device)
+    return pattern.view(torch.float32)
+
+
+def _consensus(deltas: list[torch.Tensor], weight: list[float], consensus: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the weighted deltas that agree with the elected sign, and the sum of their weights (per entry).
+
+    ``deltas`` are already weighted and are modified in place (disagreeing entries zeroed), one (*shape) tensor
+    at a time, so the work memory stays at a few tensors rather than an (N, *shape) stack per step.
+    """
     if consensus == "sum":
-        vote = deltas.sum(dim=0)
+        vote = deltas[0].clone()
+        for d in deltas[1:]:
+            vote.add_(d)
     elif consensus == "count":
-        vote = sign.sum(dim=0)
+        vote = sum(d.sign() for d in deltas)
     else:
         raise ValueError(f"Unknown consensus {consensus!r}; use 'none', 'sum' or 'count'.")
-    elected = torch.where(vote >= 0, 1.0, -1.0).to(deltas.dtype)  # (*shape); a tied vote elects +
-    return sign == elected
+    positive = vote >= 0  # a tied vote elects +
+    del vote
+    mixed, divisor = torch.zeros_like(deltas[0]), torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weight):
+        agree = torch.where(positive, d > 0, d < 0)  # exact zeros never agree (sign 0)
+        mixed.add_(d.masked_fill_(~agree, 0))
+        divisor.add_(agree, alpha=w)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
+
+
+def _without_sparsification(params) -> bool:
+    """Consensus and normalisation are per entry; only the trim / drop (and its L1 rescale) look at a whole tensor."""
+    return params.get("sparsification") in ("none", None) or all(d >= 1 for d in params.get("density", [1.0]))
 
 
 @merge_method(
@@ -97,12 +155,12 @@ def _consensus_mask(deltas: torch.Tensor, consensus: str) -> torch.Tensor:
     description="DARE random drop (L1 rescale) + task arithmetic.",
 )
 @merge_method(
-    "ties", needs_base=True, per_model=_PER_MODEL,
+    "ties", needs_base=True, per_model=_PER_MODEL, elementwise=_without_sparsification,
     shared=_shared(sparsification="magnitude", consensus="sum", normalize=True, rescale=False),
     description="TIES: magnitude trim to density, sign election, disjoint mean of the agreeing task vectors.",
 )
 @merge_method(
-    "task_arithmetic", needs_base=True, per_model=_PER_MODEL,
+    "task_arithmetic", needs_base=True, per_model=_PER_MODEL, elementwise=_without_sparsification,
     shared=_shared(sparsification="none", consensus="none", normalize=False, rescale=False),
     description="Task arithmetic: base + lambda * sum_i w_i (theta_i - base).",
 )
@@ -121,20 +179,15 @@ def task_arithmetic(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``tensors``: N tensors of ``base``'s shape; ``weight``, ``density``: N floats. Returns the merged tensor."""
-    deltas = torch.stack([
-        sparsify(x - base, d, sparsification, rescale, generator) for x, d in zip(tensors, density)
-    ])  # (N, *shape)
-    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *[1] * base.dim())  # (N, 1, ...)
-    deltas *= w
+    deltas = [sparsify(x - base, d, sparsification, rescale, generator).mul_(w)
+              for x, d, w in zip(tensors, density, weight)]  # N weighted task vectors, each (*shape)
     if consensus not in ("none", None):
-        mask = _consensus_mask(deltas, consensus)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mixed, divisor = _consensus(deltas, weight, consensus)
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)  # (1, ...)
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(dim=0)
+        divisor = torch.tensor(float(sum(weight)), dtype=mixed.dtype, device=mixed.device)
+        if divisor.abs() < 1e-8:
+            divisor.fill_(1)
     if normalize:
-        mixed /= divisor
+        mixed = mixed / divisor
     return base + lambda_ * mixed

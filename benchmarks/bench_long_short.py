@@ -1,0 +1,102 @@
+"""The Long-to-Short and reasoning-vector tables at small scale, on the built-in workload zoo.
+
+Merges the zoo's long-CoT and short-CoT models with each method through `suture merge` (the same engine and
+recipes as the CLI), evaluates every merge and both parents on the workload test split, and prints accuracy and
+mean response length per level:
+
+- Long-to-Short, as Wu et al.: the short (quick) model is the base and long - short the task vector
+  (TA lambda 0.7, TIES keep 0.2, DARE-TIES keep 0.7, AIM-TIES omega 0.4 on 100 workload calibration samples);
+- the same with the zoo's common ancestor (`base`) as the base and both task vectors merged (TA, TIES, TSV);
+- reasoning vector: v = rl - long (RL-like minus its SFT init), added to other models (alpha 1) and subtracted.
+
+    python benchmarks/bench_long_short.py --zoo demo-output/zoo      # reuse a built zoo (make demo builds one)
+    python benchmarks/bench_long_short.py                            # builds the zoo first (~6 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from suture.merge import long_short_recipe, merge
+from suture.workload import LEVELS, build_zoo, evaluate
+
+
+def recipes(zoo: Path) -> dict[str, dict | object]:
+    long, short, base, rl = (str(zoo / name) for name in ("long", "short", "base", "rl"))
+    out: dict[str, object] = {
+        "TA (short base)": long_short_recipe(long, short, "task_arithmetic", {"lambda": 0.7}),
+        "TIES (short base)": long_short_recipe(long, short, "ties", {"density": 0.2, "lambda": 1.0}),
+        "DARE-TIES (short base)": long_short_recipe(long, short, "dare_ties", {"density": 0.7, "lambda": 1.0}),
+        "AIM-TIES (short base)": long_short_recipe(long, short, "ties", {"density": 0.2, "lambda": 1.0},
+                                                   aim_omega=0.4, calibration_n=100),
+        "TA (common base)": long_short_recipe(long, short, "task_arithmetic", {"lambda": 0.7}, base=base),
+        "TIES (common base)": long_short_recipe(long, short, "ties", {"density": 0.2, "lambda": 1.0}, base=base),
+        "TSV (common base)": long_short_recipe(long, short, "tsv", {"lambda": 1.0}, base=base),
+    }
+    for target in ("base", "short"):
+        out[f"{target} + (rl - long)"] = {"merge_method": "reasoning_vector", "parameters": {"alpha": 1.0},
+                                          "models": [{"model": str(zoo / target)}, {"model": rl}, {"model": long}]}
+    out["long - (rl - long)"] = {"merge_method": "reasoning_vector", "parameters": {"alpha": -1.0},
+                                 "models": [{"model": long}, {"model": rl}, {"model": long}]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=None, help="an existing zoo (default: build one)")
+    parser.add_argument("--n", type=int, default=300, help="test problems per level")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/long_short.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="bench-long-short-"))
+    try:
+        zoo = args.zoo
+        if zoo is None:
+            zoo = work / "zoo"
+            build_zoo(zoo)
+        rows = {}
+        for name in ("base", "long", "short", "rl"):
+            rows[name] = {"report": evaluate(zoo / name, n_per_level=args.n, name=name).to_dict(), "merge_s": None}
+        for name, recipe in recipes(zoo).items():
+            out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
+            start = time.perf_counter()
+            merge(recipe, out, force=True)
+            seconds = time.perf_counter() - start
+            rows[name] = {"report": evaluate(out, n_per_level=args.n, name=name).to_dict(), "merge_s": seconds}
+            shutil.rmtree(out)
+            console.print(f"{name}: merged in {seconds:.1f} s, accuracy {rows[name]['report']['accuracy']:.3f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    table = Table(title=f"workload test split, {args.n} problems per level: accuracy / mean response tokens")
+    table.add_column("model")
+    for level in LEVELS:
+        table.add_column(level, justify="right")
+    table.add_column("all", justify="right")
+    table.add_column("length vs long", justify="right")
+    long_len = rows["long"]["report"]["mean_response_tokens"]
+    for name, row in rows.items():
+        report = row["report"]
+        cells = [f"{report['levels'][lv]['accuracy']:.3f} / {report['levels'][lv]['mean_response_tokens']:.1f}"
+                 for lv in LEVELS]
+        change = report["mean_response_tokens"] / long_len - 1
+        table.add_row(name, *cells, f"{report['accuracy']:.3f}", f"{change:+.0%}")
+    console.print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2))
+    console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
