@@ -318,3 +318,22 @@ def test_row_blocks_of_elementwise_methods_give_identical_tensors(tmp_path, monk
     assert all(torch.equal(whole[n], blocks[n]) for n in whole)
     blockwise = method in ("linear", "task_arithmetic")
     assert (len(calls) > 2 * len(whole)) == blockwise  # elementwise methods ran in blocks, the others whole
+
+
+def test_granitemoehybrid_checkpoints_merge_with_every_tensor(tmp_path):
+    from suture.surgery.export import export_granitemoehybrid
+
+    paths = []
+    for i in range(2):
+        source = tiny_source("llama", seed=i)
+        hybrid = hybridize_model(source, ["mamba2", None, "mamba2", None], seed=i,
+                                 mamba2_norm_eps=source.config.rms_norm_eps)
+        paths.append(str(export_granitemoehybrid(hybrid, tmp_path / f"g{i}")))
+    recipe = {"merge_method": "task_arithmetic", "base_model": paths[0],
+              "models": [{"model": paths[1], "parameters": {"weight": 1.0}}]}
+    merge(recipe, tmp_path / "out")
+    got, want = _weights(tmp_path / "out"), _weights(paths[1])
+    assert got.keys() == want.keys() and any(".mamba.A_log" in n for n in got)
+    for name in want:  # base + 1 * (ft - base): ft up to fp32 rounding
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "granitemoehybrid"
