@@ -337,3 +337,29 @@ def test_granitemoehybrid_checkpoints_merge_with_every_tensor(tmp_path):
     for name in want:  # base + 1 * (ft - base): ft up to fp32 rounding
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "granitemoehybrid"
+
+
+def test_rcp_statistics_from_the_recipe_calibration(tmp_path):
+    from suture.merge.statistics import rcp_statistics
+    from suture.workload import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    base, reasoning, domain = _family(tmp_path, vocab_size=len(tokenizer))
+    for path in (base, reasoning, domain):
+        tokenizer.save_pretrained(path)
+    calibration = {"data": "workload", "domain_data": "workload", "n_reasoning": 2, "n_domain": 3, "max_length": 48}
+    recipe = {"merge_method": "rcp", "base_model": base, "models": [{"model": reasoning}, {"model": domain}],
+              "parameters": {"lambda": 10.0}, "calibration": calibration}
+    merge(recipe, tmp_path / "out")
+    rcp_statistics(reasoning, domain, "workload", "workload", tmp_path / "stats", n_reasoning=2, n_domain=3,
+                   max_length=48)
+    merge({**{k: v for k, v in recipe.items() if k != "calibration"}, "statistics": {"rcp": str(tmp_path / "stats")}},
+          tmp_path / "explicit")
+    got, want = _weights(tmp_path / "out"), _weights(tmp_path / "explicit")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    r, d = _weights(reasoning), _weights(domain)
+    name = "model.layers.0.mlp.up_proj.weight"  # every entry is theta_R or theta_R + (theta_D - theta_0)
+    assert not torch.equal(got[name], r[name])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    with pytest.raises(ValueError, match="domain_data"):
+        merge({**recipe, "calibration": {"data": "workload"}}, tmp_path / "o3")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -256,8 +257,9 @@ def merge(
     try:
         plan = plan_merge(recipe, _inputs=inputs)
         plan.check()
-        providers = statistics if statistics is not None else _statistics(recipe, inputs)
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent,
+                                                                               prefix=f".{out.name}.stats.") as work:
+            providers = statistics if statistics is not None else _statistics(recipe, inputs, Path(work))
             with ShardedSafetensorsWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors],
                                           max_shard_size) as writer:
                 _run(plan, inputs, writer, providers, workers, parse_size(memory_budget), device, on_progress)
@@ -391,7 +393,7 @@ def _statistic(providers: dict, method: str, stat: str, name: str):
     return provider(stat, name)
 
 
-def _statistics(recipe: MergeRecipe, inputs: _Inputs) -> dict:
+def _statistics(recipe: MergeRecipe, inputs: _Inputs, workdir: Path) -> dict:
     """Statistic providers `(stat, tensor_name) -> tensor | None` for the methods of the recipe."""
     needed = {m for m in [recipe.merge_method, *(s.method for s in recipe.post_steps)] if get_method(m).statistics}
     providers = {}
@@ -400,10 +402,25 @@ def _statistics(recipe: MergeRecipe, inputs: _Inputs) -> dict:
             providers[method] = _open_statistics(method, recipe.statistics[method])
         elif method == "aim" and recipe.calibration is not None:
             providers[method] = _aim_from_calibration(recipe)
+        elif method == "rcp" and recipe.calibration is not None and recipe.calibration.domain_data:
+            providers[method] = _open_statistics(method, str(_rcp_from_calibration(recipe, workdir)))
         else:
-            raise ValueError(f"Method {method!r} needs statistics: set `statistics: {{{method}: PATH}}` "
-                             + ("or `calibration: {data: ...}` " if method == "aim" else "") + "in the recipe.")
+            raise ValueError(f"Method {method!r} needs statistics: set `statistics: {{{method}: PATH}}` or "
+                             + ("`calibration: {data: ...}`" if method == "aim" else
+                                "`calibration: {data: REASONING, domain_data: DOMAIN}`") + " in the recipe.")
     return providers
+
+
+def _rcp_from_calibration(recipe: MergeRecipe, workdir: Path) -> Path:
+    """RCP statistics of the recipe's reasoning and domain models (the two `models`), streamed to `workdir`."""
+    from . import statistics as stats_module
+
+    cal = recipe.calibration
+    reasoning, domain = (config_dir(m.model) for m in recipe.method_inputs)
+    out = workdir / "rcp-statistics"
+    stats_module.rcp_statistics(reasoning, domain, cal.data, cal.domain_data, out, n_reasoning=cal.n_reasoning,
+                                n_domain=cal.n_domain, max_length=cal.max_length, seed=recipe.seed)
+    return out
 
 
 def _open_statistics(method: str, path: str):

@@ -15,8 +15,9 @@ suture's additions (all optional):
 
 - `post_steps`: methods applied after the merge, e.g. ``[{method: aim, parameters: {omega: 0.4}}]``;
 - `statistics`: where a method's statistics live: ``{aim: aim_stats.safetensors}`` (from
-  `suture.merge.statistics`), ``{rcp: rcp_stats_dir}``; or `calibration` to compute AIM statistics from the base
-  model before merging: ``{data: workload, n: 100, max_length: 512}``;
+  `suture.merge.statistics`), ``{rcp: rcp_stats_dir}``; or `calibration` to compute them before merging: AIM from
+  the base model on ``{data: workload, n: 100, max_length: 512}``, RCP from the reasoning and domain models (the
+  two `models`) on ``{data: reasoning.jsonl, domain_data: domain.jsonl, n_reasoning: 5, n_domain: 6}``;
 - `config_source` (default: the base model, else the first model) and `config_overrides` (e.g.
   ``{max_position_embeddings: 131072}``: a long-CoT model needs its long context);
 - `tensor_policy`: ``error`` (default: a tensor missing from any input is an error naming it) or ``base`` (take
@@ -56,11 +57,17 @@ class PostStep(BaseModel):
 
 
 class Calibration(BaseModel):
+    """Calibration data for statistics computed before merging: AIM uses `data` (run through the base model);
+    RCP uses `data` as the reasoning set and `domain_data` as the domain set (gradients of the two models)."""
+
     model_config = ConfigDict(extra="forbid")
 
     data: str = "workload"
     n: int = Field(100, ge=1)
     max_length: int = Field(512, ge=1)
+    domain_data: str | None = None
+    n_reasoning: int = Field(5, ge=1)
+    n_domain: int = Field(6, ge=1)
 
 
 class MergeRecipe(BaseModel):
