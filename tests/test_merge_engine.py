@@ -357,9 +357,10 @@ def test_rcp_statistics_from_the_recipe_calibration(tmp_path):
           tmp_path / "explicit")
     got, want = _weights(tmp_path / "out"), _weights(tmp_path / "explicit")
     assert all(torch.equal(got[n], want[n]) for n in want)
-    r, d = _weights(reasoning), _weights(domain)
+    r, d, b = _weights(reasoning), _weights(domain), _weights(base)
     name = "model.layers.0.mlp.up_proj.weight"  # every entry is theta_R or theta_R + (theta_D - theta_0)
-    assert not torch.equal(got[name], r[name])
+    took_domain = torch.isclose(got[name], r[name] + (d[name] - b[name]), atol=1e-7)
+    assert torch.all(took_domain | (got[name] == r[name])) and took_domain.any() and not took_domain.all()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     with pytest.raises(ValueError, match="domain_data"):
         merge({**recipe, "calibration": {"data": "workload"}}, tmp_path / "o3")
