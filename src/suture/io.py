@@ -1,12 +1,23 @@
-"""Output directories that appear whole or not at all."""
+"""Output directories that appear whole or not at all, and telling hub ids from local paths."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def is_hub_id(name: object, folder: Path | None = None) -> bool:
+    """True for `owner/name` strings that are not also local paths (relative to the cwd or to `folder`'s parent)."""
+    if not isinstance(name, str) or not HUB_ID.match(name) or ".." in name:
+        return False
+    bases = [Path.cwd()] + ([folder.parent] if folder is not None else [])
+    return not any((base / name).exists() for base in bases)
 
 
 def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:

@@ -20,13 +20,13 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .io import HUB_ID, is_hub_id
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Lineage files, first found wins: suture's merge recipe, then mergekit's, then a JSON recipe.
 RECIPE_FILES = ("suture_merge.yaml", "mergekit_config.yml", "merge.json")
 # Entries never uploaded: hidden files and folders (.git, .cache, temporary dirs, .env) and Python caches.
 SKIPPED_DIRS = ("__pycache__",)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _TOKEN_LIKE = re.compile(r"(hf_[A-Za-z0-9]{6,}|Bearer\s+\S+)")
 
 
@@ -62,14 +62,6 @@ class Lineage:
     recipe_file: str | None = None
     recipe_text: str | None = None
     merge_method: str | None = None
-
-
-def is_hub_id(name: object, folder: Path | None = None) -> bool:
-    """True for `owner/name` strings that are not also local paths (relative to the cwd or to `folder`'s parent)."""
-    if not isinstance(name, str) or not _HUB_ID.match(name) or ".." in name:
-        return False
-    bases = [Path.cwd()] + ([folder.parent] if folder is not None else [])
-    return not any((base / name).exists() for base in bases)
 
 
 def list_upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -203,7 +195,7 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, dry_run:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory: pass a checkpoint directory.")
-    if not _HUB_ID.match(repo_id) or ".." in repo_id:
+    if not HUB_ID.match(repo_id) or ".." in repo_id:
         raise ValueError(f"REPO_ID must look like owner/name (letters, digits, '-', '_', '.'), got {repo_id!r}.")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     local, skipped = list_upload_files(folder)

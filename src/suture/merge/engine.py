@@ -30,9 +30,9 @@ import torch
 
 from .. import __version__
 from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files, parse_size
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, is_hub_id
 from .methods import REQUIRED, MergeMethod, get_method
-from .params import gradient_position, resolve_parameter
+from .params import gradient_position, layer_index, resolve_parameter
 from .recipe import MergeRecipe, load_recipe, torch_dtype
 
 _VOCAB_HINTS = ("embed", "lm_head", "wte", "output.weight", "word_embeddings")
@@ -117,8 +117,6 @@ def _num_layers(donor: str, names) -> int:
         n = json.loads(config.read_text()).get("num_hidden_layers")
         if isinstance(n, int) and n > 0:
             return n
-    from .params import layer_index
-
     indices = [i for i in map(layer_index, names) if i is not None]
     return max(indices) + 1 if indices else 1
 
@@ -477,8 +475,6 @@ def merge_state_dicts(
     missing = [n for sd in [*models, *([base] if base is not None else [])] for n in names if n not in sd]
     if missing:
         raise ValueError(f"Tensors missing from some inputs: {sorted(set(missing))[:10]}.")
-    from .params import layer_index
-
     layers = num_layers or max([i for i in map(layer_index, names) if i is not None], default=0) + 1
     merged = {}
     for name in names:
@@ -516,7 +512,7 @@ def _finish(recipe: MergeRecipe, plan: MergePlan, tmp: Path, title: str) -> None
 
 def model_card(recipe: MergeRecipe, plan: MergePlan, title: str) -> str:
     hub_ids = [ref for ref in dict.fromkeys([recipe.base_model, *(m.model for m in recipe.models)])
-               if ref and ref.count("/") == 1 and not Path(ref).exists()]
+               if is_hub_id(ref)]
     front = ["---", "library_name: transformers", "tags:", "- suture", "- merge", f"- {recipe.merge_method}"]
     if hub_ids:
         front += ["base_model:", *(f"- {ref}" for ref in hub_ids)]

@@ -50,7 +50,7 @@ from torch import nn
 from .._quiet import no_hf_progress_bars
 from ..checkpoint import CheckpointReader, ShardedSafetensorsWriter
 from ..io import atomic_output_dir, check_output_dir
-from ..surgery.importance import _right_padded, load_calibration
+from ..surgery.importance import load_calibration, right_padded
 
 __all__ = [
     "ActivationScales", "RcpStatistics", "activation_scales", "activation_scales_from_checkpoint",
@@ -201,7 +201,7 @@ def activation_scales(
         batches = given
     else:
         sequences = _sequences(given or data, lambda: _tokenizer(tokenizer, source), n, max_length, seed)
-        batches = _right_padded(sequences, batch_size, 0, _device(model))  # pad id is irrelevant: masked out
+        batches = right_padded(sequences, batch_size, 0, _device(model))  # pad id is irrelevant: masked out
     means = _InputAbsMeans(_aim_modules(model))
     was_training = model.training
     try:

@@ -133,7 +133,7 @@ def _chat(tokenizer, messages: list) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
 
 
-def _right_padded(sequences: list[list[int]], batch_size: int, pad_id: int, device) -> list[Batch]:
+def right_padded(sequences: list[list[int]], batch_size: int, pad_id: int, device) -> list[Batch]:
     """Batches of similar length (less padding), right padded so padding never precedes a real position."""
     ordered = sorted(sequences, key=len, reverse=True)
     batches = []
@@ -273,7 +273,7 @@ def layer_importance(
         raise ValueError(f"Token id {largest} is outside the model's vocabulary ({model.config.vocab_size}): "
                          "the tokenizer does not belong to this model.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = _right_padded(sequences, batch_size, pad_id, model.device)
+    batches = right_padded(sequences, batch_size, pad_id, model.device)
     candidates = candidate_layers(model)
     if not candidates:
         raise ValueError(f"{name} has no attention layer left to score.")

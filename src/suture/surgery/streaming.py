@@ -22,7 +22,7 @@ from .. import __version__
 from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.families import FAMILIES, get_family
 from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, is_hub_id
 from .layers import LayerSelection
 from .mil import layer_index, mil_mixer
 
@@ -241,13 +241,9 @@ def _surgery_record(src, source_config, config, selection, mixer, seed, override
     }
 
 
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
 def _hub_name(config) -> str | None:
     name = getattr(config, "_name_or_path", "") or ""
-    return name if _is_hub_id(name) else None
+    return name if is_hub_id(name) else None
 
 
 def model_card(surgery: dict, title: str) -> str:
@@ -256,7 +252,7 @@ def model_card(surgery: dict, title: str) -> str:
     replaced = [row["index"] for row in surgery["layers"] if row["replaced"]]
     n = len(surgery["layers"])
     front = ["---", "library_name: transformers", "tags:", "- suture", "- hybrid", "- mamba", "- " + surgery["mixer"]]
-    if _is_hub_id(source["name"]):
+    if is_hub_id(source["name"]):
         front.insert(1, f"base_model: {source['name']}")
     rows = "\n".join(f"| {r['index']} | {r['type']} | {r['reason'] or ''} |" for r in surgery["layers"])
     return "\n".join(front + ["---", "", f"# {title}", "",
