@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from suture.architectures.compat import CACHE_KWARG, cache_of
 from suture.surgery import hybridize_model
 
 
@@ -47,11 +48,11 @@ def decode_ms(model, context: int, steps: int) -> float:
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (1, context))
     out = model(ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, use_cache=True, **{CACHE_KWARG: cache})
         token = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3

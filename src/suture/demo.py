@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ._quiet import no_hf_progress_bars
 from .architectures import HybridForCausalLM
+from .architectures.compat import CACHE_KWARG, cache_of
 from .io import atomic_output_dir, check_output_dir
 from .surgery import hybridize_model
 
@@ -73,10 +74,10 @@ def decode_latency_ms(model, context: int, steps: int = 16) -> float:
     """Mean milliseconds per generated token after a `context`-token prefill (batch 1, greedy, cached)."""
     ids = torch.randint(3, model.config.vocab_size, (1, context))
     out = model(ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, use_cache=True, **{CACHE_KWARG: cache})
         token = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - start) / steps * 1e3
 

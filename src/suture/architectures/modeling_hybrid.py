@@ -8,7 +8,9 @@ attention computes exactly the source model's logits. Mamba layers store their m
 
 Caching uses transformers' `DynamicCache` machinery: KV layers (full or sliding window) for attention and
 `LinearAttentionLayer` (conv + SSM state) for Mamba layers, so `generate()` works unchanged, including batches
-with left padding (padded positions are zeroed before they can reach a conv or SSM state).
+with left padding (padded positions are zeroed before they can reach a conv or SSM state). The cache argument is
+accepted as `cache` (transformers >= 5.24) or `past_key_values` (older releases) and passed on to the family's
+layers and mask builders under the name the installed transformers reads (`compat.CACHE_KWARG`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from .compat import CACHE_KWARG, resolve_cache
 from .configuration_hybrid import MAMBA_LAYER_TYPES, HybridConfig
 from .families import FAMILIES, get_family
 from .mixers import MIXER_CLASSES, HybridMamba2Mixer, HybridMambaMixer
@@ -68,12 +71,15 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         ssm_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # gradient checkpointing nulls the cache under the installed name before it replays the layer
+        cache = resolve_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states = self.mamba(hidden_states, cache=past_key_values, ssm_mask=ssm_mask)
+        hidden_states = self.mamba(hidden_states, cache=cache, ssm_mask=ssm_mask)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
@@ -86,7 +92,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridMambaDecoderLayer"] + [f"{f.prefix}DecoderLayer" for f in FAMILIES.values()]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -123,41 +129,44 @@ class HybridModel(HybridPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Same inputs as the source family's model. `attention_mask` is the 2D padding mask (b, L_past + L)."""
+        """Same inputs as the source family's model. `attention_mask` is the 2D padding mask (b, L_past + L);
+        the cache may be passed as `cache` or `past_key_values`."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = resolve_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (b, L, hidden)
-        if use_cache and past_key_values is None:
-            past_key_values = HybridCache(self.config)
+        if use_cache and cache is None:
+            cache = HybridCache(self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if _has_kv_layers(past_key_values) else 0
+            past_seen = cache.get_seq_length() if _has_kv_layers(cache) else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
-        masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        masks = self._layer_masks(inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for kind, layer in zip(self.config.layer_types, self.layers):
             if kind in MAMBA_LAYER_TYPES:
-                hidden_states = layer(hidden_states, ssm_mask=masks["mamba"], past_key_values=past_key_values)
+                hidden_states = layer(hidden_states, ssm_mask=masks["mamba"], **{CACHE_KWARG: cache})
             else:
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=masks[kind],
                     position_embeddings=position_embeddings,
                     position_ids=position_ids,
-                    past_key_values=past_key_values,
                     use_cache=use_cache,
+                    **{CACHE_KWARG: cache},
                     **kwargs,
                 )
             if output_hidden_states:
@@ -165,11 +174,11 @@ class HybridModel(HybridPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            **{CACHE_KWARG: cache if use_cache else None},
         )
 
-    def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+    def _layer_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
         """One mask per layer kind present: 4D causal masks for attention, the 2D padding mask for Mamba."""
         if isinstance(attention_mask, dict):  # already prepared by the caller
             return attention_mask
@@ -177,7 +186,7 @@ class HybridModel(HybridPreTrainedModel):
             "config": self.config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            CACHE_KWARG: cache,
             "position_ids": position_ids,
         }
         kinds = set(self.config.layer_types)
@@ -209,18 +218,19 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -233,8 +243,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
 
     def _prepare_cache_for_generation(
@@ -242,7 +252,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     ):
         """`generate()` builds a `HybridCache` (transformers' default cache does not know Mamba layer types)."""
         wants_dynamic = generation_config.cache_implementation in (None, "dynamic", "offloaded")
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        if model_kwargs.get(CACHE_KWARG) is None and generation_config.use_cache is not False:
             if not wants_dynamic:
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by hybrid "
@@ -251,7 +261,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             cache = HybridCache(self.config, offloading=generation_config.cache_implementation == "offloaded")
             if generation_config.is_assistant:
                 cache.activate_past_recording()
-            model_kwargs["past_key_values"] = cache
+            model_kwargs[CACHE_KWARG] = cache
             return
         return super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
