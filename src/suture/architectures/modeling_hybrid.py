@@ -54,6 +54,11 @@ class HybridCache(DynamicCache):
                 layers.append(LinearAttentionLayer())
         Cache.__init__(self, layers=layers, offloading=offloading)
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens held by the first attention layer; 0 when every layer is a Mamba layer (no KV to count), which is
+        what transformers >= 5.24 assumes for such caches and older releases ask for before prefill."""
+        return super().get_seq_length(layer_idx) if _has_kv_layers(self) else 0
+
 
 class HybridMambaDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block with a Mamba mixer in place of attention; MLP and norms are the source family's modules."""
@@ -149,7 +154,7 @@ class HybridModel(HybridPreTrainedModel):
         if use_cache and cache is None:
             cache = HybridCache(self.config)
         if position_ids is None:
-            past_seen = cache.get_seq_length() if _has_kv_layers(cache) else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
         masks = self._layer_masks(inputs_embeds, attention_mask, cache, position_ids)
