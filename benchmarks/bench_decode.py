@@ -23,7 +23,7 @@ from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from suture.architectures.compat import CACHE_KWARG, cache_of
-from suture.surgery import hybridize_model
+from suture.surgery import hybridize_model, select_layers
 
 
 def build_models(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
@@ -33,11 +33,13 @@ def build_models(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=65536,
     )
     teacher = LlamaForCausalLM(config).eval()
-    keep = {i for i in range(layers) if i % 4 == 3 or i == layers - 1}  # M1-style: every 4th + last
+    replace = set(select_layers(layers, preset="m1").replace)
+    share = f"{layers - len(replace)}/{layers} attn"
     return {
         "transformer": teacher,
-        "hybrid-mamba (25% attn)": hybridize_model(teacher, [None if i in keep else "mamba" for i in range(layers)]),
-        "hybrid-mamba2 (25% attn)": hybridize_model(teacher, [None if i in keep else "mamba2" for i in range(layers)]),
+        f"hybrid-mamba m1 ({share})": hybridize_model(teacher, ["mamba" if i in replace else None for i in range(layers)]),
+        f"hybrid-mamba2 m1 ({share})": hybridize_model(teacher, ["mamba2" if i in replace else None
+                                                                for i in range(layers)]),
         "all-mamba": hybridize_model(teacher, ["mamba"] * layers),
         "all-mamba2": hybridize_model(teacher, ["mamba2"] * layers),
     }

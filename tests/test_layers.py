@@ -52,9 +52,24 @@ def test_importance_replaces_the_least_important_layers():
 
 def test_parse_layer_list():
     assert parse_layer_list("0,2, 5-7") == [0, 2, 5, 6, 7]
+    assert parse_layer_list("4 - 5,") == [4, 5]
     assert parse_layer_list("") == []
     with pytest.raises(ValueError, match="'0,2,5-7'"):
         parse_layer_list("a-b")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("3-1", r"layer list '3-1': the range '3-1' runs backwards; write it as '1-3'"),
+    ("0,5-2", r"the range '5-2' runs backwards"),
+    ("-1", r"'-1' is not a layer index or range; layer indices count from 0 and cannot be negative"),
+    ("0,-2", r"'-2' is not a layer index"),
+    ("1.5", r"'1.5' is not a layer index or range; use indices and ranges such as '0,2,5-7'"),
+    ("2-", r"'2-' is not a layer index"),
+    ("1-2-3", r"'1-2-3' is not a layer index"),
+])
+def test_parse_layer_list_refuses_what_it_cannot_read(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_layer_list(text)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -72,6 +87,25 @@ def test_parse_layer_list():
 def test_selection_errors_say_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
         select_layers(8, **kwargs)
+
+
+@pytest.mark.parametrize("n, kwargs, message", [
+    (4, dict(mamba_layers=[]), r"--mamba-layers lists no layer, so nothing would be replaced: name at least one"),
+    (4, dict(keep_attention=[0, 1, 2, 3]), r"--keep-attention keeps all 4 layers, so nothing would be replaced"),
+    (4, dict(ratio=0.1), r"--ratio 0\.1 replaces round\(0\.1 \* 4\) = 0 of 4 layers, so nothing would be replaced: "
+                         r"pass a larger ratio \(--ratio 0\.25 replaces one layer\)"),
+    (4, dict(ratio=0.1, scores={0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}), r"= 0 of 4 layers"),
+    (1, dict(preset="m1"), r"--preset m1 keeps attention at all 1 layers of this model, so nothing would be replaced"),
+])
+def test_a_selection_that_replaces_nothing_is_refused(n, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        select_layers(n, **kwargs)
+
+
+def test_the_suggested_smallest_ratio_replaces_one_layer():
+    for n in (3, 4, 7, 28, 80):
+        ratio = float(f"{1 / n:.4g}")
+        assert len(select_layers(n, ratio=ratio).replace) == 1, n
 
 
 def test_every_preset_is_documented_and_keeps_the_last_layer():

@@ -11,10 +11,14 @@ Presets (attention is *kept* at the listed layers, every other layer is replaced
 
 A ratio r replaces round(r * n) layers and keeps the others evenly spaced, always including the last layer; at
 32 layers, r = 0.5 / 0.75 / 0.875 give exactly the MambaInLlama layouts.
+
+Every way of choosing must replace at least one layer: a selection that replaces nothing is an error, never a
+"hybrid" identical to its source.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -40,15 +44,23 @@ class LayerSelection:
     reasons: dict[int, str] = field(default_factory=dict)
 
 
+_LAYER_ITEM = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
+
+
 def parse_layer_list(text: str) -> list[int]:
-    """"0,2,5-7" -> [0, 2, 5, 6, 7]; "" -> []."""
+    """"0,2,5-7" -> [0, 2, 5, 6, 7]; "" -> [] (whether an empty list makes sense is `select_layers`'s call)."""
     out: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, sep, hi = part.partition("-")
-        try:
-            out.extend(range(int(lo), int(hi) + 1) if sep and lo else [int(part)])
-        except ValueError:
-            raise ValueError(f"Cannot read layer list {text!r}: use indices and ranges such as '0,2,5-7'.") from None
+        match = _LAYER_ITEM.fullmatch(part)
+        if match is None:
+            hint = ("layer indices count from 0 and cannot be negative" if re.fullmatch(r"-\s*[0-9]+", part)
+                    else "use indices and ranges such as '0,2,5-7'")
+            raise ValueError(f"Cannot read layer list {text!r}: {part!r} is not a layer index or range; {hint}.")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            raise ValueError(f"Cannot read layer list {text!r}: the range {part!r} runs backwards; write it as "
+                             f"'{hi}-{lo}'.")
+        out.extend(range(lo, hi + 1))
     return out
 
 
@@ -60,6 +72,12 @@ def _checked(indices: list[int], n_layers: int, what: str) -> list[int]:
     if dupes:
         raise ValueError(f"{what}: layer indices {dupes} are listed more than once.")
     return sorted(indices)
+
+
+def _replaces_something(n_replaced: int, what: str, fix: str) -> None:
+    """A selection that replaces no layer would make a "hybrid" identical to its source: refuse it."""
+    if n_replaced == 0:
+        raise ValueError(f"{what}, so nothing would be replaced: {fix}.")
 
 
 def evenly_kept(n_layers: int, n_keep: int) -> list[int]:
@@ -83,6 +101,11 @@ def select_layers(
         ratio: fraction of layers to replace (0 < ratio <= 1); evenly spaced, or the least important if `scores`.
         preset: one of `PRESETS`.
         scores: per-layer importance (lower = less important = replaced first), used with `ratio`.
+
+    Raises:
+        ValueError: not exactly one way given, an index out of range or listed twice, or a selection that replaces
+            no layer (an empty list, every layer kept, a ratio that rounds to zero layers); the message names the
+            option and says what to pass instead.
     """
     given = [name for name, value in (("mamba_layers", mamba_layers), ("keep_attention", keep_attention),
                                       ("ratio", ratio), ("preset", preset)) if value is not None]
@@ -94,21 +117,28 @@ def select_layers(
         raise ValueError("Importance scores select layers together with a ratio (--select importance --ratio R).")
     if mamba_layers is not None:
         replace = _checked(list(mamba_layers), n_layers, "--mamba-layers")
+        _replaces_something(len(replace), "--mamba-layers lists no layer", "name at least one layer, e.g. '0' or '0-2'")
         return LayerSelection(replace, "explicit", {"mamba_layers": replace}, {i: "listed" for i in replace})
     if keep_attention is not None:
         keep = _checked(list(keep_attention), n_layers, "--keep-attention")
         replace = [i for i in range(n_layers) if i not in keep]
+        _replaces_something(len(replace), f"--keep-attention keeps all {n_layers} layers",
+                            "leave out at least one layer (the ones left out are replaced)")
         return LayerSelection(replace, "keep-attention", {"keep_attention": keep}, {i: "not kept" for i in replace})
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
         rule, description = PRESETS[preset]
         replace = [i for i in range(n_layers) if i not in rule(n_layers)]
+        _replaces_something(len(replace), f"--preset {preset} keeps attention at all {n_layers} layers of this model",
+                            "choose the layers with --mamba-layers or --ratio instead")
         return LayerSelection(replace, "preset", {"preset": preset, "description": description},
                               {i: f"preset {preset}" for i in replace})
     if not 0 < ratio <= 1:
         raise ValueError(f"--ratio must be in (0, 1] (the fraction of layers to replace), got {ratio}.")
     n_replace = round(ratio * n_layers)
+    _replaces_something(n_replace, f"--ratio {ratio} replaces round({ratio} * {n_layers}) = 0 of {n_layers} "
+                        "layers", f"pass a larger ratio (--ratio {1 / n_layers:.4g} replaces one layer)")
     if scores is not None:
         ranked = sorted(scores, key=lambda i: (scores[i], i))
         if n_replace > len(ranked):

@@ -79,6 +79,10 @@ def hybridize_model(source: PreTrainedModel, layer_types: list[str | None], seed
         mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``).
     """
     config = HybridConfig.from_source(source.config, layer_types, **mixer_overrides)
+    # Tie the hybrid only if the source model really is tied: transformers loads a checkpoint whose config says
+    # tie_word_embeddings but whose stored lm_head differs from the embedding untied, and a tied hybrid would then
+    # copy that head over its own embedding.
+    config.tie_word_embeddings = source.get_output_embeddings().weight is source.get_input_embeddings().weight
     config.dtype = source.dtype
     hybrid = HybridForCausalLM(config).to(source.dtype)
     source_state = source.state_dict()
