@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 import suture
@@ -32,12 +33,31 @@ def test_demo_end_to_end_and_refuses_to_overwrite(tmp_path):
     report = json.loads((out / "demo.json").read_text())
     assert report["reload_max_abs_diff"] == 0.0
     assert report["layer_types"].count("mamba") == 6
+    assert report["layout"]["preset"] == "m1" and report["layout"]["kept_attention"] == [3, 7]
     assert report["kv_bytes_per_token"]["hybrid"] * 4 == report["kv_bytes_per_token"]["teacher"]
     assert (out / "hybrid" / "config.json").exists() and (out / "teacher" / "model.safetensors").exists()
 
     again = runner.invoke(app, ["demo", str(out), "--context", "16"])
     assert again.exit_code == 1 and "--force" in again.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo")]  # no temporary left behind
+
+
+def test_demo_layout_is_the_named_preset_at_the_teachers_depth(tmp_path):
+    from conftest import tiny_source
+
+    from suture.demo import run_demo
+
+    tiny_source("llama", num_hidden_layers=9, vocab_size=128).save_pretrained(tmp_path / "teacher")
+    report = run_demo(tmp_path / "demo", contexts=(8,), teacher=tmp_path / "teacher")
+    kept = [3, 8]  # m1 at 9 layers ("every 4th layer and the last" would keep 3, 7 and 8)
+    assert [i for i, kind in enumerate(report.layer_types) if kind != "mamba"] == kept
+    recorded = json.loads((tmp_path / "demo" / "demo.json").read_text())["layout"]
+    assert recorded["preset"] == "m1" and recorded["kept_attention"] == kept
+    assert recorded["replaced"] == [0, 1, 2, 4, 5, 6, 7]
+    assert "every 5th layer from layer 3" in recorded["description"]
+    with pytest.raises(ValueError, match="Unknown preset 'every-4th'"):
+        run_demo(tmp_path / "other", teacher=tmp_path / "teacher", preset="every-4th")
+    assert not (tmp_path / "other").exists()
 
 
 def test_the_installed_command_registers_the_hybrid_where_a_subcommand_loads_one(tmp_path):

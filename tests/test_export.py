@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_source
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from suture.surgery.export import export_granitemoehybrid
@@ -144,3 +145,77 @@ def test_cli_export_and_refusal(tmp_path):
     hybridize_model(source, ["mamba", None, None, None]).save_pretrained(tmp_path / "m1")
     refused = runner.invoke(app, ["export", str(tmp_path / "m1"), str(tmp_path / "no")])
     assert refused.exit_code == 1 and "Mamba-1" in refused.output and not (tmp_path / "no").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- what is exported
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_a_plain_transformer_directory_is_refused(family, tmp_path):
+    # Loaded as a hybrid, a plain qwen2 model loses its q/k/v biases (its logits moved by ~2); refuse it instead.
+    tiny_source(family).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=rf"not a suture hybrid checkpoint .*model_type '{family}'.*suture hybridize"):
+        export_granitemoehybrid(tmp_path / "plain", tmp_path / "granite")
+    assert not (tmp_path / "granite").exists()
+
+
+def test_cli_refuses_a_plain_transformer_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from suture.cli import app
+
+    tiny_source("qwen2").save_pretrained(tmp_path / "plain")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "plain"), str(tmp_path / "granite")])
+    assert result.exit_code == 1 and "not a suture hybrid" in result.output and "hybridize" in result.output
+    assert not (tmp_path / "granite").exists()
+
+
+def test_streamed_qwen2_hybrid_keeps_its_attention_biases_through_export(tmp_path):
+    from suture.surgery import hybridize
+
+    source = tiny_source("qwen2")
+    source.save_pretrained(tmp_path / "src")
+    hybridize(tmp_path / "src", tmp_path / "hybrid", [0, 2], mixer="mamba2",
+              mamba2_norm_eps=source.config.rms_norm_eps)
+    hybrid = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    out = export_granitemoehybrid(tmp_path / "hybrid", tmp_path / "granite")
+    weights = load_file(out / "model.safetensors")
+    for i in (1, 3):  # the kept layers' q/k/v biases are carried, o_proj gets a zero bias
+        for p in "qkv":
+            name = f"model.layers.{i}.self_attn.{p}_proj.bias"
+            assert torch.equal(weights[name], hybrid.state_dict()[name]) and weights[name].abs().sum() > 0, name
+        assert not weights[f"model.layers.{i}.self_attn.o_proj.bias"].any()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, hybrid(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_a_tensor_the_export_cannot_carry_is_an_error_naming_it(tmp_path):
+    _, hybrid = _hybrid("llama")  # llama: no attention biases, so Granite gets attention_bias=False
+    hybrid.model.layers[1].self_attn.q_proj.bias = torch.nn.Parameter(torch.ones(64))
+    with pytest.raises(ValueError, match=r"no place for 1 tensors .*model\.layers\.1\.self_attn\.q_proj\.bias"):
+        export_granitemoehybrid(hybrid, tmp_path / "granite")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stored_tensors_the_hybrid_config_does_not_describe_are_refused(tmp_path):
+    _, hybrid = _hybrid("llama")
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    weights = load_file(tmp_path / "hybrid" / "model.safetensors")
+    weights["model.layers.1.self_attn.q_proj.bias"] = torch.ones(64)
+    save_file(weights, tmp_path / "hybrid" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not match config\.json \(unexpected keys .*q_proj\.bias"):
+        export_granitemoehybrid(tmp_path / "hybrid", tmp_path / "granite")
+    assert not (tmp_path / "granite").exists()
+
+
+def test_an_untied_head_under_a_tied_config_is_not_dropped(tmp_path):
+    # transformers loads a tied config whose stored lm_head differs from the embedding untied; exporting it tied
+    # would silently replace the head by the embedding.
+    _, hybrid = _hybrid("llama", tie_word_embeddings=True)
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    weights = load_file(tmp_path / "hybrid" / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1.0
+    save_file(weights, tmp_path / "hybrid" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no place for 1 tensors .*'lm_head\.weight'.*tie_word_embeddings"):
+        export_granitemoehybrid(tmp_path / "hybrid", tmp_path / "granite")
+    assert not (tmp_path / "granite").exists()

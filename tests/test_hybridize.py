@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import suture  # noqa: F401  (registers the hybrid with the Auto classes)
 from suture.checkpoint import CheckpointReader, ShardedSafetensorsWriter
 from suture.cli.app import app
-from suture.surgery import hybridize, hybridize_model, select_layers
+from suture.surgery import LayerSelection, hybridize, hybridize_model, select_layers
 from suture.workload import build_tokenizer
 
 REPLACED = [0, 2]
@@ -140,6 +140,58 @@ def test_checkpoints_that_do_not_match_their_config_are_refused(tmp_path, edit, 
     with pytest.raises(ValueError, match=message):
         hybridize(src, tmp_path / "out", [0])
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("stored_head", ["equal", "different"])
+def test_tied_source_that_also_stores_lm_head_becomes_the_hybrid_transformers_would_load(tmp_path, stored_head):
+    source = tiny_source("llama", tie_word_embeddings=True)
+    src = _save(source, tmp_path / "src")
+    embedding = source.model.embed_tokens.weight.detach()
+    head = embedding.clone() if stored_head == "equal" else torch.randn(embedding.shape) * 0.1
+    _tamper(src, lambda w: w.update({"lm_head.weight": head}))
+    # transformers ties only a stored head equal to the embedding; a different one it loads untied, as stored.
+    teacher = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert (teacher.lm_head.weight is teacher.model.embed_tokens.weight) == (stored_head == "equal")
+    assert torch.equal(teacher.lm_head.weight, head) and torch.equal(teacher.model.embed_tokens.weight, embedding)
+
+    result = hybridize(src, tmp_path / "out", [0, 2])
+    hybrid = _load(tmp_path / "out")
+    assert hybrid.config.tie_word_embeddings is (stored_head == "equal")
+    assert torch.equal(hybrid.lm_head.weight, head) and torch.equal(hybrid.model.embed_tokens.weight, embedding)
+    tied_record = result.surgery["stored_tied_copies"]
+    assert [(r["name"], r["tied_to"], r["equal"]) for r in tied_record] == [
+        ("lm_head.weight", "model.embed_tokens.weight", stored_head == "equal")]
+    assert ("lm_head.weight" in result.surgery["ignored_source_tensors"]) is (stored_head == "equal")
+    assert "lm_head.weight" not in result.surgery["dropped_source_tensors"]
+
+    ids = torch.randint(3, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    in_memory = hybridize_model(teacher, ["mamba", None, "mamba", None])  # the in-memory path agrees
+    kept_all = hybridize_model(teacher, [None] * 4).eval()  # nothing replaced: exactly the teacher
+    with torch.no_grad():
+        assert torch.equal(hybrid(ids).logits, in_memory.eval()(ids).logits)
+        assert torch.equal(kept_all(ids).logits, teacher(ids).logits)
+
+
+def test_a_selection_that_replaces_nothing_is_refused(tmp_path):
+    src = _save(tiny_source("llama"), tmp_path / "src")
+    for selection in ([], LayerSelection([], "explicit")):
+        with pytest.raises(ValueError, match=r"replaces none of the 4 layers .* pass at least one layer index"):
+            hybridize(src, tmp_path / "out", selection)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mamba-layers", "3-1"], "the range '3-1' runs backwards"),
+    (["--mamba-layers", ""], "--mamba-layers lists no layer, so nothing would be replaced"),
+    (["--mamba-layers=-1"], "cannot be negative"),
+    (["--ratio", "0.1"], r"--ratio 0.1 replaces round(0.1 * 4) = 0 of 4 layers"),
+    (["--keep-attention", "0-3"], "--keep-attention keeps all 4 layers"),
+])
+def test_cli_refuses_a_selection_that_replaces_nothing(tmp_path, args, message):
+    src = _save(tiny_source("llama"), tmp_path / "src")
+    result = CliRunner().invoke(app, ["hybridize", str(src), str(tmp_path / "out"), *args])
+    assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_old_rotary_buffers_are_ignored(tmp_path):

@@ -142,7 +142,7 @@ def test_vocabulary_mismatch_needs_an_explicit_policy(tmp_path):
     save_file(weights, f"{a}/model.safetensors", metadata={"format": "pt"})
     recipe = {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": a,
               "parameters": {"weight": 1.0}}]}
-    with pytest.raises(ValueError, match="vocabulary mismatch: set vocab_policy: base"):
+    with pytest.raises(ValueError, match="vocabulary mismatch: set tokenizer_source: MODEL .* or vocab_policy: base"):
         merge(recipe, tmp_path / "out")
     merge({**recipe, "vocab_policy": "base"}, tmp_path / "out")
     got = _weights(tmp_path / "out")

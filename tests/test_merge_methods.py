@@ -316,6 +316,39 @@ def test_slerp_matches_mergekit(t, shape):
         close(METHODS["slerp"]([other], base, t=t), expected)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name,params", GTA_CASES)
+def test_task_arithmetic_family_keeps_nonfinite_entries_as_mergekit(name, params, shape):
+    # reachable only with allow_nonfinite: a NaN / inf task-vector entry must not silently become the base's value
+    base = randn(*shape, seed=10)
+    models = [randn(*shape, seed=11 + i) for i in range(len(params["weight"]))]
+    models[0].view(-1)[3] = float("nan")
+    models[-1].view(-1)[5] = float("inf")
+    base.view(-1)[7] = float("nan")
+    torch.manual_seed(1234)
+    expected = merge_tensors([base, *models], name, parameters=params, base_index=0)
+    out = METHODS[name](models, base, generator=torch.Generator().manual_seed(1234), **params)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    close(out.nan_to_num(0), expected.nan_to_num(0))
+
+
+def test_svd_methods_explain_an_svd_they_cannot_take():
+    base, a, b = randn(6, 5, seed=1), randn(6, 5, seed=2), randn(6, 5, seed=3)
+    a[2, 2] = float("nan")
+    for method, kwargs in (("tsv", {}), ("low_rank", {"rank": 2})):
+        with pytest.raises(ValueError, match="task vector.* has non-finite values .* which have no SVD"):
+            METHODS[method]([a, b], base, **kwargs)  # was a bare torch LinAlgError
+    with pytest.raises(ValueError, match="non-finite"):
+        lora_factors(a, 2)
+
+
+def test_compute_dtype_widens_the_methods_arithmetic():
+    base, a = T([1.0]), T([1.0 + 2**-20])
+    out = METHODS["task_arithmetic"]([a], base, weight=1.0, compute_dtype=torch.float64, **{"lambda": 1 / 3})
+    assert out.dtype == torch.float64 and out.item() == 1.0 + (1.0 + 2**-20 - 1.0) / 3
+    assert METHODS["task_arithmetic"]([a], base, weight=1.0, **{"lambda": 1 / 3}).dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------- parameter resolution
 
 

@@ -144,12 +144,22 @@ def test_zoo_checkpoints_load_through_auto_classes(zoo):
 
 
 def test_zoo_models_evaluate_and_hybridize(zoo):
-    report = evaluate(zoo / "long", n_per_level=8, batch_size=8)
+    settings = dict(n_per_level=4, batch_size=4, max_new_tokens=32)
+    report = evaluate(zoo / "long", **settings)
     assert set(report.levels) == set(LEVELS) and report.mean_response_tokens > 0
-    teacher = AutoModelForCausalLM.from_pretrained(zoo / "long")
-    hybrid = hybridize_model(teacher, ["mamba", None]).eval()
-    hybrid_report = evaluate(hybrid, AutoTokenizer.from_pretrained(zoo / "long"), n_per_level=4, batch_size=4)
-    assert 0.0 <= hybrid_report.accuracy <= 1.0
+    # The short model stops after a few tokens, at lengths that vary by level, so a hybrid with nothing replaced
+    # must reproduce its greedy answers and stopping points exactly, level by level, through the evaluator.
+    teacher = AutoModelForCausalLM.from_pretrained(zoo / "short")
+    tokenizer = AutoTokenizer.from_pretrained(zoo / "short")
+    expected = evaluate(teacher, tokenizer, **settings)
+    assert expected.mean_response_tokens < 32  # it stops: the comparison below is not between capped lengths
+    unchanged = evaluate(hybridize_model(teacher, [None, None]).eval(), tokenizer, **settings)
+    assert {name: (r.n, r.accuracy, r.mean_response_tokens) for name, r in unchanged.levels.items()} == \
+           {name: (r.n, r.accuracy, r.mean_response_tokens) for name, r in expected.levels.items()}
+    # A real hybrid is scored on every problem of every level, with lengths the generation cap bounds.
+    hybrid_report = evaluate(hybridize_model(teacher, ["mamba", None]).eval(), tokenizer, **settings)
+    assert {name: r.n for name, r in hybrid_report.levels.items()} == dict.fromkeys(LEVELS, 4)
+    assert all(0 < r.mean_response_tokens <= 32 and r.tokens_per_second > 0 for r in hybrid_report.levels.values())
 
 
 def test_qwen2_zoo_and_refusal_to_overwrite(tmp_path):
@@ -188,5 +198,6 @@ def test_demo_hybridizes_a_workload_teacher(zoo, tmp_path):
     assert set(report.workload) == {"teacher", "hybrid"} and all(isinstance(g, str) for g in report.generated)
     assert (tmp_path / "demo" / "hybrid" / "tokenizer.json").exists()
     assert AutoTokenizer.from_pretrained(tmp_path / "demo" / "hybrid").pad_token_id == 0
+    (tmp_path / "no-config").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        run_demo(tmp_path / "other", teacher=tmp_path, contexts=(16,))
+        run_demo(tmp_path / "other", teacher=tmp_path / "no-config", contexts=(16,))

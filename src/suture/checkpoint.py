@@ -14,6 +14,7 @@ them) with a `model.safetensors.index.json` when there is more than one shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .io import read_json
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,25 +73,13 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 2 <= n <= min(size - 8, 100_000_000):
-                raise ValueError(f"{self.path} is not a safetensors file (bad header length).")
-            try:
-                header = json.loads(f.read(n))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path} has a corrupt safetensors header: {err}.") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            if end > size - self._data_start or entry["dtype"] not in DTYPES:
-                raise ValueError(f"{self.path}: tensor {name!r} has an invalid dtype or lies past the end of the file "
-                                 "(truncated download?).")
-            self.entries[name] = (entry["dtype"], tuple(entry["shape"]), begin, end)
+        header, self._data_start = _read_header(self.path)
+        data_size = self.path.stat().st_size - self._data_start
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            name: _header_entry(self.path, name, entry, data_size) for name, entry in header.items()
+        }
         self._fd: int | None = None
 
     def read(self, name: str) -> torch.Tensor:
@@ -110,6 +101,49 @@ class SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+_REDO = "download or write it again"
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts; errors name the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 2 <= n <= min(size - 8, 100_000_000):
+            raise ValueError(f"{path} is not a safetensors file or is truncated: its first 8 bytes give a header of "
+                             f"{n} bytes, which does not fit the file's {size} bytes; {_REDO}.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} has a corrupt safetensors header ({err}); {_REDO}.") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object); "
+                         f"{_REDO}.")
+    return header, 8 + n
+
+
+def _header_entry(path: Path, name: str, entry: object, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor's header entry, checked against the bytes the file holds."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize if dtype in DTYPES else None
+        valid = nbytes is None or 0 <= begin <= end and end - begin == nbytes
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path}: the header entry of tensor {name!r} is malformed ({str(entry)[:120]}); "
+                         f"{_REDO}.") from None
+    if nbytes is None:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {dtype!r}, which suture does not read (it reads "
+                         f"{', '.join(DTYPES)}).")
+    if not valid:
+        raise ValueError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not match its shape "
+                         f"{list(shape)} and dtype {dtype}; {_REDO}.")
+    if end > data_size:
+        raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, which holds "
+                         f"{data_size} bytes; {_REDO}.")
+    return dtype, shape, begin, end
 
 
 def checkpoint_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
@@ -140,8 +174,11 @@ def checkpoint_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]
 
 
 def _listed_or_globbed(ckpt: Path, index_name: str, pattern: str) -> list[Path]:
-    if (ckpt / index_name).exists():
-        weight_map = json.loads((ckpt / index_name).read_text())["weight_map"]
+    index = ckpt / index_name
+    if index.exists():
+        weight_map = read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no \"weight_map\" object of tensor name -> shard file; write it again.")
         return [ckpt / name for name in sorted(set(weight_map.values()))]
     return sorted(ckpt.glob(pattern))
 
@@ -201,11 +238,22 @@ class CheckpointReader:
         self.close()
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB" / "500MiB" (transformers' convention)."""
+SIZE_FORMS = "a number of bytes or a number with a unit, e.g. '5GB', '500MB' or '2GiB'"
+
+
+def parse_size(size: int | str, name: str = "size") -> int:
+    """Bytes from an int, a string of digits, or a string such as "5GB" / "500MiB" (transformers' convention);
+    errors name the parameter `name`."""
     from transformers.utils.hub import convert_file_size_to_int
 
-    return convert_file_size_to_int(size)
+    text = str(size).strip()
+    try:
+        value = int(text) if isinstance(size, int) or text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive size, {SIZE_FORMS}; got {size!r}.")
+    return value
 
 
 class ShardedSafetensorsWriter:
@@ -219,7 +267,7 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, out_dir: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None):
-        limit = parse_size(max_shard_size)
+        limit = parse_size(max_shard_size, "max_shard_size")
         self.out_dir = Path(out_dir)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -247,10 +295,11 @@ class ShardedSafetensorsWriter:
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-            fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             self._fds.append(fd)
-            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-            os.ftruncate(fd, 8 + len(raw) + offset)
+            with _naming(self.out_dir / file_name):
+                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                os.ftruncate(fd, 8 + len(raw) + offset)
             for name, shape, dtype in shard:
                 begin = header[name]["data_offsets"][0]
                 self._slots[name] = (fd, 8 + len(raw) + begin, shape, dtype)
@@ -265,8 +314,9 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"Tensor {name!r}: planned {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}.")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view, done = memoryview(data), 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        with _naming(self.out_dir / self.weight_map[name]):
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
         self._pending.discard(name)
 
     def _close_files(self) -> None:
@@ -282,7 +332,8 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:5]}.")
         if len(set(self.weight_map.values())) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            with _naming(self.out_dir / "model.safetensors.index.json") as path:
+                path.write_text(json.dumps(index, indent=2) + "\n")
 
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
@@ -292,3 +343,14 @@ class ShardedSafetensorsWriter:
             self.close()
         else:
             self._close_files()  # the caller's atomic output directory discards the partial files
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Yield `path`; an OSError raised inside without a file name (os.pwrite on a full disk names none) gets it."""
+    try:
+        yield path
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise

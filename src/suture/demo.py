@@ -19,7 +19,7 @@ from ._quiet import no_hf_progress_bars
 from .architectures import HybridForCausalLM
 from .architectures.compat import CACHE_KWARG, cache_of
 from .io import atomic_output_dir, check_output_dir
-from .surgery import hybridize_model
+from .surgery import hybridize_model, select_layers
 
 
 @dataclass
@@ -35,6 +35,7 @@ class DemoReport:
     decode_ms_per_token: dict[str, dict[int, float]] = field(default_factory=dict)
     teacher: str = "random tiny llama"
     workload: dict[str, dict] = field(default_factory=dict)  # model -> evaluation report (workload teachers)
+    layout: dict = field(default_factory=dict)  # the preset, its description, kept and replaced layers
 
 
 def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:
@@ -109,18 +110,23 @@ def run_demo(
     contexts=(128, 512, 2048),
     teacher: str | Path | None = None,
     eval_n: int = 100,
+    preset: str = "m1",
 ) -> DemoReport:
-    """Hybridize `teacher` (M1 layout), write teacher and hybrid under `out_dir` atomically, reload the hybrid
-    through `AutoModelForCausalLM`, generate a left-padded batch, time decoding and, for a workload teacher,
-    evaluate both models on the workload test split (`eval_n` problems per level)."""
-    out_dir = check_output_dir(out_dir, force)
+    """Hybridize `teacher` with the layout of `preset` (one of `suture.surgery.PRESETS`; `m1` keeps attention at
+    every 5th layer from layer 3 plus the last: layers 3 and 7 of the 8-layer tiny teacher, layer 3 of the 4-layer
+    workload zoo models), write teacher and hybrid under `out_dir` atomically, reload the hybrid through
+    `AutoModelForCausalLM`, generate a left-padded batch, time decoding and, for a workload teacher, evaluate both
+    models on the workload test split (`eval_n` problems per level)."""
+    out_dir = check_output_dir(out_dir, force, [teacher])
     source, tokenizer = _load_teacher(teacher)
     n = source.config.num_hidden_layers
-    # M1's layout scaled down: keep attention on every 4th layer and the last one.
-    layer_types = [None if (i % 4 == 3 or i == n - 1) else mixer for i in range(n)]
+    selection = select_layers(n, preset=preset)
+    layer_types = [mixer if i in selection.replace else None for i in range(n)]
     hybrid = hybridize_model(source, layer_types).eval()
+    layout = {"preset": preset, "description": selection.detail["description"],
+              "kept_attention": [i for i in range(n) if i not in selection.replace], "replaced": selection.replace}
 
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force, [teacher]) as tmp:
         with no_hf_progress_bars():
             source.save_pretrained(tmp / "teacher")
             hybrid.save_pretrained(tmp / "hybrid")
@@ -164,6 +170,7 @@ def run_demo(
             decode_ms_per_token=latency,
             teacher=str(teacher) if teacher is not None else "random tiny llama",
             workload=workload,
+            layout=layout,
         )
         (tmp / "demo.json").write_text(json.dumps(asdict(report), indent=2))
     return report

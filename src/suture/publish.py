@@ -10,7 +10,6 @@ never printed, logged or put in an error message: hub errors are re-raised as `P
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .io import HUB_ID, is_hub_id
+from .io import HUB_ID, is_hub_id, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Lineage files, first found wins: suture's merge recipe, then mergekit's, then a JSON recipe.
@@ -88,7 +87,7 @@ def check_checkpoint(folder: Path, names: set[str]) -> None:
         raise ValueError(f"{folder} has no config.json: publish a directory written by save_pretrained, "
                          "`suture hybridize` or `suture merge`.")
     for index in sorted(n for n in names if n.endswith(".safetensors.index.json")):
-        weight_map = _read_json(folder / index).get("weight_map", {})
+        weight_map = read_json(folder / index, "shard index").get("weight_map", {})
         missing = sorted(set(weight_map.values()) - names)
         if missing:
             raise ValueError(f"{folder / index} names shards that are missing: {', '.join(missing)}.")
@@ -101,22 +100,12 @@ def check_checkpoint(folder: Path, names: set[str]) -> None:
     raise ValueError(f"{folder} has no weights (*.safetensors or a model.safetensors.index.json).")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); fix or remove it before publishing.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} should hold a JSON object, found {type(data).__name__}.")
-    return data
-
-
 def read_lineage(folder: Path) -> Lineage:
     """Hub ids of the inputs from surgery.json (`source.name`) and a merge recipe (`base_model`, `models[].model`)."""
     names: list[str] = []
     lineage = Lineage(base_model=names)
     if (folder / "surgery.json").is_file():
-        lineage.surgery = _read_json(folder / "surgery.json")
+        lineage.surgery = read_json(folder / "surgery.json", "surgery record")
         names.append((lineage.surgery.get("source") or {}).get("name"))
     for recipe_file in RECIPE_FILES:
         if (folder / recipe_file).is_file():
@@ -201,7 +190,7 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, dry_run:
     local, skipped = list_upload_files(folder)
     check_checkpoint(folder, {rel for rel, _ in local if "/" not in rel})
     lineage = read_lineage(folder)
-    model_type = _read_json(folder / "config.json").get("model_type")
+    model_type = read_json(folder / "config.json", "model config").get("model_type")
     card = build_model_card(folder, repo_id, lineage, model_type)
     local = [(rel, path) for rel, path in local if rel != "README.md"]
     files = [(rel, path.stat().st_size) for rel, path in local] + [("README.md", len(card.encode()))]

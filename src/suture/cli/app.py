@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .. import __version__
+from .errors import cli_errors
 
 app = typer.Typer(
     name="suture",
@@ -16,7 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 from .hybridize import hybridize_command  # noqa: E402
 from .importance import importance_command  # noqa: E402
@@ -83,17 +85,15 @@ def demo(
     teacher: Path = typer.Option(None, help="Teacher checkpoint directory (default: a random tiny Llama)."),
     eval_n: int = typer.Option(100, help="Workload test problems per level (workload teachers only)."),
 ) -> None:
-    """Hybridize a teacher (M1 layout), save, reload through AutoModelForCausalLM, generate and compare."""
+    """Hybridize a teacher with the m1 preset layout (attention kept at every 5th layer from layer 3 plus the last:
+    layers 3 and 7 of the default 8-layer teacher), save, reload through AutoModelForCausalLM, generate and compare."""
     from ..demo import run_demo
 
     if mixer not in ("mamba", "mamba2"):
         raise typer.BadParameter(f"--mixer must be 'mamba' or 'mamba2', got {mixer!r}.")
-    with console.status("building teacher and hybrid, saving, reloading, generating ..."):
-        try:
-            report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n)
-        except (FileExistsError, FileNotFoundError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
+    with (cli_errors(output=out, inputs=[teacher] if teacher else []),
+          console.status("building teacher and hybrid, saving, reloading, generating ...")):
+        report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n)
 
     layers = Table(title=f"hybrid layers ({out}/hybrid)")
     layers.add_column("layer", justify="right")
@@ -142,12 +142,9 @@ def inspect(
 
     from ..surgery.inspect import diff_checkpoints, inspect_checkpoint
 
-    try:
+    with cli_errors():
         report = inspect_checkpoint(ckpt)
         diff = diff_checkpoints(ckpt, other) if other is not None else None
-    except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
     table = Table(title=f"{ckpt} ({report.model_type})")
     for column in ("layer", "mixer", "parameters", "KV bytes/token", "state bytes/seq"):
         table.add_column(column, justify="right")
@@ -179,7 +176,8 @@ def inspect(
         console.print(changed)
     if json_out is not None:
         payload = {"inspection": report.to_dict(), "diff": diff.to_dict() if diff else None}
-        json_out.write_text(json.dumps(payload, indent=2, default=str))
+        with cli_errors(output=json_out):
+            json_out.write_text(json.dumps(payload, indent=2, default=str))
         console.print(f"wrote {json_out}")
 
 
@@ -198,14 +196,26 @@ def export(
 
     if to != "granitemoehybrid":
         raise typer.BadParameter(f"--to must be 'granitemoehybrid', got {to!r}.")
-    with console.status(f"exporting {hybrid} -> {out} ({to}) ..."):
-        try:
-            path = export_granitemoehybrid(hybrid, out, force=force, allow_norm_eps_mismatch=allow_norm_eps_mismatch)
-        except (ValueError, FileExistsError, FileNotFoundError, OSError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
+    with cli_errors(output=out, inputs=[hybrid]), console.status(Text(f"exporting {hybrid} -> {out} ({to}) ...")):
+        path = export_granitemoehybrid(hybrid, out, force=force, allow_norm_eps_mismatch=allow_norm_eps_mismatch)
     console.print(f"wrote {path} (GraniteMoeHybridForCausalLM; loads with AutoModelForCausalLM, no suture import)")
 
 
 def main() -> None:
-    app()
+    """The `suture` command. Ctrl-C exits with status 130 and SIGTERM with 143, after the command has removed its
+    partial output, with one line on stderr and no traceback."""
+    import sys
+
+    from ..io import sigterm_raises
+
+    try:
+        with sigterm_raises():  # SIGTERM raises `suture.io.Terminated` (a SystemExit with code 143)
+            app()
+    except KeyboardInterrupt:  # typer turns it into exit code 130 inside a command; this is one outside
+        code = 130
+    except SystemExit as exit:
+        if exit.code not in (130, 143):
+            raise
+        code = exit.code
+    sys.stderr.write("suture: interrupted (Ctrl-C)\n" if code == 130 else "suture: terminated (SIGTERM)\n")
+    raise SystemExit(code)

@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
+from .errors import cli_errors, size_option
+
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def hybridize_command(
@@ -26,7 +28,8 @@ def hybridize_command(
     mixer: str = typer.Option("mamba", "--mixer", help="mamba (Mamba-1, M1 / Apriel-H1) or mamba2 (MambaInLlama)."),
     seed: int = typer.Option(0, help="Seed of the fresh mixer init."),
     dtype: str = typer.Option(None, help="Cast floating tensors to this dtype (default: keep the source's)."),
-    max_shard_size: str = typer.Option("5GB", help="Shard size limit of the written safetensors."),
+    max_shard_size: str = typer.Option("5GB", callback=size_option,
+                                       help="Shard size limit of the written safetensors (5GB, 500MB or bytes)."),
     checksum: bool = typer.Option(True, "--checksum/--no-checksum", help="Record SHA-256 of the source files."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle .bin weights (weights_only load)."),
@@ -35,7 +38,7 @@ def hybridize_command(
     from ..surgery import hybridize, parse_layer_list, select_layers
     from ..surgery.streaming import load_source_config
 
-    try:
+    with cli_errors(output=out, inputs=[src], sharded=True):
         if select not in ("even", "importance"):
             raise ValueError(f"--select must be 'even' or 'importance', got {select!r}.")
         if select == "importance" and (ratio is None or (data is None) == (importance_json is None)):
@@ -63,9 +66,6 @@ def hybridize_command(
             result = hybridize(src, out, selection, mixer=mixer, seed=seed, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, max_shard_size=max_shard_size, checksum=checksum,
                                scores=report.to_dict() if report else None, on_progress=on_progress)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
 
     table = Table(title=f"{out}: {len(result.replaced)} of {len(result.layer_types)} layers replaced by {mixer}")
     table.add_column("layer", justify="right")

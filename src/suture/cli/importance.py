@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
+from .errors import cli_errors
+
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def importance_command(
@@ -39,19 +41,14 @@ def importance_command(
         raise typer.BadParameter(f"--mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
     methods = list(dict.fromkeys(method))  # a repeated --method is scored once
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with cli_errors(inputs=[src]), Progress(*columns, console=console) as progress:
         task = progress.add_task(f"scoring {src.name} ({', '.join(methods)})", total=None)
-        try:
-            report = layer_importance(
-                src, data=data, methods=methods, n=n, max_length=max_length, batch_size=batch_size, mixer=mixer,
-                seed=seed, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-            )
-        except (FileNotFoundError, ValueError) as err:
-            progress.stop()
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
+        report = layer_importance(
+            src, data=data, methods=methods, n=n, max_length=max_length, batch_size=batch_size, mixer=mixer,
+            seed=seed, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
 
     table = Table(title=f"layer importance of {src} (mean KL per token, least important first)")
     for column in ("rank", "layer", "kind", *methods):
@@ -63,9 +60,8 @@ def importance_command(
     console.print(table)
     console.print(f"{report.n_sequences} sequences, {report.n_tokens} tokens from {report.data}; "
                   f"ranked by {methods[0]}")
-    if json_out is not None:
-        report.save_json(json_out)
-        console.print(f"wrote {json_out}")
-    if png is not None:
-        report.plot(png)
-        console.print(f"wrote {png}")
+    for path, save in ((json_out, report.save_json), (png, report.plot)):
+        if path is not None:
+            with cli_errors(output=path):
+                save(path)
+            console.print(f"wrote {path}")

@@ -9,8 +9,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-console = Console()
+from .errors import cli_errors
+
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def extract_lora_command(
@@ -27,18 +30,15 @@ def extract_lora_command(
     """Extract a LoRA adapter (SVD of FT - BASE per decoder-layer weight) that PEFT loads onto BASE."""
     from ..merge.lora import dtype_from_name, extract_lora
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    try:
+    with cli_errors(output=out):
         factor_dtype = dtype_from_name(dtype)
         with Progress(*columns, console=console) as progress:
             task = progress.add_task(f"factorise {finetuned.name} - {base.name} (tensors)", total=None)
             extract_lora(finetuned, base, out, rank, force=force, include=include or None, dtype=factor_dtype,
                          skip_unsupported=skip_unsupported,
                          on_progress=lambda done, total: progress.update(task, completed=done, total=total))
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
 
     report = json.loads((out / "extract_lora.json").read_text())
     errors = [entry["rel_error"] for entry in report["lora"]]
@@ -51,7 +51,7 @@ def extract_lora_command(
     if report["excluded"]:
         table.add_row("excluded by --include", str(report["excluded"]))
     if report["skipped_unsupported"]:
-        table.add_row("[yellow]left out (unsupported)[/yellow]", ", ".join(report["skipped_unsupported"]))
+        table.add_row(Text("left out (unsupported)", style="yellow"), ", ".join(report["skipped_unsupported"]))
     table.add_row("adapter size", f"{report['adapter_bytes'] / 2**20:.2f} MiB")
     console.print(table)
     console.print(f"wrote {out}")

@@ -8,9 +8,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
-console = Console()
+from .errors import cli_errors, size_option
+
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 class _RecipeFirst(TyperGroup):
@@ -26,11 +29,15 @@ app = typer.Typer(cls=_RecipeFirst, no_args_is_help=True,
                   help="Merge checkpoints: `suture merge RECIPE.yaml OUT`, or `suture merge long-short ...`.")
 
 _WORKERS = typer.Option(4, help="Worker threads (read, merge and write whole tensors).")
-_BUDGET = typer.Option("4GB", "--memory-budget", help="Bound on the tensor bytes in flight.")
+_BUDGET = typer.Option("4GB", "--memory-budget", callback=size_option,
+                       help="Bound on the tensor bytes in flight (4GB, 500MB or bytes).")
 _DEVICE = typer.Option("cpu", help="Where the math runs: cpu or cuda.")
 _FORCE = typer.Option(False, "--force", help="Replace OUT if it exists.")
 _PICKLE = typer.Option(False, "--allow-pickle", help="Accept pickle .bin weights (weights_only load).")
-_SHARD = typer.Option("5GB", help="Shard size limit of the written safetensors.")
+_NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge input tensors that hold NaN or inf (by default the "
+                          "merge stops and names the tensor and the model).")
+_SHARD = typer.Option("5GB", callback=size_option, help="Shard size limit of the written safetensors (5GB, 500MB or "
+                      "bytes).")
 
 
 @app.command("run")
@@ -39,10 +46,11 @@ def run(
     out: Path = typer.Argument(..., help="Directory to write the merged checkpoint to."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
-    allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD,
+    allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD, allow_nonfinite: bool = _NONFINITE,
 ) -> None:
     """Merge the models of RECIPE into OUT, streaming tensor by tensor."""
-    _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size)
+    _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size,
+             allow_nonfinite=allow_nonfinite)
 
 
 LONG_SHORT_DEFAULTS = {  # Wu et al. (Long-to-Short) at 1.5B / 7B
@@ -65,6 +73,8 @@ def long_short(
                              "short model is the base and long - short the task vector (Wu et al.)."),
     lam: float = typer.Option(None, "--lambda", help="Task-vector scale (default: the paper's for the method)."),
     density: float = typer.Option(None, help="Fraction of each task vector kept (ties / dare)."),
+    rank: int = typer.Option(None, help="low_rank: rank each task vector is truncated to (by SVD)."),
+    energy: float = typer.Option(None, help="low_rank: fraction of each task vector's squared singular values kept."),
     long_weight: float = typer.Option(1.0, help="Weight of the long model's task vector."),
     short_weight: float = typer.Option(1.0, help="With --base: weight of the short model's task vector."),
     aim: bool = typer.Option(False, "--aim", help="AIM post-step (activation statistics of the base model)."),
@@ -75,7 +85,7 @@ def long_short(
     out_dtype: str = typer.Option(None, help="Output dtype (default: the inputs')."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
-    allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD,
+    allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD, allow_nonfinite: bool = _NONFINITE,
 ) -> None:
     """Long-to-Short merging in one line: the config (context length included) comes from the long model."""
     from ..merge.recipe import long_short_recipe
@@ -87,18 +97,24 @@ def long_short(
         params["lambda"] = lam
     if density is not None:
         params["density"] = density
-    recipe = long_short_recipe(long, short, method, params, base=base, long_weight=long_weight,
-                               short_weight=short_weight, aim_omega=omega if aim else None,
-                               calibration=calibration, calibration_n=calibration_n, seed=seed, out_dtype=out_dtype)
+    params.update({k: v for k, v in (("rank", rank), ("energy", energy)) if v is not None})
+    with cli_errors():
+        recipe = long_short_recipe(long, short, method, params, base=base, long_weight=long_weight,
+                                   short_weight=short_weight, aim_omega=omega if aim else None,
+                                   calibration=calibration, calibration_n=calibration_n, seed=seed, out_dtype=out_dtype,
+                                   allow_nonfinite=allow_nonfinite)
     _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size)
 
 
-def _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size) -> None:
+def _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size,
+             allow_nonfinite: bool = False) -> None:
     from ..merge.engine import merge, plan_merge
     from ..merge.recipe import load_recipe
 
-    try:
+    with cli_errors(output=out, sharded=True):
         recipe = load_recipe(recipe)
+        if allow_nonfinite:  # the flag is the recipe's key, so the written recipe reproduces the merge
+            recipe = recipe.model_copy(update={"allow_nonfinite": True})
         if dry_run:
             _print_plan(plan_merge(recipe, allow_pickle=allow_pickle))
             return
@@ -112,9 +128,6 @@ def _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_
 
             result = merge(recipe, out, force=force, workers=workers, memory_budget=memory_budget, device=device,
                            allow_pickle=allow_pickle, max_shard_size=max_shard_size, on_progress=on_progress)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
     counts = ", ".join(f"{n} {action}" for action, n in result.plan.counts().items())
     console.print(f"wrote {out}: {len(result.plan.tensors)} tensors ({counts}), "
                   f"{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.1f} s")
@@ -132,6 +145,6 @@ def _print_plan(plan) -> None:
         table.add_row(t.name, str(list(t.shape)), str(t.dtype).removeprefix("torch."), t.action, t.note)
     console.print(table)
     for problem in plan.problems:
-        console.print(f"[red]problem:[/red] {problem}")
+        console.print(Text.assemble(("problem:", "red"), " ", problem))
     if plan.problems:
         raise typer.Exit(1)

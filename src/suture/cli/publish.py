@@ -6,10 +6,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-console = Console()
+from .errors import cli_errors
+
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def publish_command(
@@ -24,17 +26,14 @@ def publish_command(
     """Upload a checkpoint to the Hugging Face Hub in one commit, with a model card naming its base models.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another hub."""
-    from ..publish import PublishError, publish
+    from ..publish import publish
 
-    try:
+    with cli_errors():
         if dry_run:
             result = publish(folder, repo_id, private=private, dry_run=True, commit_message=message, revision=revision)
         else:
-            with console.status(f"uploading {folder} to {repo_id} ..."):
+            with console.status(Text(f"uploading {folder} to {repo_id} ...")):
                 result = publish(folder, repo_id, private=private, commit_message=message, revision=revision)
-    except (FileNotFoundError, ValueError, PublishError) as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
     if dry_run:
         _print_plan(result)

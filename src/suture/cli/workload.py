@@ -8,9 +8,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from .errors import cli_errors, fail
 
 app = typer.Typer(help="The built-in reasoning workload: model zoo and evaluator.", no_args_is_help=True)
-console = Console()
+console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 @app.command()
@@ -28,19 +31,14 @@ def build(
         raise typer.BadParameter(f"--size must be one of {', '.join(ZOO_SIZES)}, got {size!r}.")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with cli_errors(output=out), Progress(*columns, console=console) as progress:
         tasks = {s.name: progress.add_task(f"{s.name:>5} ({s.data})", total=s.steps, loss="-")
                  for s in ZOO_SIZES[size].stages}
 
         def on_step(stage: str, step: int, loss: float) -> None:
             progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}")
 
-        try:
-            manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step)
-        except (FileExistsError, ValueError) as err:
-            progress.stop()
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
+        manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step)
     for name, info in manifest["models"].items():
         console.print(f"{name:>5}: {out / name}  (init: {info['init'] or 'scratch'}, data: {info['data']})")
     console.print(f"built in {manifest['build_seconds']:.0f} s; manifest {out / 'zoo.json'}")
@@ -57,9 +55,8 @@ def evaluate_cmd(
     from ..workload import evaluate
 
     if not (model_dir / "config.json").exists():
-        console.print(f"[red]error:[/red] {model_dir} has no config.json: not a checkpoint directory.")
-        raise typer.Exit(1)
-    with console.status(f"evaluating {model_dir} ..."):
+        fail(f"{model_dir} has no config.json: pass a checkpoint directory.")
+    with cli_errors(inputs=[model_dir]), console.status(Text(f"evaluating {model_dir} ...")):
         report = evaluate(model_dir, n_per_level=n, seed=seed)
     table = Table(title=f"{model_dir} on the workload test split (greedy)")
     for column in ("level", "n", "accuracy", "mean length (tokens)", "tokens/s"):
@@ -71,5 +68,6 @@ def evaluate_cmd(
     console.print(table)
     console.print(report.summary())
     if json_out is not None:
-        report.save(json_out)
+        with cli_errors(output=json_out):
+            report.save(json_out)
         console.print(f"wrote {json_out}")

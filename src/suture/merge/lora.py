@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import DTYPES, CheckpointReader, TensorInfo
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, read_json
 from .methods.svd import lora_factors
 
 PEFT_PREFIX = "base_model.model."
@@ -66,7 +66,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     where = Path(adapter_dir) / ADAPTER_CONFIG
     if not where.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory: {ADAPTER_CONFIG} is missing.")
-    config = json.loads(where.read_text())
+    config = read_json(where, "PEFT adapter config")
     hint = "merge it with peft's merge_and_unload() and use the merged checkpoint instead."
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: peft_type={config.get('peft_type')!r} is not supported (only LORA); {hint}")
@@ -286,7 +286,7 @@ def _tied_embedding(reader: CheckpointReader) -> str | None:
     """The input embedding's tensor name when the checkpoint ties it to the output embedding (config.json's
     ``tie_word_embeddings``; where the config omits it, a checkpoint without ``lm_head.weight``)."""
     config_path = reader.path / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path, "model config") if config_path.is_file() else {}
     tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
     if tied is None:
         tied = "lm_head.weight" not in reader.index
@@ -333,7 +333,7 @@ def extract_lora(
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}.")
-    out = check_output_dir(out, force)
+    out = check_output_dir(out, force, [finetuned, base])
     with CheckpointReader(finetuned) as ft, CheckpointReader(base) as bs:
         names = _check_pairs(ft, bs)
         selected = [n for n in names if include is None or any(re.search(p, n) for p in include)]
@@ -356,7 +356,8 @@ def extract_lora(
             "modules_to_save": sorted(saved), "skipped_unsupported": unsupported,
             "identical": len(selected) - len(entries) - len(changed), "excluded": len(names) - len(selected),
         }
-        _write_adapter(out, force, tensors, ranks, sorted(saved), str(Path(base).resolve()), report)
+        _write_adapter(out, force, [finetuned, base], tensors, ranks, sorted(saved), str(Path(base).resolve()),
+                       report)
     return out
 
 
@@ -402,13 +403,13 @@ def _adapter_config(ranks: dict[str, int], modules_to_save: list[str], base: str
     }
 
 
-def _write_adapter(out: Path, force: bool, tensors: dict[str, torch.Tensor], ranks: dict[str, int],
+def _write_adapter(out: Path, force: bool, sources: list, tensors: dict[str, torch.Tensor], ranks: dict[str, int],
                    modules_to_save: list[str], base: str, report: dict) -> None:
     from safetensors.torch import save_file
 
     config = _adapter_config(ranks, modules_to_save, base)
     errors = [e["rel_error"] for e in report["lora"]]
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, sources) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         report["adapter_bytes"] = (tmp / ADAPTER_WEIGHTS).stat().st_size

@@ -24,8 +24,16 @@ suture's additions (all optional):
   it from the base model);
 - `vocab_policy`: ``error`` (default) or ``base`` (embedding / lm_head rows are aligned to the base's vocabulary:
   rows a model lacks are taken from the base, rows beyond it are dropped);
+- `allow_nonfinite`: merge input tensors holding NaN or inf (by default the merge stops and names the tensor and the
+  model);
 - `seed`: seeds the random methods (DARE) per tensor, so a merge is reproducible whatever the thread order;
 - `name`: the title of the model card.
+
+mergekit's keys behave as in mergekit: `dtype` is the dtype the methods compute in (never narrower than the method's
+own: fp32, float64 for finetune_transfer) and the output dtype unless `out_dtype`; `tokenizer_source` (a model, or
+``base``) is the tokenizer written, and the embedding / lm_head rows are aligned to it by token
+(`suture.merge.vocabulary`); `chat_template` is a template name, ``auto`` or a Jinja template
+(`suture.merge.chat_templates`).
 
 Not supported (clear error): mergekit's `slices` and `modules` (layer stacking), `tokenizer_source: union` and
 `tokenizer:` vocabulary surgery.
@@ -39,7 +47,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .chat_templates import chat_template_problem
 from .methods import get_method
+from .vocabulary import has_tokenizer
 
 
 class ModelEntry(BaseModel):
@@ -89,6 +99,7 @@ class MergeRecipe(BaseModel):
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     tensor_policy: Literal["error", "base"] = "error"
     vocab_policy: Literal["error", "base"] = "error"
+    allow_nonfinite: bool = False
     seed: int = 0
     name: str | None = None
 
@@ -126,6 +137,14 @@ class MergeRecipe(BaseModel):
             raise ValueError("tokenizer_source: union (merging vocabularies) is not supported; use `base` or a model.")
         return value
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        problem = chat_template_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> MergeRecipe:
         method = get_method(self.merge_method)
@@ -135,6 +154,13 @@ class MergeRecipe(BaseModel):
             raise ValueError(f"merge_method {self.merge_method!r} needs `base_model`.")
         if not self.models:
             raise ValueError("`models` is empty: list the models to merge.")
+        self._check_model_count(method)
+        for key in ("tensor_policy", "vocab_policy"):
+            if getattr(self, key) == "base" and self.base_model is None:
+                fix = ("remove the policy" if method.n_models and not method.needs_base else
+                       "set base_model or remove the policy")
+                raise ValueError(f"{key}: base takes tensors from the base model, but the recipe has no "
+                                 f"`base_model`; {fix}.")
         for step in self.post_steps:
             post = get_method(step.method)
             if not post.post_step:
@@ -142,6 +168,20 @@ class MergeRecipe(BaseModel):
             if post.needs_base and self.base_model is None:
                 raise ValueError(f"post-step {step.method!r} needs `base_model`.")
         return self
+
+    def _check_model_count(self, method) -> None:
+        """A method that takes an exact number of models gets that many (the base, if any, beside them)."""
+        n, given = method.n_models, len(self.method_inputs)
+        if n is None or given == n:
+            return
+        what = f"{self.merge_method} takes exactly {n} model{'s' if n > 1 else ''} ({method.description.rstrip('.')})"
+        if not method.needs_base and self.base_model and given == n + 1 and all(
+                m.model != self.base_model for m in self.models):
+            raise ValueError(f"{what} and no base_model: a base_model it does not use becomes one more input, as in "
+                             f"mergekit, which makes {given}. Remove `base_model: {self.base_model}`; the {n} models "
+                             "go under `models`, in that order.")
+        beside = " besides base_model" if method.needs_base else ""
+        raise ValueError(f"{what}; the recipe gives {given}{beside}: list exactly {n} under `models`.")
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -196,7 +236,8 @@ def load_recipe(recipe: str | Path | dict | MergeRecipe) -> MergeRecipe:
     try:
         return MergeRecipe.model_validate(recipe)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'recipe'}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
         raise ValueError(f"{where}: {problems}") from None
 
 
@@ -213,10 +254,15 @@ def long_short_recipe(
     calibration_n: int = 100,
     seed: int = 0,
     out_dtype: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> MergeRecipe:
     """The Long-to-Short recipe (Wu et al.): by default the short (quick) model is the base and long - short the
     task vector; with `base` (a common ancestor) both task vectors are merged over it. The config comes from the
-    long model, whose context length long chains of thought need; AIM statistics, if asked for, from the base."""
+    long model, whose context length long chains of thought need; AIM statistics, if asked for, from the base.
+
+    `tsv` needs `base` and `low_rank` a truncation (`rank` or `energy` < 1 in `parameters`): otherwise they keep the
+    task vectors whole, which is task arithmetic, and without `base` return the long model at lambda 1."""
+    _check_long_short(method, parameters, base)
     per_model = {k: v for k, v in parameters.items() if k in ("density",)}
     shared = {k: v for k, v in parameters.items() if k not in per_model}
     models = [{"model": long, "parameters": {"weight": long_weight, **per_model}}]
@@ -230,12 +276,32 @@ def long_short_recipe(
             entry["parameters"].pop("density", None)
     recipe: dict[str, Any] = {
         "merge_method": method, "base_model": base or short, "models": models, "parameters": shared,
-        "config_source": long, "tokenizer_source": long, "seed": seed,
-        "name": f"long-short {method} merge",
+        "config_source": long, "seed": seed, "name": f"long-short {method} merge",
     }
+    tokenizer = next((m for m in (long, short, base) if m and has_tokenizer(m)), None)
+    if tokenizer:  # the long model's tokenizer (and chat template), else the short's; rows aligned to it by token
+        recipe["tokenizer_source"] = tokenizer
     if out_dtype:
         recipe["out_dtype"] = out_dtype
+    if allow_nonfinite:
+        recipe["allow_nonfinite"] = True
     if aim_omega is not None:
         recipe["post_steps"] = [{"method": "aim", "parameters": {"omega": aim_omega}}]
         recipe["calibration"] = {"data": calibration, "n": calibration_n}
     return MergeRecipe.model_validate(recipe)
+
+
+def _check_long_short(method: str, parameters: dict[str, Any], base: str | None) -> None:
+    """Refuse the SVD methods where they degenerate to task arithmetic (a single task vector, or no truncation)."""
+    if method in ("tsv", "low_rank") and "density" in parameters:
+        raise ValueError(f"long-short --method {method} takes no --density (it truncates task vectors by SVD, not by "
+                         "magnitude); use --method ties or dare_ties to keep a fraction of each task vector.")
+    if method == "tsv" and base is None:
+        raise ValueError("long-short --method tsv needs --base (a common ancestor of the long and the short model): "
+                         "without it there is one task vector, long - short, and TSV-Merge of one task vector is task "
+                         "arithmetic, which at lambda 1 returns the long model unchanged. Pass --base, or use "
+                         "--method task_arithmetic (or low_rank --rank R) for the one task vector.")
+    if method == "low_rank" and not parameters.get("rank") and float(parameters.get("energy", 1.0)) >= 1:
+        raise ValueError("long-short --method low_rank needs --rank R or --energy E (below 1): without a truncation "
+                         "the task vectors are kept whole, which is task arithmetic (and, without --base, returns "
+                         "the long model unchanged at lambda 1). Use --method task_arithmetic for whole task vectors.")

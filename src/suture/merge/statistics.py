@@ -35,7 +35,6 @@ under the name the checkpoint uses (the embedding's).
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from torch import nn
 
 from .._quiet import no_hf_progress_bars
 from ..checkpoint import CheckpointReader, ShardedSafetensorsWriter
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, atomic_output_file, check_output_dir
 from ..surgery.importance import load_calibration, right_padded
 
 __all__ = [
@@ -231,14 +230,9 @@ def save_statistics(stats: dict[str, torch.Tensor], path: str | Path) -> None:
     path = Path(path)
     metadata = {"kind": "aim", "source": str(getattr(stats, "source", "")),
                 "n_tokens": str(getattr(stats, "n_tokens", 0))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in stats.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output_file(path) as partial:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in stats.items()}, str(partial),
+                  metadata=metadata)
 
 
 def load_statistics(path: str | Path) -> ActivationScales:
@@ -338,7 +332,8 @@ def rcp_statistics(
         n_reasoning, n_domain: samples used (the authors: 5 and 6); fewer usable records is an error.
         on_progress: called as `on_progress(done, n_reasoning + n_domain)`, once per sample.
     """
-    check_output_dir(out_dir, force)
+    sources = [x for x in (reasoning_model, domain_model, reasoning_data, domain_data) if isinstance(x, (str, Path))]
+    check_output_dir(out_dir, force, sources)
     get_tokenizer = lambda: _tokenizer(tokenizer, reasoning_model, domain_model)  # noqa: E731  (only if needed)
     reasoning = _checked(_sequences(reasoning_data, get_tokenizer, n_reasoning, max_length, seed), n_reasoning,
                          "reasoning_data")
@@ -351,7 +346,7 @@ def rcp_statistics(
         if on_progress is not None:
             on_progress(done, total)
 
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, sources) as tmp:
         shapes = _write_prior(reasoning_model, reasoning, tmp / PRIOR_FILE, tick)
         _write_sensitivities(domain_model, domain, tmp, shapes, tick)
     return RcpStatistics.open(out_dir)

@@ -14,6 +14,9 @@ attention layers replaced by Mamba-2 layers" (see native-export.md). The mapping
   and bias) are repeated per KV group to full width, with `mamba_n_groups = mamba_n_heads = num_attention_heads`
   and `mamba_d_head = mamba_d_state = head_dim`. The conv is depthwise and the padding mask elementwise, so
   repeating channels before the conv equals repeating its output: the exported layer computes the same function.
+
+Only suture hybrids are exported (config `model_type` "suture_hybrid"; a plain transformer is refused: hybridize it
+first), and every tensor of the hybrid is carried or the export fails naming it: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from ..architectures import HybridConfig, HybridForCausalLM
 from ..checkpoint import copy_tokenizer_files
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, read_json
 
 SUPPORTED_FAMILIES = ("llama", "qwen2")
 
@@ -50,27 +53,29 @@ def export_granitemoehybrid(
         The path of the written directory.
 
     Raises:
-        ValueError: the hybrid has something GraniteMoeHybrid cannot represent exactly (the message names the layer
-            or field). Nothing is written in that case.
+        ValueError: the directory is not a suture hybrid (`model_type` other than "suture_hybrid"), its weights do
+            not match its config, or the hybrid has something GraniteMoeHybrid cannot represent exactly (the message
+            names the layer, field or tensor). Nothing is written in that case.
     """
-    out_dir = check_output_dir(out_dir, force)
+    sources = [] if isinstance(hybrid_dir_or_model, HybridForCausalLM) else [hybrid_dir_or_model]
+    out_dir = check_output_dir(out_dir, force, sources)
     source_dir: Path | None = None
     if isinstance(hybrid_dir_or_model, HybridForCausalLM):
         config = hybrid_dir_or_model.config
         model = hybrid_dir_or_model
     else:
         source_dir = Path(hybrid_dir_or_model)
-        config = HybridConfig.from_pretrained(source_dir)
+        config = _hybrid_config(source_dir)
         model = None
     # Validate before loading any weight.
     granite_config = granitemoehybrid_config(config, allow_norm_eps_mismatch=allow_norm_eps_mismatch)
     if model is None:
-        model = HybridForCausalLM.from_pretrained(source_dir, dtype="auto")
+        model = _load_hybrid(source_dir)
     state = granitemoehybrid_state_dict(model)
 
     from safetensors.torch import save_file
 
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, sources) as tmp:
         granite_config["dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(granite_config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -79,6 +84,37 @@ def export_granitemoehybrid(
         elif model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
     return out_dir
+
+
+def _hybrid_config(hybrid_dir: Path) -> HybridConfig:
+    """The config of a saved suture hybrid. Anything else is refused: loaded as a hybrid, a plain transformer would
+    silently lose the tensors the hybrid config does not describe (e.g. Qwen2's q/k/v biases)."""
+    path = hybrid_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{hybrid_dir} has no config.json: pass a suture hybrid checkpoint directory.")
+    model_type = read_json(path, "model config").get("model_type")
+    if model_type != HybridConfig.model_type:
+        if model_type in SUPPORTED_FAMILIES:
+            fix = (f"make a hybrid of it first (`suture hybridize {hybrid_dir} HYBRID --mixer mamba2` with a layer "
+                   "selection), then export HYBRID")
+        elif model_type == "granitemoehybrid":
+            fix = "it is already in the native format: load it with AutoModelForCausalLM"
+        else:
+            fix = f"export takes the hybrids `suture hybridize` makes of {' and '.join(SUPPORTED_FAMILIES)} models"
+        raise ValueError(f"{hybrid_dir} is not a suture hybrid checkpoint (config.json has model_type "
+                         f"{model_type!r}, not {HybridConfig.model_type!r}): {fix}.")
+    return HybridConfig.from_pretrained(hybrid_dir)
+
+
+def _load_hybrid(hybrid_dir: Path) -> HybridForCausalLM:
+    """Load a hybrid directory, refusing weights that do not match its config (transformers would drop unexpected
+    tensors and initialise missing ones at random, and the export would carry neither)."""
+    model, info = HybridForCausalLM.from_pretrained(hybrid_dir, dtype="auto", output_loading_info=True)
+    problems = [f"{kind.replace('_', ' ')} {sorted(map(str, names))[:5]}" for kind, names in info.items() if names]
+    if problems:
+        raise ValueError(f"{hybrid_dir}: the weights do not match config.json ({'; '.join(problems)}). Is the "
+                         "checkpoint complete and does config.json belong to it? Nothing was exported.")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -209,51 +245,79 @@ def _widen_xbc(t: torch.Tensor, mixer) -> torch.Tensor:
     return torch.cat([_repeat_heads(x, kv, repeat), _repeat_heads(B, kv, repeat), C], dim=0)
 
 
-def _mamba2_tensors(mixer, prefix: str) -> dict[str, torch.Tensor]:
+class _Tensors:
+    """The hybrid's tensors by name, recording which ones the export takes: any left over is an error, so no tensor
+    is ever dropped silently."""
+
+    def __init__(self, model: HybridForCausalLM):
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # only the pairs really tied when loaded
+        self.tensors = {n: t for n, t in model.state_dict().items() if n not in tied}
+        self.taken: set[str] = set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        self.taken.add(name)
+        return self.tensors[name]
+
+    def optional(self, name: str) -> torch.Tensor | None:
+        return self(name) if name in self.tensors else None
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.tensors) - self.taken)
+        if left:
+            raise ValueError(
+                f"GraniteMoeHybrid has no place for {len(left)} tensors of this hybrid: {left[:8]}. Nothing was "
+                "exported (an untied lm_head under `tie_word_embeddings: true` means the stored head differs from the "
+                "embedding: set tie_word_embeddings to false in config.json).")
+
+
+def _mamba2_tensors(take: _Tensors, mixer, prefix: str) -> dict[str, torch.Tensor]:
     out = {}
-    z, xBC, dt = mixer.in_proj.weight.split([mixer.d_inner, mixer.conv_dim, mixer.num_heads], dim=0)
-    out[f"{prefix}in_proj.weight"] = torch.cat([z, _widen_xbc(xBC, mixer), dt], dim=0)
-    if mixer.in_proj.bias is not None:
-        z, xBC, dt = mixer.in_proj.bias.split([mixer.d_inner, mixer.conv_dim, mixer.num_heads], dim=0)
-        out[f"{prefix}in_proj.bias"] = torch.cat([z, _widen_xbc(xBC, mixer), dt], dim=0)
-    out[f"{prefix}conv1d.weight"] = _widen_xbc(mixer.conv1d.weight, mixer)
-    if mixer.conv1d.bias is not None:
-        out[f"{prefix}conv1d.bias"] = _widen_xbc(mixer.conv1d.bias, mixer)
-    for name in ("dt_bias", "A_log", "D"):
-        out[f"{prefix}{name}"] = getattr(mixer, name)
-    out[f"{prefix}norm.weight"] = mixer.norm.weight
-    out[f"{prefix}out_proj.weight"] = mixer.out_proj.weight
-    if mixer.out_proj.bias is not None:
-        out[f"{prefix}out_proj.bias"] = mixer.out_proj.bias
+    sizes = [mixer.d_inner, mixer.conv_dim, mixer.num_heads]
+    for kind in ("weight", "bias"):
+        in_proj = take.optional(f"{prefix}in_proj.{kind}")
+        if in_proj is not None:
+            z, xBC, dt = in_proj.split(sizes, dim=0)
+            out[f"{prefix}in_proj.{kind}"] = torch.cat([z, _widen_xbc(xBC, mixer), dt], dim=0)
+        conv = take.optional(f"{prefix}conv1d.{kind}")
+        if conv is not None:
+            out[f"{prefix}conv1d.{kind}"] = _widen_xbc(conv, mixer)
+    for name in ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight", "out_proj.bias"):
+        tensor = take.optional(f"{prefix}{name}")
+        if tensor is not None:
+            out[f"{prefix}{name}"] = tensor
     return out
 
 
 @torch.no_grad()
 def granitemoehybrid_state_dict(model: HybridForCausalLM) -> dict[str, torch.Tensor]:
-    """The GraniteMoeHybrid tensors (contiguous CPU copies) of a hybrid whose config passed the export checks."""
+    """The GraniteMoeHybrid tensors (contiguous CPU copies) of a hybrid whose config passed the export checks.
+
+    Raises:
+        ValueError: a tensor of the hybrid has no GraniteMoeHybrid counterpart (named in the message).
+    """
     config = model.config
     attention_bias = _has_attention_bias(config)
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.model.embed_tokens.weight,
-                                    "model.norm.weight": model.model.norm.weight}
+    take = _Tensors(model)
+    out: dict[str, torch.Tensor] = {name: take(name) for name in ("model.embed_tokens.weight", "model.norm.weight")}
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.model.layers):
+        out["lm_head.weight"] = take("lm_head.weight")
+    for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        out[f"{prefix}input_layernorm.weight"] = layer.input_layernorm.weight
-        out[f"{prefix}post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        mlp = layer.mlp
-        out[f"{prefix}shared_mlp.input_linear.weight"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
-        out[f"{prefix}shared_mlp.output_linear.weight"] = mlp.down_proj.weight
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            out[prefix + name] = take(prefix + name)
+        gate, up = take(f"{prefix}mlp.gate_proj.weight"), take(f"{prefix}mlp.up_proj.weight")
+        out[f"{prefix}shared_mlp.input_linear.weight"] = torch.cat([gate, up], dim=0)
+        out[f"{prefix}shared_mlp.output_linear.weight"] = take(f"{prefix}mlp.down_proj.weight")
         if config.layer_types[i] == "mamba2":
-            out.update(_mamba2_tensors(layer.mamba, f"{prefix}mamba."))
+            out.update(_mamba2_tensors(take, model.model.layers[i].mamba, f"{prefix}mamba."))
             continue
-        attn = layer.self_attn
         for p in ("q", "k", "v", "o"):
-            proj = getattr(attn, f"{p}_proj")
-            out[f"{prefix}self_attn.{p}_proj.weight"] = proj.weight
-            if attention_bias:
-                bias = proj.bias if proj.bias is not None else torch.zeros_like(proj.weight[:, 0])
-                out[f"{prefix}self_attn.{p}_proj.bias"] = bias
+            name = f"{prefix}self_attn.{p}_proj."
+            out[name + "weight"] = take(name + "weight")
+            if attention_bias:  # Granite's attention_bias gives all four projections a bias: zeros where absent
+                bias = take.optional(name + "bias")
+                out[name + "bias"] = bias if bias is not None else torch.zeros_like(out[name + "weight"][:, 0])
+    take.check_all_taken()
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 

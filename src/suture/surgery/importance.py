@@ -45,6 +45,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .._quiet import no_hf_progress_bars
+from ..io import read_json
 from ..architectures import ATTENTION_LAYER_TYPES, MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.families import get_family, source_attention_layer_types
 from .mil import mil_mixer
@@ -413,10 +414,10 @@ class ImportanceReport:
     @classmethod
     def load_json(cls, path: str | Path) -> ImportanceReport:
         try:
-            values = json.loads(Path(path).read_text())
+            values = read_json(path, "importance report")
             values["layers"] = [LayerScore(**entry) for entry in values["layers"]]
             return cls(**values)
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError) as err:
             raise ValueError(f"{path} is not an importance report ({type(err).__name__}: {err}).") from None
 
     def plot(self, path: str | Path) -> None:

@@ -6,13 +6,13 @@ checkpoints, one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..checkpoint import DTYPES, CheckpointReader, TensorInfo
+from ..io import read_json
 
 _LAYER = re.compile(r"^(?:model\.|backbone\.)?layers\.(\d+)\.")
 _DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
@@ -68,7 +68,7 @@ def inspect_checkpoint(ckpt: str | Path) -> Inspection:
     config_path = ckpt / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{ckpt} has no config.json: pass a Hugging Face checkpoint directory.")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "model config")
     tensors = read_tensor_index(ckpt)
     names_by_layer: dict[int, list[str]] = {}
     for name in tensors:

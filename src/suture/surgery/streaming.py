@@ -1,9 +1,10 @@
 """`hybridize`: checkpoint directory -> hybrid checkpoint directory, streaming one tensor at a time.
 
 The output's tensor list is planned from a meta-device (weightless) hybrid before anything is read: every tensor
-of the source is accounted for (copied under its own name, used to seed a mixer, or dropped with the replaced
-attention), every tensor of the hybrid has a source (a copy or a fresh MIL-initialised mixer), and any mismatch
-is an error naming the tensors before a byte is written. Tensors are then read with positioned reads and written
+of the source is accounted for (copied under its own name, used to seed a mixer, dropped with the replaced
+attention, or ignored as a stored copy of a tied weight equal to it, as transformers ignores it), every tensor of
+the hybrid has a source (a copy or a fresh MIL-initialised mixer), and any mismatch is an error naming the tensors
+before a byte is written. Tensors are then read with positioned reads and written
 straight into the planned safetensors shards, so the peak memory is about one layer's mixer plus one tensor,
 whatever the model size. The result is bit-identical to `hybridize_model` on the loaded source.
 """
@@ -22,7 +23,7 @@ from .. import __version__
 from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.families import FAMILIES, get_family
 from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
-from ..io import atomic_output_dir, check_output_dir, is_hub_id
+from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
 from .layers import LayerSelection
 from .mil import layer_index, mil_mixer
 
@@ -51,7 +52,7 @@ def load_source_config(src: str | Path):
     path = src / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{src} has no config.json: pass a Hugging Face checkpoint directory.")
-    model_type = json.loads(path.read_text()).get("model_type")
+    model_type = read_json(path, "model config").get("model_type")
     if model_type == HybridConfig.model_type:
         raise ValueError(f"{src} is already a suture hybrid; hybridize its teacher (the original transformer).")
     if model_type not in FAMILIES:
@@ -60,19 +61,50 @@ def load_source_config(src: str | Path):
     return get_family(model_type).config_class.from_pretrained(src)
 
 
-def _meta_tensors(model_class, config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names and shapes of the tensors a checkpoint of `model_class(config)` holds (tied copies excluded)."""
+def _meta_tensors(model_class, config) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, str]]:
+    """Names and shapes of the tensors a checkpoint of `model_class(config)` holds (tied copies excluded), and the
+    tied copies as {copy: the tensor it shares}, e.g. {"lm_head.weight": "model.embed_tokens.weight"}."""
     with torch.device("meta"):
         model = model_class(config)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items() if n not in tied}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items() if n not in tied}, tied
 
 
-def _check_source(reader: CheckpointReader, expected: dict, src: Path, config) -> list[str]:
-    """Compare the checkpoint's tensors with what its config describes; returns ignorable extras."""
+def _resolve_stored_tied_copies(reader: CheckpointReader, source_class, source_config) -> list[dict]:
+    """Tied copies the checkpoint stores anyway (e.g. `lm_head.weight` beside a tied embedding), resolved the way
+    transformers' `from_pretrained` resolves them, so the hybrid computes what the loaded source computes.
+
+    transformers ties the two only when the stored values are equal (the copy is then ignored); when they differ it
+    warns and loads both, untied. A differing copy therefore unties `source_config` (and with it the hybrid, which
+    then copies the stored head). Each such pair is read once, whole, to compare it.
+    """
+    found = []
+    for copy, original in _meta_tensors(source_class, source_config)[1].items():
+        if copy not in reader or original not in reader:  # nothing stored twice (a missing original: _check_source)
+            continue
+        equal = _equal_tensors(reader, copy, original)
+        resolution = (f"ignored: equal to {original}, which the tied weight uses" if equal else
+                      f"copied: differs from {original}, so transformers loads the source untied although config.json "
+                      "sets tie_word_embeddings; the hybrid is untied too")
+        found.append({"name": copy, "tied_to": original, "equal": equal, "resolution": resolution})
+    if not all(entry["equal"] for entry in found):
+        source_config.tie_word_embeddings = False
+    return found
+
+
+def _equal_tensors(reader: CheckpointReader, a: str, b: str) -> bool:
+    """Bit-identical stored tensors (a different dtype counts as different: copying the stored one is exact)."""
+    if (reader.index[a].shape, reader.index[a].dtype) != (reader.index[b].shape, reader.index[b].dtype):
+        return False
+    return torch.equal(reader.read(a), reader.read(b))
+
+
+def _check_source(reader: CheckpointReader, expected: dict, src: Path, config, tied_copies=()) -> list[str]:
+    """Compare the checkpoint's tensors with what its config describes; returns ignorable extras (old buffers and
+    the stored `tied_copies` the source loads tied)."""
     names = set(reader.index)
     missing = sorted(set(expected) - names)
-    extra = sorted(n for n in names - set(expected) if not n.endswith(_IGNORABLE_SUFFIXES))
+    extra = sorted(n for n in names - set(expected) if not n.endswith(_IGNORABLE_SUFFIXES) and n not in tied_copies)
     where = f"{src} (model_type {config.model_type}, {config.num_hidden_layers} layers in config.json)"
     if missing:
         raise ValueError(f"{where} lacks {len(missing)} tensors its config requires, e.g. {missing[:5]}. "
@@ -118,7 +150,7 @@ def hybridize(
     """
     if mixer not in MAMBA_LAYER_TYPES:
         raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
-    src, out = Path(src), check_output_dir(out, force)
+    src, out = Path(src), check_output_dir(out, force, [src])
     if not isinstance(selection, LayerSelection):
         selection = LayerSelection(sorted(selection), "explicit", {"mamba_layers": sorted(selection)})
     cast = _resolve_dtype(dtype)
@@ -127,26 +159,31 @@ def hybridize(
     bad = [i for i in selection.replace if not 0 <= i < n]
     if bad:
         raise ValueError(f"Layer indices {bad} are out of range: {src} has {n} layers (0..{n - 1}).")
+    if not selection.replace:
+        raise ValueError(f"The selection replaces none of the {n} layers of {src}, so the hybrid would be the source "
+                         "itself: pass at least one layer index (see suture.surgery.select_layers).")
     replaced = set(selection.replace)
-    config = HybridConfig.from_source(source_config, [mixer if i in replaced else None for i in range(n)],
-                                      **mixer_overrides)
-    config.architectures = ["HybridForCausalLM"]
+    source_class = get_family(source_config.model_type).causal_lm_class
 
     with CheckpointReader(src, allow_pickle=allow_pickle) as reader:
-        ignored = _check_source(reader, _meta_tensors(get_family(source_config.model_type).causal_lm_class,
-                                                      source_config), src, source_config)
+        tied_copies = _resolve_stored_tied_copies(reader, source_class, source_config)
+        ignored = _check_source(reader, _meta_tensors(source_class, source_config)[0], src, source_config,
+                                {entry["name"] for entry in tied_copies if entry["equal"]})
+        config = HybridConfig.from_source(source_config, [mixer if i in replaced else None for i in range(n)],
+                                          **mixer_overrides)
+        config.architectures = ["HybridForCausalLM"]
         plan, fresh_dtype = _plan(config, reader, cast)
         config.dtype = fresh_dtype
         total = sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in plan)
         digests = _checksums(reader, on_progress) if checksum else {}
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, [src]) as tmp:
             with ShardedSafetensorsWriter(tmp, plan, max_shard_size) as writer:
                 _stream(reader, config, plan, writer, seed, total, on_progress)
             config.save_pretrained(tmp)
             copied = copy_tokenizer_files(src, tmp)
             used = {name for name, _, _ in plan if ".mamba." not in name}
             surgery = _surgery_record(src, source_config, config, selection, mixer, seed, mixer_overrides,
-                                      digests, scores, reader, used, ignored, copied)
+                                      digests, scores, reader, used, ignored, copied, tied_copies)
             (tmp / "surgery.json").write_text(json.dumps(surgery, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(surgery, out.name))
     return HybridizeResult(out, list(config.layer_types), sorted(replaced), surgery)
@@ -166,7 +203,7 @@ def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | No
     q_name = next(n for n in reader.index if n.endswith("self_attn.q_proj.weight"))
     fresh_dtype = cast or DTYPES[reader.index[q_name].dtype]
     plan = []
-    for name, (shape, _) in _meta_tensors(HybridForCausalLM, config).items():
+    for name, (shape, _) in _meta_tensors(HybridForCausalLM, config)[0].items():
         if ".mamba." in name:
             plan.append((name, shape, fresh_dtype))
             continue
@@ -211,7 +248,7 @@ def _stream(reader, config, plan, writer, seed, total, on_progress) -> None:
 
 
 def _surgery_record(src, source_config, config, selection, mixer, seed, overrides, digests, scores, reader, used,
-                    ignored, copied) -> dict:
+                    ignored, copied, tied_copies) -> dict:
     dropped = sorted(n for n in reader.index if n not in used and n not in ignored)
     return {
         "suture_version": __version__,
@@ -237,6 +274,7 @@ def _surgery_record(src, source_config, config, selection, mixer, seed, override
                       "norm) as in the reference recipes",
         "dropped_source_tensors": dropped,
         "ignored_source_tensors": ignored,
+        "stored_tied_copies": tied_copies,
         "copied_files": copied,
     }
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from .._quiet import no_hf_progress_bars
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, read_json
 from .tokenizer import build_tokenizer
 from .train import ZOO_SIZES, new_model, self_training_pool, train_stage
 
@@ -84,4 +84,4 @@ def load_manifest(zoo_dir: str | Path) -> dict:
     path = Path(zoo_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{zoo_dir} is not a workload zoo (no {MANIFEST}); build one with `suture workload build`.")
-    return json.loads(path.read_text())
+    return read_json(path, "workload zoo manifest")

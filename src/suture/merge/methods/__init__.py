@@ -5,7 +5,8 @@ The merge engine streams checkpoints tensor by tensor; for each tensor name it c
     fn(tensors, base, *, <per-model parameters>, <global parameters>, [<statistics>], [generator]) -> Tensor
 
 - ``tensors``: the models' tensors for this name, in config order, all upcast by the engine to the method's
-  ``dtype`` (fp32, or float64 where declared). For methods with ``needs_base`` this list excludes the base model.
+  ``dtype`` (fp32, or float64 where declared), or to the recipe's ``dtype`` where that is wider (``dtype: float64``
+  computes every method in float64). For methods with ``needs_base`` this list excludes the base model.
 - ``base``: the base model's tensor, or None for methods that do not use one.
 - Per-model parameters (``weight``, ``density``, ...) arrive as lists aligned with ``tensors``; global parameters
   (``lambda``, ``normalize``, ``t``, ...) as scalars. Names are the config (YAML) names; one that is a Python
@@ -57,7 +58,7 @@ class MergeMethod:
 
     ``per_model`` / ``shared`` map parameter names to defaults (``REQUIRED``: the config must set it).
     ``n_models``: exact number of (non-base) models, None for one or more. ``same_shape``: False when the method
-    handles inputs of different shapes itself (vocabulary rows).
+    handles inputs whose dim 0 (vocabulary rows) differs itself; its result has the first model's shape.
     """
 
     name: str
@@ -104,9 +105,11 @@ class MergeMethod:
         base: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        compute_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Check inputs, bind parameters, upcast to ``dtype`` and run ``fn``; statistics pass through by name."""
+        """Check inputs, bind parameters, cast to ``compute_dtype`` (default: the method's ``dtype``) and run ``fn``;
+        statistics pass through by name. The engine computes in the wider of the method's and the recipe's dtype."""
         tensors = list(tensors)
         self._check_inputs(tensors, base)
         missing = [name for name in self.statistics if name not in kwargs]
@@ -116,8 +119,9 @@ class MergeMethod:
         params = self.bind(kwargs, len(tensors))
         if "generator" in inspect.signature(self.fn).parameters:
             params["generator"] = generator
-        tensors = [x.to(self.dtype) for x in tensors]
-        base = base.to(self.dtype) if base is not None else None
+        dtype = compute_dtype or self.dtype
+        tensors = [x.to(dtype) for x in tensors]
+        base = base.to(dtype) if base is not None else None
         if self.post_step:
             return self.fn(base, tensors[0], **stats, **params)
         return self.fn(tensors, base, **stats, **params)

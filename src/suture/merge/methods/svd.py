@@ -11,9 +11,22 @@ import torch
 from suture.merge.methods import merge_method
 
 
+def svd(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``x`` [m, n]: ``u`` (m, r), ``s`` (r,), ``vh`` (r, n). A failure is a ValueError saying why and
+    what to do (torch raises a bare ``LinAlgError``); ``what`` names the matrix for the message."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} has non-finite values (NaN or inf), which have no SVD; repair the input models, or "
+                         "use a method without an SVD (task_arithmetic, ties, linear) to merge them as they are.")
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(f"The SVD of {what} {tuple(x.shape)} did not converge ({err}); retry with `dtype: float64` "
+                         "in the recipe.") from None
+
+
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """Nearest matrix with orthonormal columns (or rows) to ``x`` [m, k]: if ``x = P S Q^T`` it is ``P Q^T``."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x, "the concatenated singular vectors")
     return p @ qh
 
 
@@ -23,8 +36,8 @@ def _tsv_delta(deltas: list[torch.Tensor]) -> torch.Tensor:
     if k == 0:  # more tasks than the rank allows: no triplet fits, fall back to the mean (as for non-2-D tensors)
         return torch.stack(deltas).mean(dim=0)
     us, ss, vhs = [], [], []
-    for delta in deltas:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # u (m, r), s (r,), vh (r, n)
+    for i, delta in enumerate(deltas):
+        u, s, vh = svd(delta, f"task vector {i}")  # u (m, r), s (r,), vh (r, n)
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
@@ -69,7 +82,7 @@ def truncate_rank(delta: torch.Tensor, rank: int = 0, energy: float = 1.0) -> to
     """Best approximation of a 2-D ``delta`` [m, n] of the rank chosen by ``_kept_rank``; other tensors unchanged."""
     if delta.dim() != 2:
         return delta
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = svd(delta, "the task vector")
     r = _kept_rank(s, rank, energy)
     return (u[:, :r] * s[:r]) @ vh[:r]
 
@@ -104,7 +117,7 @@ def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     if rank < 1:
         raise ValueError(f"lora_factors: rank must be >= 1, got {rank}")
     work = delta.double() if delta.dtype == torch.float64 else delta.float()
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    u, s, vh = svd(work, "the task vector")
     r = min(rank, s.numel())
     root = s[:r].sqrt()  # (r,)
     a = root[:, None] * vh[:r]  # (r, in)

@@ -29,6 +29,9 @@ Defaults per name and exact behaviour match mergekit 0.1.5 (``merge_methods/regi
   divisor either (a disjoint mean); ties on the sign vote (sum exactly 0) elect +. A zero divisor becomes 1 with
   consensus; without it any ``|divisor| < 1e-8`` becomes 1 (``generalized_task_arithmetic.py:126-145, 148-172``).
 - ``int8_mask`` is accepted so mergekit configs load, and ignored (in mergekit it only sets the mask's dtype).
+- Non-finite deltas (the engine refuses them unless ``allow_nonfinite``): masks multiply, as mergekit's do, so a
+  NaN or inf entry survives trim, drop and consensus and stays non-finite in the result, as in mergekit; NaN ranks
+  above every magnitude in the trim, and a NaN in an L1 rescale makes the whole task vector NaN (mergekit too).
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ def _shared(sparsification: str, consensus: str, normalize: bool, rescale: bool)
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    """``delta`` with the entries outside ``mask`` zeroed (in place), L1-rescaled when ``rescale``."""
+    """``delta`` times ``mask`` (in place), L1-rescaled when ``rescale``. A product, as in mergekit, not a fill:
+    a NaN or inf entry (merged under ``allow_nonfinite``) stays non-finite instead of silently becoming 0."""
     before = delta.abs().sum() if rescale else None
-    kept = delta.masked_fill_(~mask.bool(), 0)
+    kept = delta.mul_(mask)
     if not rescale:
         return kept
     after = kept.abs().sum()  # L1 matching, as mergekit (not 1 / density)
@@ -84,8 +88,10 @@ def _top_magnitude_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
-    threshold = kth_largest(magnitude, k)
-    mask = magnitude > threshold
+    threshold = kth_largest(magnitude, k)  # NaN ranks above every number, as in mergekit's sort
+    if threshold.isnan():
+        return magnitude.isnan().view_as(delta)  # the k largest are NaN
+    mask = torch.le(magnitude, threshold).logical_not_()  # > threshold, NaN included
     missing = k - int(mask.sum())
     if missing > 0:  # fill up with entries equal to the threshold, lowest index first
         mask[(magnitude == threshold).nonzero().squeeze(1)[:missing]] = True
@@ -132,8 +138,8 @@ def _consensus(deltas: list[torch.Tensor], weight: list[float], consensus: str) 
     del vote
     mixed, divisor = torch.zeros_like(deltas[0]), torch.zeros_like(deltas[0])
     for d, w in zip(deltas, weight):
-        agree = torch.where(positive, d > 0, d < 0)  # exact zeros never agree (sign 0)
-        mixed.add_(d.masked_fill_(~agree, 0))
+        agree = torch.where(positive, d > 0, d < 0)  # exact zeros never agree (sign 0), nor does NaN
+        mixed.add_(d.mul_(agree))  # a product, as in mergekit: a NaN entry stays NaN
         divisor.add_(agree, alpha=w)
     divisor[divisor == 0] = 1
     return mixed, divisor
