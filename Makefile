@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 setup: $(VENV)/.installed
 
-# The main job on the built-in workload: train the model zoo once (~6 min on 2 cores, cached in demo-output/zoo),
+# The main job on the built-in workload: train the model zoo once (~10 min on 2 cores, cached in demo-output/zoo),
 # then hybridize its long chain-of-thought model and compare teacher and hybrid.
 demo: setup
 	test -f demo-output/zoo/zoo.json || $(VENV)/bin/suture workload build demo-output/zoo --force

@@ -10,7 +10,7 @@ mean response length per level:
 - reasoning vector: v = rl - long (RL-like minus its SFT init), added to other models (alpha 1) and subtracted.
 
     python benchmarks/bench_long_short.py --zoo demo-output/zoo      # reuse a built zoo (make demo builds one)
-    python benchmarks/bench_long_short.py                            # builds the zoo first (~6 min)
+    python benchmarks/bench_long_short.py                            # builds the zoo first (~10 min)
 """
 
 from __future__ import annotations

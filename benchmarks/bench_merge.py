@@ -4,7 +4,7 @@ Writes three random Llama-shaped checkpoints of about 1 GB each (bf16, safetenso
 it), then runs `task_arithmetic` and `ties` over them with `mergekit-yaml` and with `suture merge`, each in a fresh
 process under `/usr/bin/time -v` (peak RSS = "Maximum resident set size"). Both tools read the same files (warm in
 the page cache: every checkpoint is read once before the first timed run), compute in float32 and write bf16.
-Outputs are compared tensor by tensor.
+Outputs are compared tensor by tensor (largest difference and the fraction of entries that differ).
 
     python benchmarks/bench_merge.py                       # ~1 GB checkpoints (8 layers, hidden 2048)
     python benchmarks/bench_merge.py --layers 2 --repeats 1 --json out.json   # quick
@@ -64,13 +64,20 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
             "peak_rss_mib": rss_kib / 1024}
 
 
-def max_difference(a: Path, b: Path) -> float:
+def differences(a: Path, b: Path) -> tuple[float, float]:
+    """(max |a - b|, fraction of entries that differ) over every tensor of two checkpoints."""
     from suture.checkpoint import CheckpointReader
 
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     if set(ra.index) != set(rb.index):
         raise RuntimeError(f"tensor sets differ: {sorted(set(ra.index) ^ set(rb.index))[:5]}")
-    return max((ra.read(n).float() - rb.read(n).float()).abs().max().item() for n in ra.index)
+    largest, differing, total = 0.0, 0, 0
+    for name in ra.index:
+        delta = (ra.read(name).float() - rb.read(name).float()).abs()
+        largest = max(largest, delta.max().item())
+        differing += int((delta > 0).sum())
+        total += delta.numel()
+    return largest, differing / total
 
 
 def main() -> None:
@@ -116,9 +123,9 @@ def main() -> None:
                     runs.append(timed([c.replace("{out}", str(out)) for c in cmd], env))
                 results[tool] = min(runs, key=lambda r: r["wall_s"])
                 results[tool]["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-            diff = max_difference(work / f"{method}-mergekit", work / f"{method}-suture")
+            diff, differing = differences(work / f"{method}-mergekit", work / f"{method}-suture")
             rows.append({"method": method, **{f"{t}_{k}": v for t, r in results.items() for k, v in r.items()},
-                         "max_abs_diff": diff})
+                         "max_abs_diff": diff, "fraction_differing": differing})
             for tool in tools:
                 shutil.rmtree(work / f"{method}-{tool}", ignore_errors=True)
     finally:
@@ -127,11 +134,11 @@ def main() -> None:
     print(f"inputs: 3 checkpoints of {size_gib:.2f} GiB (bf16, Llama {args.layers} layers, hidden 2048); "
           f"math in fp32, bf16 out; {os.cpu_count()} CPUs; suture --workers {args.workers}")
     print(f"{'method':<16} {'mergekit s':>10} {'suture s':>9} {'speed-up':>9} {'mergekit MiB':>13} {'suture MiB':>11}"
-          f" {'max |diff|':>11}")
+          f" {'max |diff|':>11} {'entries differing':>18}")
     for r in rows:
         print(f"{r['method']:<16} {r['mergekit_wall_s']:>10.1f} {r['suture_wall_s']:>9.1f} "
               f"{r['mergekit_wall_s'] / r['suture_wall_s']:>8.2f}x {r['mergekit_peak_rss_mib']:>13.0f} "
-              f"{r['suture_peak_rss_mib']:>11.0f} {r['max_abs_diff']:>11.2e}")
+              f"{r['suture_peak_rss_mib']:>11.0f} {r['max_abs_diff']:>11.2e} {r['fraction_differing']:>17.3%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"layers": args.layers, "checkpoint_gib": size_gib, "rows": rows}, indent=2))
     print(f"wrote {args.json}")

@@ -1,6 +1,6 @@
 """Build the workload zoo and evaluate every model: build time per stage, accuracy and length per level.
 
-    python benchmarks/bench_workload.py                      # full zoo (~6 min on 2 cores) + evaluation
+    python benchmarks/bench_workload.py                      # full zoo (~10 min on 2 cores) + evaluation
     python benchmarks/bench_workload.py --size test          # seconds
     python benchmarks/bench_workload.py --zoo DIR --no-build # evaluate an existing zoo
 

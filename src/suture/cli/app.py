@@ -14,7 +14,7 @@ from .errors import cli_errors
 
 app = typer.Typer(
     name="suture",
-    help="Model surgery for reasoning LLMs: attention -> Mamba hybrids, staged distillation, checkpoint merging.",
+    help="Model surgery for reasoning LLMs: attention -> Mamba hybrids and checkpoint merging.",
     no_args_is_help=True,
     add_completion=False,
 )

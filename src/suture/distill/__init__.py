@@ -1,1 +1,1 @@
-"""Staged distillation of hybrids from their source transformer (M1, Apriel-H1 and MambaInLlama recipes)."""
+"""Staged distillation of hybrids from their source transformer: not implemented yet (the next stage)."""

@@ -2,7 +2,7 @@
 tokenizer, a trainer for a small model zoo (base, long-CoT, short-CoT, RL-like) and an evaluator.
 
     from suture.workload import build_zoo, evaluate
-    build_zoo("zoo")                       # ~6 minutes on 2 CPU cores
+    build_zoo("zoo")                       # ~10 minutes on 2 CPU cores
     print(evaluate("zoo/long").summary())
 """
 
