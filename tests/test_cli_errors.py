@@ -118,6 +118,10 @@ def test_a_broken_shard_index_is_named(ckpts, tmp_path):
     (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match='index.json has no "weight_map" object'):
         CheckpointReader(sharded)
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    error = fails(["publish", sharded, "alice/tiny", "--dry-run"])  # publish reads the index the same way
+    assert error == f'error: {sharded / "model.safetensors.index.json"} has no "weight_map" object of tensor name -> ' \
+                    'shard file; write it again.'
     assert not (tmp_path / "out").exists()
 
 
@@ -251,8 +255,8 @@ def test_a_typo_in_a_per_model_merge_parameter_is_one_line(ckpts, tmp_path):
 def test_a_bad_long_short_field_is_one_line(ckpts, tmp_path):
     error = fails(["merge", "long-short", tmp_path / "out", "--long", ckpts.other, "--short", ckpts.good,
                    "--out-dtype", "int8"])
-    assert error == ("error: MergeRecipe: out_dtype: Value error, Unknown floating dtype 'int8'; use float32, "
-                     "bfloat16, float16 or float64.")
+    assert error == ("error: recipe: out_dtype: Unknown floating dtype 'int8'; use float32, bfloat16, float16 or "
+                     "float64.")  # worded as for a recipe file: one formatter for both
 
 
 def test_paths_with_brackets_print_as_they_are(ckpts, tmp_path):

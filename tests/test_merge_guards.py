@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,3 +335,37 @@ def test_finetune_transfer_to_a_larger_vocabulary_runs_through_merge(tmp_path):
             load_recipe({**recipe, "merge_method": method, "base_model": "ancestor"})
     with pytest.raises(ValueError, match=r"reasoning_vector takes exactly 3 models .*the recipe gives 2"):
         load_recipe({"merge_method": "reasoning_vector", "models": [{"model": target}, {"model": source_ft}]})
+
+
+def test_token_ids_are_read_from_tokenizer_json_as_transformers_reads_them(tmp_path):
+    from tokenizers import trainers
+
+    from suture.merge.vocabulary import tokenizer_vocab
+
+    text = ["the cat sat on the mat", "a dog ran to the cat"] * 20
+    cores = {"wordlevel": _word_tokenizer(WORDS).backend_tokenizer}
+    for name, model, trainer in (("bpe", models.BPE(unk_token="<unk>"), trainers.BpeTrainer),
+                                 ("unigram", models.Unigram(), trainers.UnigramTrainer)):
+        core = Tokenizer(model)
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        core.train_from_iterator(text, trainer(vocab_size=40, special_tokens=["<pad>", "<unk>"]))
+        cores[name] = core
+    for name, core in cores.items():
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+        tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)  # added tokens count too
+        tokenizer.save_pretrained(tmp_path / name)
+        assert tokenizer_vocab(tmp_path / name) == AutoTokenizer.from_pretrained(tmp_path / name).get_vocab(), name
+
+
+def test_a_plain_merge_never_runs_or_asks_for_a_tokenizers_remote_code(tmp_path):
+    a, b = _family(tmp_path, n=2)
+    for model in (a, b):  # a tokenizer transformers would only load with its own code (as ChatGLM's)
+        (Path(model) / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+        (Path(model) / "tokenizer_config.json").write_text(json.dumps(
+            {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, "tokenizer_class": "XTokenizer"}))
+    recipe = {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}},
+                                                   {"model": b, "parameters": {"weight": 1.0}}]}
+    plan = plan_merge(recipe)  # would prompt "Do you wish to run the custom code? [y/N]" and then refuse
+    assert plan.problems == []
+    merge(recipe, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()  # copied as it is

@@ -135,6 +135,9 @@ def test_merge_never_replaces_or_writes_into_any_input(ckpts, tmp_path, role):
         merge(recipe_file, out, force=True)
     _refused(str(info.value), out, victim)
     assert _snapshot(tmp_path) == before
+    result = CliRunner().invoke(app, ["merge", str(recipe_file), str(out), "--force"])  # the command loads the
+    assert result.exit_code == 1 and "Refusing to write" in result.output  # recipe itself before merging
+    assert _snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("which", ["finetuned", "base"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .io import read_json
+from .io import read_weight_map
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -176,10 +176,7 @@ def checkpoint_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]
 def _listed_or_globbed(ckpt: Path, index_name: str, pattern: str) -> list[Path]:
     index = ckpt / index_name
     if index.exists():
-        weight_map = read_json(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index} has no \"weight_map\" object of tensor name -> shard file; write it again.")
-        return [ckpt / name for name in sorted(set(weight_map.values()))]
+        return [ckpt / name for name in sorted(set(read_weight_map(index).values()))]
     return sorted(ckpt.glob(pattern))
 
 

@@ -178,6 +178,7 @@ def _lock(out: Path) -> tuple[int, dict]:
     """Take the lock of `out` (or raise OutputInUseError naming its holder) and sign it; returns the open lock file
     and the record a dead writer left in it ({} if none)."""
     path = _sibling(out, LOCK)
+    patience = time.monotonic() + 1.0  # a `check_output_dir` elsewhere holds a shared lock for a moment only
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -185,6 +186,9 @@ def _lock(out: Path) -> tuple[int, dict]:
         except BlockingIOError:
             record = _owner(fd)
             os.close(fd)
+            if time.monotonic() < patience:  # a live writer holds it for its whole run: still held in a second
+                time.sleep(0.05)
+                continue
             raise OutputInUseError(_in_use(out, record)) from None
         with contextlib.suppress(FileNotFoundError):
             if _identity(path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
@@ -371,3 +375,11 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} ({what}) should hold a JSON object, found a {type(value).__name__}.")
     return value
+
+
+def read_weight_map(index: str | Path) -> dict[str, str]:
+    """Tensor name -> shard file of a `*.safetensors.index.json`; errors name the file."""
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no \"weight_map\" object of tensor name -> shard file; write it again.")
+    return weight_map

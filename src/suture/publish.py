@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .io import HUB_ID, is_hub_id, read_json
+from .io import HUB_ID, is_hub_id, read_json, read_weight_map
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Lineage files, first found wins: suture's merge recipe, then mergekit's, then a JSON recipe.
@@ -87,8 +87,7 @@ def check_checkpoint(folder: Path, names: set[str]) -> None:
         raise ValueError(f"{folder} has no config.json: publish a directory written by save_pretrained, "
                          "`suture hybridize` or `suture merge`.")
     for index in sorted(n for n in names if n.endswith(".safetensors.index.json")):
-        weight_map = read_json(folder / index, "shard index").get("weight_map", {})
-        missing = sorted(set(weight_map.values()) - names)
+        missing = sorted(set(read_weight_map(folder / index).values()) - names)
         if missing:
             raise ValueError(f"{folder / index} names shards that are missing: {', '.join(missing)}.")
     if any(n.endswith(".safetensors") for n in names):

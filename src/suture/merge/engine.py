@@ -275,10 +275,12 @@ def _tokenizer_problems(recipe: MergeRecipe, vocabulary: list[PlannedTensor], to
         return [f"tokenizer: the config donor {donor} has no tokenizer files, so the merge would be written without "
                 f"a tokenizer although {', '.join(holders)} has one; set tokenizer_source to that model"] if holders \
             else []
+    if not vocabulary:
+        return []
     try:
         size = max(tokenizer_vocab(donor).values()) + 1
-    except ValueError as err:
-        return [str(err)]
+    except ValueError:  # a tokenizer transformers cannot load without its remote code: copied as is, not checked
+        return []
     return [f"{t.name}: {t.shape[0]} rows, but the tokenizer written with the merge (from {donor}) has token ids up "
             f"to {size - 1}; set tokenizer_source: {donor} to align the rows to it by token, as mergekit does"
             for t in vocabulary if t.shape[0] < size]
@@ -312,16 +314,13 @@ def recipe_sources(recipe: MergeRecipe) -> list[str]:
     both, for an adapter alone also the base its config names), config and tokenizer sources, statistics and
     calibration files. The output checks refuse an output that is, holds or lies inside any of them; entries that
     name no local path (hub ids, `workload`) are skipped by those checks."""
-    from .lora import is_adapter_dir, parse_model_ref, read_adapter_config
+    from .lora import parse_model_ref
 
     refs = [m.model for m in recipe.models] + [recipe.base_model, recipe.config_source, recipe.tokenizer_donor]
     paths = []
     for ref in filter(None, refs):
-        base, adapter = parse_model_ref(ref)
-        paths += [base, adapter]
-        if adapter is None and is_adapter_dir(base):
-            paths.append(read_adapter_config(base).get("base_model_name_or_path"))
-    paths += recipe.statistics.values()
+        paths += [*parse_model_ref(ref), config_dir(ref)]  # base, adapter, and the base an adapter alone names
+    paths += [*recipe.statistics.values(), recipe._file]  # the recipe file itself, if it was read from one
     if recipe.calibration is not None:
         paths += [recipe.calibration.data, recipe.calibration.domain_data]
     return [str(path) for path in dict.fromkeys(filter(None, paths))]
@@ -379,10 +378,10 @@ def merge(
     `out` is written atomically (`suture.io.atomic_output_dir`) and refused, with or without `force`, when it is,
     holds or lies inside an input (the recipe file or any of `recipe_sources`).
     """
-    sources = [recipe] if isinstance(recipe, (str, Path)) else []  # the recipe file itself is an input too
     recipe = load_recipe(recipe)
-    sources += recipe_sources(recipe)
+    sources = recipe_sources(recipe)
     out = check_output_dir(out, force, sources)
+    budget = parse_size(memory_budget, "memory_budget")  # before any work
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu.")
     start = time.perf_counter()
@@ -396,7 +395,6 @@ def merge(
             providers = statistics if statistics is not None else _statistics(recipe, inputs, work)
             with ShardedSafetensorsWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors],
                                           max_shard_size) as writer:
-                budget = parse_size(memory_budget, "memory_budget")
                 _run(plan, inputs, writer, providers, workers, budget, device, on_progress)
             shutil.rmtree(work)
             _finish(recipe, plan, tmp, out.name)
@@ -702,7 +700,7 @@ def merge_state_dicts(
     """
     refs = [f"model_{i}" for i in range(len(models))]
     entries = [{"model": ref, "parameters": p} for ref, p in zip(refs, model_parameters or [None] * len(models))]
-    recipe = MergeRecipe.model_validate({"merge_method": merge_method, "models": entries, "parameters": parameters,
+    recipe = load_recipe({"merge_method": merge_method, "models": entries, "parameters": parameters,
                                          "base_model": "base" if base is not None else None, "seed": seed})
     method = get_method(merge_method)
     problems = _parameter_problems(recipe)

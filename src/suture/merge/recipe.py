@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .chat_templates import chat_template_problem
 from .methods import get_method
@@ -102,6 +102,7 @@ class MergeRecipe(BaseModel):
     allow_nonfinite: bool = False
     seed: int = 0
     name: str | None = None
+    _file: Path | None = PrivateAttr(default=None)  # the YAML file it was read from (an input of the merge too)
 
     @model_validator(mode="before")
     @classmethod
@@ -234,11 +235,13 @@ def load_recipe(recipe: str | Path | dict | MergeRecipe) -> MergeRecipe:
         if not isinstance(recipe, dict):
             raise ValueError(f"{path} must hold a mapping (merge_method, models, ...).")
     try:
-        return MergeRecipe.model_validate(recipe)
+        loaded = MergeRecipe.model_validate(recipe)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
                              for e in err.errors())
         raise ValueError(f"{where}: {problems}") from None
+    loaded._file = None if where == "recipe" else Path(where)
+    return loaded
 
 
 def long_short_recipe(
@@ -288,7 +291,7 @@ def long_short_recipe(
     if aim_omega is not None:
         recipe["post_steps"] = [{"method": "aim", "parameters": {"omega": aim_omega}}]
         recipe["calibration"] = {"data": calibration, "n": calibration_n}
-    return MergeRecipe.model_validate(recipe)
+    return load_recipe(recipe)
 
 
 def _check_long_short(method: str, parameters: dict[str, Any], base: str | None) -> None:

@@ -31,14 +31,37 @@ def has_tokenizer(model_dir: str | Path) -> bool:
 
 
 def tokenizer_vocab(model_dir: str | Path) -> dict[str, int]:
-    """Token -> id of the tokenizer in `model_dir` (added tokens included)."""
+    """Token -> id of the tokenizer in `model_dir` (added tokens included): read from its `tokenizer.json` where it
+    has one, else loaded with transformers (never running code shipped with the model)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if path.is_file():
+        vocab = _fast_tokenizer_vocab(read_json(path, "tokenizer"))
+        if vocab:
+            return vocab
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False).get_vocab()
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for a broken tokenizer
         raise ValueError(f"The tokenizer in {model_dir} does not load ({type(err).__name__}: {err}); repair its "
                          "tokenizer files or name another tokenizer_source.") from err
+
+
+def _fast_tokenizer_vocab(spec: dict) -> dict[str, int]:
+    """Token -> id of a `tokenizer.json` (the `tokenizers` library's format): the model's vocabulary (a mapping for
+    BPE / WordPiece / WordLevel, a list of [piece, score] for Unigram) and the added tokens; {} if it has neither."""
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        out = {str(token): int(i) for token, i in vocab.items()}
+    elif isinstance(vocab, list):
+        out = {str(entry[0]): i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+    else:
+        out = {}
+    for added in spec.get("added_tokens") or []:
+        if isinstance(added, dict) and "content" in added and "id" in added:
+            out[str(added["content"])] = int(added["id"])
+    return out
 
 
 def config_vocab_size(model_dir: str | Path) -> int | None:
