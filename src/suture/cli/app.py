@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from .. import __version__
-from .errors import cli_errors
+from .errors import cli_errors, console
 
 app = typer.Typer(
     name="suture",
@@ -18,7 +17,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 from .hybridize import hybridize_command  # noqa: E402
 from .importance import importance_command  # noqa: E402

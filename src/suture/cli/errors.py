@@ -23,6 +23,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+# The commands' output and their error line: plain text, so paths and names print as they are (never as markup).
+console = Console(markup=False)
 stderr = Console(stderr=True, soft_wrap=True, highlight=False)
 
 _WRITE_HINTS = {

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import cli_errors, size_option
+from .errors import cli_errors, console, size_option
 
-console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def hybridize_command(

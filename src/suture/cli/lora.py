@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from .errors import cli_errors
+from .errors import cli_errors, console
 
-console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def extract_lora_command(

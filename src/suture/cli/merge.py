@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from .errors import cli_errors, size_option
+from .errors import cli_errors, console, size_option
 
-console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 class _RecipeFirst(TyperGroup):

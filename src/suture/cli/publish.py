@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import cli_errors
+from .errors import cli_errors, console
 
-console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 def publish_command(

@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from .errors import cli_errors, fail
+from .errors import cli_errors, console, fail
 
 app = typer.Typer(help="The built-in reasoning workload: model zoo and evaluator.", no_args_is_help=True)
-console = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
 @app.command()
