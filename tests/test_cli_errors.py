@@ -17,8 +17,8 @@ import yaml
 from conftest import tiny_source
 from typer.testing import CliRunner
 
-from suture import checkpoint
-from suture.checkpoint import CheckpointReader, ShardedSafetensorsWriter, parse_size
+from suture.io import checkpoint
+from suture.io.checkpoint import CheckpointReader, ShardedSafetensorsWriter, parse_size
 from suture.cli import app
 from suture.cli.errors import cli_errors
 from suture.merge import merge
@@ -276,7 +276,7 @@ def test_paths_with_brackets_print_as_they_are(ckpts, tmp_path):
 
 # --------------------------------------------------------------------------------------------- what stays a traceback
 def test_bugs_keep_their_traceback_and_interrupts_pass_through(ckpts, monkeypatch, capsys):
-    import suture.surgery.inspect as inspect_module
+    import suture.io.inspect as inspect_module
 
     for bug in (RuntimeError("a bug"), KeyError("model.norm.weight"), AttributeError("x")):
         def raise_bug(*args, bug=bug):

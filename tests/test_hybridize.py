@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import suture  # noqa: F401  (registers the hybrid with the Auto classes)
-from suture.checkpoint import CheckpointReader, ShardedSafetensorsWriter
+from suture.io.checkpoint import CheckpointReader, ShardedSafetensorsWriter
 from suture.cli.app import app
 from suture.surgery import LayerSelection, hybridize, hybridize_model, select_layers
 from suture.workload import build_tokenizer

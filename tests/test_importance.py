@@ -18,9 +18,9 @@ from suture.surgery.importance import (
     ImportanceReport,
     LayerScore,
     layer_importance,
-    load_calibration,
     register_probe,
 )
+from suture.data import load_sequences
 from suture.surgery.mil import hybridize_model
 from suture.workload import build_tokenizer
 
@@ -54,7 +54,7 @@ def scores(report: ImportanceReport, method: str) -> dict[int, float]:
 # ------------------------------------------------------------------------------------------------ oracles
 def test_loo_equals_zeroed_o_proj(family):
     model = workload_model(family)
-    sequences = load_calibration("workload", TOKENIZER, n=6)
+    sequences = load_sequences("workload", TOKENIZER, n=6)
     report = layer_importance(model, methods=("loo",), tokenizer=TOKENIZER, n=6, batch_size=4)
     assert [e.index for e in report.layers] == [0, 1, 2, 3]
     assert report.n_tokens == sum(map(len, sequences))
@@ -82,7 +82,7 @@ def test_layer_with_zero_output_scores_zero():
 @pytest.mark.parametrize("family_name", ["llama", "qwen2"])
 def test_mil_equals_hybridized_model(family_name, mixer):
     model = workload_model(family_name)
-    sequences = load_calibration("workload", TOKENIZER, n=5, seed=7)  # the seed picks the problems too
+    sequences = load_sequences("workload", TOKENIZER, n=5, seed=7)  # the seed picks the problems too
     report = layer_importance(model, methods=("mil",), tokenizer=TOKENIZER, n=5, batch_size=3, mixer=mixer, seed=7)
     assert report.mixer == mixer
     for i, score in scores(report, "mil").items():
@@ -98,7 +98,7 @@ def test_hybrid_source_scores_remaining_attention_layers():
     assert all(e.kind == "full_attention" for e in report.layers)
     # replacing layer 2 of the hybrid = the two-Mamba hybrid (mixers are seeded per layer, so layer 0 is the same)
     further = hybridize_model(source, ["mamba", None, "mamba", None], seed=3).eval()
-    expected = manual_kl(hybrid, further, load_calibration("workload", TOKENIZER, n=4, seed=3))
+    expected = manual_kl(hybrid, further, load_sequences("workload", TOKENIZER, n=4, seed=3))
     assert scores(report, "mil")[2] == pytest.approx(expected, rel=1e-5)
 
 
@@ -113,7 +113,7 @@ def test_batch_size_and_padding_do_not_change_scores():
 
 def test_hooks_are_removed_and_model_unchanged():
     model = workload_model("mistral")
-    ids = torch.tensor([load_calibration("workload", TOKENIZER, n=1)[0]])
+    ids = torch.tensor([load_sequences("workload", TOKENIZER, n=1)[0]])
     with torch.no_grad():
         before = model(ids).logits
     layer_importance(model, methods=("loo", "mil"), tokenizer=TOKENIZER, n=3)
@@ -145,61 +145,7 @@ def test_registered_probe_plugs_in():
 
 
 # ------------------------------------------------------------------------------------------------ calibration
-def test_workload_calibration_matches_chat_template():
-    from suture.workload import generate
-
-    sequences = load_calibration("workload", TOKENIZER, n=5, seed=1)
-    for seq, problem in zip(sequences, generate("validation", 5, seed=1)):
-        messages = [{"role": "user", "content": problem.prompt[:-1]},  # the template adds the "="
-                    {"role": "assistant", "content": problem.long_answer()}]
-        assert seq == TOKENIZER.apply_chat_template(messages, tokenize=True, return_dict=False)
-    assert len({len(s) for s in sequences}) > 1  # mixed levels
-    assert all(len(s) <= 10 for s in load_calibration("workload", TOKENIZER, n=3, max_length=10))
-
-    other = build_tokenizer()
-    other.add_tokens(["x"])
-    with pytest.raises(ValueError, match="workload tokenizer"):
-        load_calibration("workload", other)
-
-
-def test_jsonl_formats(tmp_path):
-    path = tmp_path / "calib.jsonl"
-    records = [
-        {"text": "12+3="},
-        {"messages": [{"role": "user", "content": "4*5"}, {"role": "assistant", "content": "#20"}]},
-        {"prompt": "7-1", "response": "#6"},
-        {"text": ""},  # tokenizes to <bos> only: still usable
-        {"text": "99+1=#0"},
-    ]
-    lines = [json.dumps(r) for r in records]
-    path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")  # a blank line is skipped
-    chat = lambda u, a: TOKENIZER.apply_chat_template(  # noqa: E731
-        [{"role": "user", "content": u}, {"role": "assistant", "content": a}], tokenize=True, return_dict=False)
-    sequences = load_calibration(path, TOKENIZER, n=4, max_length=6)
-    assert sequences == [TOKENIZER("12+3=")["input_ids"], chat("4*5", "#20")[:6], chat("7-1", "#6")[:6], [1]]
-    assert len(load_calibration(str(path), TOKENIZER, n=100)) == 5
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [("not json", "line 2"), ('{"txt": "1"}', "line 2"), ("[1, 2]", "line 2"), ('{"prompt": "1"}', "response")],
-)
-def test_jsonl_bad_line_names_file_and_line(tmp_path, line, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "1+1="}\n' + line + "\n")
-    with pytest.raises(ValueError, match=message) as err:
-        load_calibration(path, TOKENIZER)
-    assert "bad.jsonl" in str(err.value) and '"messages"' in str(err.value)
-
-
 def test_calibration_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="workload"):
-        load_calibration(tmp_path / "missing.jsonl", TOKENIZER)
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="No usable"):
-        load_calibration(tmp_path / "empty.jsonl", TOKENIZER)
-    with pytest.raises(ValueError, match="n and max_length"):
-        load_calibration("workload", TOKENIZER, n=0)
     with pytest.raises(ValueError, match="tokenizer"):
         layer_importance(workload_model("llama"))
     with pytest.raises(ValueError, match="vocabulary"):
@@ -208,7 +154,7 @@ def test_calibration_errors(tmp_path):
         layer_importance(workload_model("llama"), tokenizer=TOKENIZER, mixer="rwkv")
     with pytest.raises(FileNotFoundError, match="config.json"):
         layer_importance(tmp_path)
-    with pytest.raises(FileNotFoundError, match="Calibration data"):  # checked before a model is loaded
+    with pytest.raises(FileNotFoundError, match="missing.jsonl not found"):  # checked before a model is loaded
         layer_importance(tmp_path, data=tmp_path / "missing.jsonl")
 
 

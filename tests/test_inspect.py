@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from suture.cli import app
 from suture.demo import kv_bytes_per_token, ssm_state_bytes
 from suture.surgery import hybridize_model
-from suture.surgery.inspect import diff_checkpoints, inspect_checkpoint
+from suture.io.inspect import diff_checkpoints, inspect_checkpoint
 
 
 @pytest.fixture(scope="module")

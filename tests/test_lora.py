@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from suture.checkpoint import CheckpointReader
+from suture.io.checkpoint import CheckpointReader
 from suture.cli.lora import extract_lora_command
 from suture.merge.lora import LoraAppliedReader, extract_lora, open_model, parse_model_ref
 

@@ -16,7 +16,7 @@ from conftest import tiny_source
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from suture.checkpoint import CheckpointReader
+from suture.io.checkpoint import CheckpointReader
 from suture.cli.app import app
 from suture.merge import load_recipe, merge, merge_state_dicts, plan_merge
 from suture.surgery import hybridize_model

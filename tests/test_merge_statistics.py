@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from suture.checkpoint import CheckpointReader
+from suture.io.checkpoint import CheckpointReader
 from suture.merge import get_method, merge_state_dicts
 from suture.merge.statistics import (
     RcpStatistics,
@@ -23,7 +23,7 @@ from suture.merge.statistics import (
     save_statistics,
 )
 from suture.surgery import hybridize_model
-from suture.surgery.importance import load_calibration
+from suture.data import load_sequences
 from suture.workload import build_tokenizer
 
 TOKENIZER = build_tokenizer()
@@ -242,6 +242,6 @@ def test_rcp_from_checkpoint_dirs_with_tied_embeddings(tmp_path):
     assert "lm_head.weight" not in stats.names
     # the tied matrix gets the gradient of both uses (autograd on the shared parameter sums them)
     reasoning = AutoModelForCausalLM.from_pretrained(tmp_path / "m0", dtype=torch.float32)
-    seqs = load_calibration(data, TOKENIZER, n=2)
+    seqs = load_sequences(data, TOKENIZER, n=2)
     expected = torch.stack([s["model.embed_tokens.weight"] ** 2 for s in brute_saliencies(reasoning, seqs)]).mean(0)
     torch.testing.assert_close(stats.reasoning_prior("model.embed_tokens.weight"), expected, rtol=1e-4, atol=1e-10)

@@ -22,7 +22,7 @@ import yaml
 from conftest import tiny_source
 from typer.testing import CliRunner
 
-import suture.io
+import suture.io.outputs
 from suture.cli.app import app
 from suture.io import OutputInUseError, Terminated, atomic_output_dir, check_output_dir
 from suture.merge import merge
@@ -209,7 +209,7 @@ def test_files_written_by_save_pretrained_follow_the_umask_too(tmp_path):
 
 HOLDER = """
 import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("suture_io", sys.argv[1])  # suture.io alone: no torch to import
+spec = importlib.util.spec_from_file_location("suture_io", sys.argv[1])  # suture.io.outputs alone: no torch to import
 io = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(io)
 with io.atomic_output_dir(sys.argv[2]) as tmp:
@@ -221,7 +221,7 @@ with io.atomic_output_dir(sys.argv[2]) as tmp:
 
 def test_a_live_writer_blocks_a_second_job_and_a_killed_ones_leftovers_go_with_the_next(tmp_path, caplog):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, suture.io.__file__, str(out)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, suture.io.outputs.__file__, str(out)], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"

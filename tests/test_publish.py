@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from suture.cli.publish import publish_command
-from suture.publish import PublishError, publish
+from suture.io.hub import PublishError, publish
 
 TOKEN = "hf_sutureTestToken0123456789"  # recognisable, so any leak into output is found
 BAD_TOKEN = "hf_sutureBadToken9876543210"

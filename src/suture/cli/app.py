@@ -138,7 +138,7 @@ def inspect(
     """Per-layer mixers and parameters, dtypes, KV bytes per token and SSM state per sequence; diff with OTHER."""
     import json
 
-    from ..surgery.inspect import diff_checkpoints, inspect_checkpoint
+    from ..io.inspect import diff_checkpoints, inspect_checkpoint
 
     with cli_errors():
         report = inspect_checkpoint(ckpt)

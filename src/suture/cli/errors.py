@@ -36,7 +36,7 @@ _WRITE_HINTS = {
 }
 
 # Exception types of libraries whose messages are meant for the user (the hub upload, YAML parsing).
-_LIBRARY_ERRORS = (("suture.publish", "PublishError"), ("yaml", "YAMLError"))
+_LIBRARY_ERRORS = (("suture.io.hub", "PublishError"), ("yaml", "YAMLError"))
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def user_message(err: Exception, output: Path | None = None, inputs: Sequence[Pa
 def size_option(value: str) -> str:
     """Typer callback of the size options (--max-shard-size, --memory-budget): checks the value as the command line
     is parsed, so a bad one is a usage error naming the option (exit code 2), not a failure deep inside the job."""
-    from ..checkpoint import SIZE_FORMS, parse_size
+    from ..io.checkpoint import SIZE_FORMS, parse_size
 
     try:
         parse_size(value)
@@ -119,7 +119,7 @@ def _write_failure(err: OSError, output: Path, sharded: bool) -> str:
 
 def _corrupt_safetensors(err: Exception, inputs: Sequence[Path]) -> str:
     """The safetensors library's error names no file: find it by reading the inputs' headers (which name it)."""
-    from ..checkpoint import CheckpointReader
+    from ..io.checkpoint import CheckpointReader
 
     for path in inputs:
         try:

@@ -1,4 +1,4 @@
-"""`suture publish DIR REPO_ID`: parse options, call `suture.publish.publish`, show the URL or the dry-run plan."""
+"""`suture publish DIR REPO_ID`: parse options, call `suture.io.hub.publish`, show the URL or the dry-run plan."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def publish_command(
     """Upload a checkpoint to the Hugging Face Hub in one commit, with a model card naming its base models.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another hub."""
-    from ..publish import publish
+    from ..io.hub import publish
 
     with cli_errors():
         if dry_run:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files, parse_size
+from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files, parse_size
 from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
 from .chat_templates import resolve_chat_template
 from .methods import REQUIRED, MergeMethod, get_method

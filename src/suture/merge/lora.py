@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DTYPES, CheckpointReader, TensorInfo
+from ..io.checkpoint import DTYPES, CheckpointReader, TensorInfo
 from ..io import atomic_output_dir, check_output_dir, read_json
 from .methods.svd import lora_factors
 

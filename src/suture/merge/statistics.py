@@ -47,9 +47,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._quiet import no_hf_progress_bars
-from ..checkpoint import CheckpointReader, ShardedSafetensorsWriter
+from ..io.checkpoint import CheckpointReader, ShardedSafetensorsWriter
 from ..io import atomic_output_dir, atomic_output_file, check_output_dir
-from ..surgery.importance import load_calibration, right_padded
+from ..data import load_sequences, right_padded
 
 __all__ = [
     "ActivationScales", "RcpStatistics", "activation_scales", "activation_scales_from_checkpoint",
@@ -89,13 +89,9 @@ def _tokenizer(tokenizer, *sources):
 
 
 def _sequences(data, tokenizer_fn, n: int, max_length: int, seed: int) -> list[list[int]]:
-    """Token id lists from "workload", a .jsonl path, or token id lists given directly (cut to `max_length`)."""
-    if isinstance(data, (str, Path)):
-        return load_calibration(data, tokenizer_fn(), n=n, max_length=max_length, seed=seed)
-    sequences = [list(map(int, ids))[:max_length] for ids in data][:n]
-    if not sequences or not all(sequences):
-        raise ValueError("Calibration data must hold at least one non-empty sequence of token ids.")
-    return sequences
+    """`suture.data.load_sequences`, loading the tokenizer only for data that needs one (not token id lists)."""
+    tokenizer = tokenizer_fn() if isinstance(data, (str, Path)) else None
+    return load_sequences(data, tokenizer, n=n, max_length=max_length, seed=seed)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -187,7 +183,7 @@ def activation_scales(
 
     Args:
         model: the base model, in memory or a checkpoint directory (loaded in fp32 with its tokenizer).
-        data: "workload", a .jsonl file (`suture.surgery.importance.JSONL_FIELDS`), token id lists, or
+        data: "workload", a .jsonl file (`suture.data.JSONL_FIELDS`), token id lists, or
             right-padded `(input_ids, attention_mask)` batches, both (b, L).
         n, max_length, seed: how many sequences, cut to what length, which workload problems.
         batch_size: sequences per forward pass (padding never counts, so it changes nothing but speed).

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..architectures import HybridConfig, HybridForCausalLM
-from ..checkpoint import copy_tokenizer_files
+from ..io.checkpoint import copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, read_json
 
 SUPPORTED_FAMILIES = ("llama", "qwen2")

@@ -45,108 +45,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .._quiet import no_hf_progress_bars
+from ..data import Batch, check_data, load_sequences, right_padded
 from ..io import read_json
 from ..architectures import ATTENTION_LAYER_TYPES, MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.families import get_family, source_attention_layer_types
 from .mil import mil_mixer
 
-JSONL_FIELDS = '{"text": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "response": ...}'
-Batch = tuple[torch.Tensor, torch.Tensor]  # right-padded (input_ids, attention_mask), both (b, L)
-
-
-# ---------------------------------------------------------------------------------------------------- calibration
-def load_calibration(data: str | Path, tokenizer, n: int = 64, max_length: int = 512, seed: int = 0) -> list[list[int]]:
-    """Token id sequences (each at most `max_length` long) of the first `n` usable calibration records.
-
-    Args:
-        data: "workload" (the built-in workload's validation problems, mixed levels, prompt + long answer, encoded as
-            workload training encodes them; needs the workload tokenizer) or a `.jsonl` file of `JSONL_FIELDS`
-            records (messages, and prompt/response when the tokenizer has a chat template, go through it).
-        seed: picks the workload problems (a JSONL file is read in order).
-    """
-    if n < 1 or max_length < 1:
-        raise ValueError(f"n and max_length must be >= 1, got n={n}, max_length={max_length}.")
-    if str(data) == "workload":
-        sequences = _workload_sequences(tokenizer, n, seed)
-    else:
-        sequences = _jsonl_sequences(Path(data), tokenizer, n)
-    sequences = [ids[:max_length] for ids in sequences if ids]
-    if not sequences:
-        raise ValueError(f"No usable calibration records in {data}: every record tokenized to nothing.")
-    return sequences
-
-
-def _workload_sequences(tokenizer, n: int, seed: int) -> list[list[int]]:
-    from ..workload import build_tokenizer, generate
-    from ..workload.train import encode
-
-    if tokenizer is None or tokenizer.get_vocab() != build_tokenizer().get_vocab():
-        raise ValueError(
-            "data='workload' needs the workload tokenizer (suture.workload.build_tokenizer(), saved with the "
-            "workload zoo models); this model's tokenizer has a different vocabulary. Pass a .jsonl file instead."
-        )
-    problems = generate("validation", n, seed=seed)  # level=None: k drawn from 1..8, i.e. mixed levels
-    # one problem per call, so there is no padding to strip
-    return [encode(tokenizer, [p], [p.long_answer()])[0][0].tolist() for p in problems]
-
-
-def _jsonl_sequences(path: Path, tokenizer, n: int) -> list[list[int]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"Calibration data {path} not found: pass 'workload' or a .jsonl file.")
-    if tokenizer is None:
-        raise ValueError(f"A tokenizer is needed to encode {path}.")
-    sequences = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                ids = _encode_record(json.loads(line), tokenizer)
-            except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
-                raise ValueError(
-                    f"{path}, line {number}: {err}. Each line must be a JSON object: {JSONL_FIELDS}."
-                ) from None
-            if ids:  # an empty text is skipped, not an error
-                sequences.append(ids)
-            if len(sequences) == n:
-                break
-    return sequences
-
-
-def _encode_record(record, tokenizer) -> list[int]:
-    if not isinstance(record, dict):
-        raise TypeError(f"expected a JSON object, got {type(record).__name__}")
-    if isinstance(record.get("text"), str):
-        return tokenizer(record["text"])["input_ids"]
-    if isinstance(record.get("messages"), list):
-        return _chat(tokenizer, record["messages"])
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        if tokenizer.chat_template is None:  # a base model: plain concatenation
-            return tokenizer(record["prompt"] + record["response"])["input_ids"]
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
-        return _chat(tokenizer, messages)
-    raise KeyError(f"no usable field among {sorted(record)}")
-
-
-def _chat(tokenizer, messages: list) -> list[int]:
-    if tokenizer.chat_template is None:
-        raise ValueError("a 'messages' record needs a tokenizer with a chat template")
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-
-
-def right_padded(sequences: list[list[int]], batch_size: int, pad_id: int, device) -> list[Batch]:
-    """Batches of similar length (less padding), right padded so padding never precedes a real position."""
-    ordered = sorted(sequences, key=len, reverse=True)
-    batches = []
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start : start + batch_size]
-        ids = torch.full((len(chunk), len(chunk[0])), pad_id, dtype=torch.long)  # (b, L)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        batches.append((ids.to(device), mask.to(device)))
-    return batches
 
 
 # ---------------------------------------------------------------------------------------------------- probes
@@ -253,7 +157,7 @@ def layer_importance(
     Args:
         source: a llama / qwen2 / qwen3 / mistral `*ForCausalLM` or a `HybridForCausalLM` (its attention layers are
             the candidates), or a checkpoint directory of one (loaded in fp32 with its tokenizer).
-        data, n, max_length, seed: the calibration set (`load_calibration`); `seed` also seeds the MIL mixers.
+        data, n, max_length, seed: the calibration set (`suture.data.load_sequences`); `seed` also seeds the MIL mixers.
         tokenizer: required for an in-memory model.
         on_progress: called as `on_progress(done, total)`; one unit per probe preparation and per forward pass.
     """
@@ -265,10 +169,9 @@ def layer_importance(
         raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if str(data) != "workload" and not Path(data).is_file():  # before loading a large model
-        raise FileNotFoundError(f"Calibration data {data} not found: pass 'workload' or a .jsonl file.")
+    check_data(data)  # before loading a large model
     model, tokenizer, name = _load_source(source, tokenizer)
-    sequences = load_calibration(data, tokenizer, n=n, max_length=max_length, seed=seed)
+    sequences = load_sequences(data, tokenizer, n=n, max_length=max_length, seed=seed)
     largest = max(max(s) for s in sequences)
     if largest >= model.config.vocab_size:
         raise ValueError(f"Token id {largest} is outside the model's vocabulary ({model.config.vocab_size}): "

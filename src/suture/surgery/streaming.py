@@ -22,7 +22,7 @@ import torch
 from .. import __version__
 from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.families import FAMILIES, get_family
-from ..checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
+from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
 from .layers import LayerSelection
 from .mil import layer_index, mil_mixer

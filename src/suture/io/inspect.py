@@ -11,8 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..checkpoint import DTYPES, CheckpointReader, TensorInfo
-from ..io import read_json
+from .checkpoint import DTYPES, CheckpointReader, TensorInfo
+from .outputs import read_json
 
 _LAYER = re.compile(r"^(?:model\.|backbone\.)?layers\.(\d+)\.")
 _DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}

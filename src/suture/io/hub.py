@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .io import HUB_ID, is_hub_id, read_json, read_weight_map
+from .. import __version__
+from .outputs import HUB_ID, is_hub_id, read_json, read_weight_map
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Lineage files, first found wins: suture's merge recipe, then mergekit's, then a JSON recipe.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .io import read_weight_map
+from .outputs import read_weight_map
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
