@@ -30,7 +30,7 @@ def build_checkpoints(root: Path, layers: int) -> list[Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from suture.checkpoint import ShardedSafetensorsWriter
+    from suture.io.checkpoint import ShardedSafetensorsWriter
 
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
@@ -66,7 +66,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
 
 def differences(a: Path, b: Path) -> tuple[float, float]:
     """(max |a - b|, fraction of entries that differ) over every tensor of two checkpoints."""
-    from suture.checkpoint import CheckpointReader
+    from suture.io.checkpoint import CheckpointReader
 
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     if set(ra.index) != set(rb.index):
