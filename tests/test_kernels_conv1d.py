@@ -1,11 +1,20 @@
-"""Causal depthwise conv1d: torch path vs reference, and the decode update vs the full conv."""
+"""Causal depthwise conv1d and its decode update: torch paths vs their references, and decoding vs the full conv."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from suture.kernels import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
+from kernel_checks import close
+
+import suture.kernels.conv1d as conv1d
+from suture.kernels import (
+    causal_conv1d_fn,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+    use_backend,
+)
 from suture.kernels.backend import load_kernel
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
@@ -82,6 +91,98 @@ def test_bad_inputs_raise_helpful_errors():
         causal_conv1d_fn(x, w, bias, activation="relu")
     with pytest.raises(ValueError, match="S >= width - 1"):
         causal_conv1d_update(x[..., 0], torch.zeros(1, 4, 1), w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode update: the torch path against its own plain reference.
+
+
+def _step_inputs(b, d, w, S, T, dtype, seed=1):
+    """x (b, d) when T is None, else (b, d, T); a random conv_state (b, d, S); weight (d, w); bias (d,)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, 1 if T is None else T, generator=gen)
+    state = torch.randn(b, d, S, generator=gen)
+    weight, bias = torch.randn(d, w, generator=gen), torch.randn(d, generator=gen)
+    x = x[..., 0] if T is None else x
+    return x.to(dtype), state.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+@pytest.mark.parametrize("w, S", [(4, 3), (4, 4), (4, 7), (3, 5), (1, 0), (1, 2)],
+                         ids=["w4-S=w-1", "w4-S=w", "w4-S=w+3", "w3-S=w+2", "w1-S=0", "w1-S=2"])
+@pytest.mark.parametrize("T", [None, 1, 3], ids=["x(b,d)", "T=1", "T=3"])
+@pytest.mark.parametrize("use_bias, activation", [(True, "silu"), (False, None)], ids=["bias-silu", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_update_torch_path_matches_reference(w, S, T, use_bias, activation, dtype):
+    x, state, weight, bias = _step_inputs(3, 5, w, S, T, dtype)
+    bias = bias if use_bias else None
+    state_ref = state.clone()
+    y = causal_conv1d_update(x, state, weight, bias, activation, backend="torch")
+    y_ref = causal_conv1d_update_ref(x, state_ref, weight, bias, activation)
+    assert y.shape == y_ref.shape == x.shape and y.dtype == y_ref.dtype == dtype
+    close(y, y_ref, dtype, "y")
+    assert state.dtype == state_ref.dtype == dtype
+    assert torch.equal(state, state_ref), "the updated conv_state differs"  # inputs only move: exact
+
+
+@pytest.mark.parametrize("chunks", [[1] * 11, [3, 1, 5, 2]], ids=["one-token-steps", "chunks-3-1-5-2"])
+@pytest.mark.parametrize("S_extra", [-1, 0, 2], ids=["S=w-1", "S=w", "S=w+2"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_update_ref_steps_equal_conv_ref(chunks, S_extra, activation):
+    """Decoding with the reference, token by token or several at a time, equals the full-sequence reference (fp64)."""
+    b, d, L, w = 2, 6, sum(chunks), 4
+    x, weight, bias = make(b, d, L, w, torch.float64)
+    y_full = causal_conv1d_ref(x, weight, bias, activation)
+    state = torch.zeros(b, d, w + S_extra, dtype=torch.float64)
+    start = 0
+    for T in chunks:
+        y = causal_conv1d_update_ref(x[..., start : start + T], state, weight, bias, activation)
+        close(y, y_full[..., start : start + T], torch.float64, f"tokens {start}..{start + T - 1}")
+        start += T
+    S = state.shape[-1]
+    assert torch.equal(state, x[..., L - S :])  # holds the last S inputs
+
+
+def _spy(monkeypatch, name, calls):
+    real = getattr(conv1d, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv1d, name, spy)
+
+
+def test_update_backends_run_their_own_implementation(monkeypatch):
+    """backend='reference' runs causal_conv1d_update_ref and not the torch path; 'torch' the other way round."""
+    calls = []
+    _spy(monkeypatch, "causal_conv1d_update_ref", calls)
+    _spy(monkeypatch, "_conv_update_torch", calls)
+    x, state, weight, bias = _step_inputs(2, 4, 4, 4, 2, torch.float32)
+    y_ref = causal_conv1d_update(x, state.clone(), weight, bias, "silu", backend="reference")
+    assert calls == ["causal_conv1d_update_ref"]
+    calls.clear()
+    with use_backend("reference"):
+        assert torch.equal(causal_conv1d_update(x, state.clone(), weight, bias, "silu"), y_ref)
+    assert calls == ["causal_conv1d_update_ref"]
+    calls.clear()
+    causal_conv1d_update(x, state.clone(), weight, bias, "silu", backend="torch")
+    assert calls == ["_conv_update_torch"]
+
+
+def test_update_ref_does_not_use_the_torch_path(monkeypatch):
+    def torch_path(*args, **kwargs):
+        raise AssertionError("the reference ran the torch path's code")
+
+    monkeypatch.setattr(conv1d, "_conv_update_torch", torch_path)
+    monkeypatch.setattr(conv1d.F, "conv1d", torch_path)
+    x, state, weight, bias = _step_inputs(2, 4, 4, 4, 3, torch.float32)
+    assert causal_conv1d_update_ref(x, state, weight, bias, "silu").shape == x.shape
+
+
+def test_update_ref_rejects_a_short_state():
+    x, _, weight, bias = _step_inputs(1, 4, 3, 2, None, torch.float32)
+    with pytest.raises(ValueError, match="S >= width - 1"):
+        causal_conv1d_update_ref(x, torch.zeros(1, 4, 1), weight, bias)
 
 
 @pytest.mark.gpu

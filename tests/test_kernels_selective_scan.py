@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from kernel_checks import close
 
+import suture.kernels.selective_scan as scan_module
 from suture.kernels import (
     selective_scan_fn,
     selective_scan_ref,
     selective_state_update,
     selective_state_update_ref,
+    use_backend,
 )
 from suture.kernels.backend import load_kernel
 from suture.kernels.selective_scan import _selective_scan_torch
@@ -176,6 +178,115 @@ def test_state_update_bf16_state_and_inputs():
     assert y.dtype == torch.bfloat16 and state.dtype == torch.bfloat16
     close(y, y32, torch.bfloat16)
     close(state, state32, torch.bfloat16)
+
+
+DECODE_CASES = {  # b, d, n, g, heads: heads None is form (a), state (b, d, n); (h, p) is form (b), state (b, h, p, n)
+    "a-B(b,n)": (3, 6, 5, None, None),
+    "a-grouped": (3, 6, 5, 3, None),
+    "a-one-group-odd": (2, 15, 7, 1, None),
+    "b-grouped": (2, 18, 7, 2, (6, 3)),
+    "b-head-per-group-odd": (1, 15, 3, 3, (3, 5)),
+}
+OPTIONAL = ("D", "z", "dt_bias", "softplus")
+
+
+def decode_case(b, d, n, g, heads, dtype, L, drop=()):
+    """A scan's inputs and the same sequence as decode steps in the case's shape form.
+
+    ``drop`` names optional inputs left out (``"softplus"``: delta is passed already positive).
+    Returns (x, softplus, state, step): x the scan inputs of :func:`make_inputs`; state the initial state in the
+    case's form; ``step(t)`` gives ``(args, kwargs)`` for ``selective_state_update(state, *args, **kwargs)``.
+    """
+    x = make_inputs(b, d, n, L, g, dtype)
+    softplus = "softplus" not in drop
+    if not softplus:
+        x["delta"] = F.softplus(x["delta"].float()).to(dtype)
+    for name, key in (("D", "D"), ("z", "z"), ("dt_bias", "delta_bias")):
+        if name in drop:
+            x[key] = None
+
+    def form(t, axis):  # the channel axis split into (h, p) for form (b)
+        return t if t is None or heads is None else t.unflatten(axis, heads)
+
+    def step(t):
+        z_t = None if x["z"] is None else x["z"][..., t]
+        args = (form(x["u"][..., t], 1), form(x["delta"][..., t], 1), form(x["A"], 0), x["B"][..., t], x["C"][..., t])
+        kwargs = dict(D=form(x["D"], 0), z=form(z_t, 1), dt_bias=form(x["delta_bias"], 0), dt_softplus=softplus)
+        return args, kwargs
+
+    return x, softplus, form(x["initial_state"], 1).clone(), step
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+@pytest.mark.parametrize("drop", [(), OPTIONAL, *((k,) for k in OPTIONAL)],
+                         ids=["all", "bare", *(f"no-{k}" for k in OPTIONAL)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_state_update_torch_path_matches_reference(case, drop, dtype):
+    """The fast path's outputs and in-place states equal the plain reference's, step after step."""
+    _, _, state, step = decode_case(*case, dtype, L=3, drop=drop)
+    state_ref = state.clone()
+    for t in range(3):
+        args, kwargs = step(t)
+        y = selective_state_update(state, *args, **kwargs, backend="torch")
+        y_ref = selective_state_update_ref(state_ref, *args, **kwargs)
+        assert y.shape == y_ref.shape == args[0].shape and y.dtype == y_ref.dtype == dtype
+        assert state.dtype == state_ref.dtype == dtype
+        close(y, y_ref, dtype, f"y at step {t}")
+        close(state, state_ref, dtype, f"state at step {t}")
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+@pytest.mark.parametrize("drop", [(), OPTIONAL], ids=["all", "bare"])
+def test_state_update_ref_steps_equal_scan_ref(case, drop):
+    """Decoding a sequence one step at a time with the reference equals the full-sequence reference scan (fp64)."""
+    b, d, n, L = case[0], case[1], case[2], 9
+    x, softplus, state, step = decode_case(*case, torch.float64, L=L, drop=drop)
+    y_scan, last = selective_scan_ref(**{k: x[k] for k in NAMES}, delta_softplus=softplus, return_last_state=True)
+    for t in range(L):
+        args, kwargs = step(t)
+        y_t = selective_state_update_ref(state, *args, **kwargs)
+        close(y_t.reshape(b, d), y_scan[..., t], torch.float64, f"y at step {t}")
+    close(state.reshape(b, d, n), last, torch.float64, "last state")
+
+
+def _spy(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def test_state_update_backends_run_their_own_implementation(monkeypatch):
+    """backend='reference' runs selective_state_update_ref and not the fast body; 'torch' the other way round."""
+    calls = []
+    _spy(monkeypatch, scan_module, "selective_state_update_ref", calls)
+    _spy(monkeypatch, scan_module, "_state_update", calls)
+    _, _, state, step = decode_case(*DECODE_CASES["b-grouped"], torch.float32, L=1)
+    args, kwargs = step(0)
+    y_ref = selective_state_update(state.clone(), *args, **kwargs, backend="reference")
+    assert calls == ["selective_state_update_ref"]
+    calls.clear()
+    with use_backend("reference"):
+        assert torch.equal(selective_state_update(state.clone(), *args, **kwargs), y_ref)
+    assert calls == ["selective_state_update_ref"]
+    calls.clear()
+    selective_state_update(state.clone(), *args, **kwargs, backend="torch")
+    assert calls == ["_state_update"]
+
+
+def test_state_update_ref_does_not_use_the_fast_path(monkeypatch):
+    def fast_path(*args, **kwargs):
+        raise AssertionError("the reference ran the fast path's code")
+
+    monkeypatch.setattr(scan_module, "_state_update", fast_path)
+    monkeypatch.setattr(scan_module, "_as_heads", fast_path)
+    for case in ("a-grouped", "b-grouped"):
+        _, _, state, step = decode_case(*DECODE_CASES[case], torch.float32, L=1)
+        args, kwargs = step(0)
+        assert selective_state_update_ref(state, *args, **kwargs).shape == args[0].shape
 
 
 # ---------------------------------------------------------------------------------------------------------------

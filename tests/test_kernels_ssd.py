@@ -120,7 +120,8 @@ def test_long_sequence_is_stable(dtype):
 
 
 @pytest.mark.parametrize("g", [1, 2])
-def test_decode_steps_equal_scan(g):
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_decode_steps_equal_scan(g, backend):
     """Mamba-2 decode: the per-head selective_state_update with A, dt, dt_bias, D broadcast from per-head values."""
     b, L, h, p, n = 2, 9, 4, 3, 5
     x = make_inputs(b, L, h, p, g, n, torch.float32)
@@ -131,7 +132,7 @@ def test_decode_steps_equal_scan(g):
     for t in range(L):
         dt = x["dt"][:, t, :, None].expand(b, h, p)
         y_t = selective_state_update(state, x["x"][:, t], dt, A, x["B"][:, t], x["C"][:, t], D=D, z=x["z"][:, t],
-                                     dt_bias=dt_bias, dt_softplus=True)  # (b, h, p)
+                                     dt_bias=dt_bias, dt_softplus=True, backend=backend)  # (b, h, p)
         close(y_t, y_ref[:, t], torch.float32, f"step {t}")
     close(state, f_ref, torch.float32, "state")
 

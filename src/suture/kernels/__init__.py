@@ -1,9 +1,11 @@
 """SSM kernels: Mamba-1 selective scan, Mamba-2 SSD, causal depthwise conv1d, and their decode steps.
 
-Every op has a plain fp32 reference (``*_ref``, the test oracle), a fast exact PyTorch path (the CPU runtime), and a
-CUDA dispatch to mamba-ssm / causal-conv1d. The implementation is chosen per call from the tensors' device and the
-backend setting (``backend=`` argument, :func:`use_backend`, :func:`set_backend` or ``SUTURE_KERNEL_BACKEND``):
-``"auto"`` (default), ``"torch"``, ``"reference"`` or ``"cuda"``. See :mod:`suture.kernels.backend`.
+Every op, decode steps included, has a fast exact PyTorch path (the CPU runtime), a CUDA dispatch to mamba-ssm /
+causal-conv1d, and its own plain fp32 reference written independently of the fast path (the test oracle):
+``selective_scan_ref``, ``selective_state_update_ref``, ``ssd_scan_ref``, ``causal_conv1d_ref`` and
+``causal_conv1d_update_ref``. The implementation is chosen per call from the tensors' device and the backend setting
+(``backend=`` argument, :func:`use_backend`, :func:`set_backend` or ``SUTURE_KERNEL_BACKEND``): ``"auto"``
+(default), ``"torch"``, ``"reference"`` or ``"cuda"``. See :mod:`suture.kernels.backend`.
 
 Shapes (b batch, L length, d channels, n state size, g groups, h heads, p head dim):
 
@@ -12,6 +14,10 @@ Shapes (b batch, L length, d channels, n state size, g groups, h heads, p head d
 - ``mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, ...)``: x ``(b, L, h, p)``; dt ``(b, L, h)``; A ``(h,)``;
   B, C ``(b, L, g, n)``.
 - ``causal_conv1d_fn(x, weight, ...)``: x ``(b, d, L)``; weight ``(d, w)``.
+- ``selective_state_update(state, x, dt, A, B, C, ...)``: state ``(b, d, n)``, x ``(b, d)``, or per head
+  ``(b, h, p, n)``, ``(b, h, p)``; ``state`` updated in place.
+- ``causal_conv1d_update(x, conv_state, weight, ...)``: x ``(b, d)`` or ``(b, d, T)``; conv_state ``(b, d, S)``,
+  ``S >= w - 1``, updated in place.
 """
 
 from suture.kernels.backend import (
@@ -25,7 +31,12 @@ from suture.kernels.backend import (
     set_backend,
     use_backend,
 )
-from suture.kernels.conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
+from suture.kernels.conv1d import (
+    causal_conv1d_fn,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+)
 from suture.kernels.selective_scan import (
     selective_scan_fn,
     selective_scan_ref,
@@ -43,6 +54,7 @@ __all__ = [
     "causal_conv1d_fn",
     "causal_conv1d_ref",
     "causal_conv1d_update",
+    "causal_conv1d_update_ref",
     "get_backend",
     "mamba_chunk_scan_combined",
     "resolve_backend",

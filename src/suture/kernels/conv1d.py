@@ -1,4 +1,4 @@
-"""Causal depthwise conv1d (Mamba's short convolution): reference, PyTorch path, CUDA dispatch, decode update.
+"""Causal depthwise conv1d (Mamba's short convolution): references, PyTorch paths, CUDA dispatch, decode update.
 
 Matches the causal-conv1d package: ``y[:, c, t] = bias[c] + sum_k weight[c, k] * x[:, c, t - (w - 1) + k]`` with
 zeros before the start, then an optional SiLU. Computation is in fp32; outputs come back in ``x.dtype``.
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from suture.kernels.backend import resolve_backend
 
-__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update"]
+__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -75,6 +75,36 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None, *, backend: str | No
     return _causal_conv1d_torch(x, weight, bias, activation)
 
 
+def _check_update(x, conv_state, weight, bias, activation) -> None:
+    _check(x, weight, bias, activation, x_dims=(2, 3))
+    b, d = x.shape[:2]
+    w = weight.shape[1]
+    if conv_state.dim() != 3 or conv_state.shape[:2] != (b, d) or conv_state.shape[2] < w - 1:
+        raise ValueError(f"causal_conv1d_update: conv_state must be (b={b}, d={d}, S) with S >= width - 1 = {w - 1}, "
+                         f"got {tuple(conv_state.shape)}")
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
+    """Reference decode step(s) in fp32: one token at a time, shift the state and dot the window with the weight.
+
+    Args and returns as :func:`causal_conv1d_update`; ``conv_state`` is updated in place.
+    """
+    _check_update(x, conv_state, weight, bias, activation)
+    cd = _compute_dtype(x)
+    w = weight.shape[1]
+    tokens = (x.unsqueeze(-1) if x.dim() == 2 else x).to(cd)  # (b, d, T)
+    state = conv_state.to(cd)  # (b, d, S): the last S inputs, oldest first
+    y = torch.empty_like(tokens)  # (b, d, T)
+    for t in range(tokens.shape[-1]):
+        seen = torch.cat([state, tokens[..., t : t + 1]], dim=-1)  # (b, d, S + 1), newest last
+        y[..., t] = (seen[..., -w:] * weight.to(cd)).sum(-1)  # sum_k weight[:, k] * x[t - (w - 1) + k]
+        if bias is not None:
+            y[..., t] += bias.to(cd)
+        state = seen[..., 1:]  # drop the oldest input
+    conv_state.copy_(state)
+    return _activate(y, activation).to(x.dtype).view(x.shape)
+
+
 def _conv_update_torch(x, conv_state, weight, bias, activation):
     cd = _compute_dtype(x)
     d, w = weight.shape
@@ -98,13 +128,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     Returns: outputs with ``x``'s shape and dtype. Equal to the matching steps of :func:`causal_conv1d_fn` run on
     the whole sequence.
     """
-    _check(x, weight, bias, activation, x_dims=(2, 3))
-    b, d = x.shape[:2]
-    w = weight.shape[1]
-    if conv_state.dim() != 3 or conv_state.shape[:2] != (b, d) or conv_state.shape[2] < w - 1:
-        raise ValueError(f"causal_conv1d_update: conv_state must be (b={b}, d={d}, S) with S >= width - 1 = {w - 1}, "
-                         f"got {tuple(conv_state.shape)}")
+    _check_update(x, conv_state, weight, bias, activation)
     name, kernel = resolve_backend("causal_conv1d_update", x, backend=backend)
     if name == "cuda":
         return kernel(x, conv_state, weight, bias, activation)
+    if name == "reference":
+        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     return _conv_update_torch(x, conv_state, weight, bias, activation)

@@ -33,9 +33,9 @@ _BLOCK_ELEMS = 1 << 18  # elements of one (T, b, d, n) block buffer: ~1 MiB fp32
 _MAX_BLOCK = 128
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for half/bf16/fp32 inputs; fp64 inputs stay fp64 (used by the tests as a higher-precision oracle)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs; fp64 if any input is fp64 (used by the tests as a higher-precision oracle)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
@@ -268,70 +268,72 @@ def selective_scan_fn(
 # One decode step.
 
 
-def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
-    """Validate and view either shape form as the per-head form.
-
-    (a) state (b, d, n), x/dt/z (b, d), A (d, n), B/C (b, n) or (b, g, n), D/dt_bias (d,): viewed as g heads of d/g.
-    (b) state (b, h, p, n), x/dt/z (b, h, p), A (h, p, n), B/C (b, g, n) with g | h, D/dt_bias (h, p).
-    Returns views (state, x, dt, A, B, C, D, z, dt_bias) in form (b).
-    """
-    if state.dim() == 3:
+def _check_state_update(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+    """Validate the shapes of either form (see :func:`selective_state_update_ref`); raise naming the tensor."""
+    if state.dim() == 3:  # (a) channels
         b, d, n = state.shape
         g = B.shape[1] if B.dim() == 3 else 1
         if B.dim() not in (2, 3) or B.shape[0] != b or B.shape[-1] != n or d % g != 0:
             raise ValueError(f"selective_state_update: with state (b, d, n) = {(b, d, n)}, B and C must be (b, n) or "
                              f"(b, g, n) with g dividing d; got B {tuple(B.shape)}")
-        for name, t, shape in [("x", x, (b, d)), ("dt", dt, (b, d)), ("z", z, (b, d)), ("A", A, (d, n)),
-                               ("C", C, tuple(B.shape)), ("D", D, (d,)), ("dt_bias", dt_bias, (d,))]:
-            if t is not None and tuple(t.shape) != shape:
-                raise ValueError(f"selective_state_update: {name} must be {shape} for state {(b, d, n)}, "
-                                 f"got {tuple(t.shape)}")
-        heads = (b, g, d // g)
-        try:
-            state = state.view(b, g, d // g, n)
-        except RuntimeError as err:
-            raise ValueError("selective_state_update: state must be viewable as (b, g, d/g, n); "
-                             "pass a contiguous state") from err
-        x, dt = x.reshape(heads), dt.reshape(heads)
-        z = None if z is None else z.reshape(heads)
-        A = A.reshape(g, d // g, n)
-        D = None if D is None else D.reshape(g, d // g)
-        dt_bias = None if dt_bias is None else dt_bias.reshape(g, d // g)
-        B, C = B.reshape(b, g, n), C.reshape(b, g, n)
-    if state.dim() != 4:
+        checks = [("x", x, (b, d)), ("dt", dt, (b, d)), ("z", z, (b, d)), ("A", A, (d, n)),
+                  ("C", C, tuple(B.shape)), ("D", D, (d,)), ("dt_bias", dt_bias, (d,))]
+    elif state.dim() == 4:  # (b) heads
+        b, h, p, n = state.shape
+        checks = [("x", x, (b, h, p)), ("dt", dt, (b, h, p)), ("A", A, (h, p, n)), ("C", C, tuple(B.shape)),
+                  ("z", z, (b, h, p)), ("D", D, (h, p)), ("dt_bias", dt_bias, (h, p))]
+    else:
         raise ValueError(f"selective_state_update: state must be (b, d, n) or (b, h, p, n), got {tuple(state.shape)}")
-    b, h, p, n = state.shape
-    checks = [("x", x, (b, h, p)), ("dt", dt, (b, h, p)), ("A", A, (h, p, n)), ("C", C, tuple(B.shape)),
-              ("z", z, (b, h, p)), ("D", D, (h, p)), ("dt_bias", dt_bias, (h, p))]
     for name, t, shape in checks:
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_state_update: {name} must be {shape} for state {tuple(state.shape)}, "
                              f"got {tuple(t.shape)}")
-    if B.dim() != 3 or B.shape[0] != b or B.shape[2] != n or h % B.shape[1] != 0:
+    if state.dim() == 4 and (B.dim() != 3 or B.shape[0] != b or B.shape[2] != n or h % B.shape[1] != 0):
         raise ValueError(
             f"selective_state_update: B must be (b, g, n) with g dividing nheads={h}, got {tuple(B.shape)}"
         )
-    return state, x, dt, A, B, C, D, z, dt_bias
 
 
-def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, grouped_view):
-    """Per-head step in fp32; writes the new state into ``state``; returns y (b, h, p) in x's dtype."""
-    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
+    """View validated inputs of either form as the per-head form (b), without copying ``state``.
+
+    Form (a) becomes g heads of d/g channels: state (b, g, d/g, n), x/dt/z (b, g, d/g), A (g, d/g, n), B/C (b, g, n),
+    D/dt_bias (g, d/g). Returns (state, x, dt, A, B, C, D, z, dt_bias).
+    """
+    if state.dim() == 4:
+        return state, x, dt, A, B, C, D, z, dt_bias
+    b, d, n = state.shape
+    g = B.shape[1] if B.dim() == 3 else 1
+    heads = (b, g, d // g)
+    try:
+        state = state.view(b, g, d // g, n)
+    except RuntimeError as err:
+        raise ValueError("selective_state_update: state must be viewable as (b, g, d/g, n); "
+                         "pass a contiguous state") from err
+    x, dt = x.reshape(heads), dt.reshape(heads)
+    z = None if z is None else z.reshape(heads)
+    A = A.reshape(g, d // g, n)
+    D = None if D is None else D.reshape(g, d // g)
+    dt_bias = None if dt_bias is None else dt_bias.reshape(g, d // g)
+    return state, x, dt, A, B.reshape(b, g, n), C.reshape(b, g, n), D, z, dt_bias
+
+
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """Per-head step in fp32; writes the new state into ``state``; returns y (b, h, p) in x's dtype.
+
+    Each group's B/C is broadcast over its heads with views, never repeated.
+    """
+    cd = _compute_dtype(state, x)
     b, h, p, n = state.shape
     g = B.shape[1]
     dt = dt.to(cd) if dt_bias is None else dt.to(cd) + dt_bias.to(cd)  # (b, h, p)
     if dt_softplus:
         dt = F.softplus(dt)
-    if grouped_view:  # broadcast each group's B/C over its heads with views
-        shape5 = (b, g, h // g, p)
-        Bh, Ch = B.to(cd)[:, :, None, None, :], C.to(cd)[:, :, None, None, :]  # (b, g, 1, 1, n)
-    else:  # reference: spell the group -> head map out
-        shape5 = (b, h, 1, p)
-        Bh = B.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, None, :]  # (b, h, 1, 1, n)
-        Ch = C.to(cd).repeat_interleave(h // g, dim=1)[:, :, None, None, :]
-    dA = torch.exp(dt[..., None] * A.to(cd)).view(*shape5, n)  # (.., p, n)
-    dBx = (dt * x.to(cd)).view(*shape5, 1) * Bh  # (.., p, n)
-    new = state.to(cd).view(*shape5, n) * dA + dBx  # (.., p, n)
+    shape5 = (b, g, h // g, p)
+    Bh, Ch = B.to(cd)[:, :, None, None, :], C.to(cd)[:, :, None, None, :]  # (b, g, 1, 1, n)
+    dA = torch.exp(dt[..., None] * A.to(cd)).view(*shape5, n)  # (b, g, h/g, p, n)
+    dBx = (dt * x.to(cd)).view(*shape5, 1) * Bh  # (b, g, h/g, p, n)
+    new = state.to(cd).view(*shape5, n) * dA + dBx  # (b, g, h/g, p, n)
     y = (new * Ch).sum(-1).view(b, h, p)  # (b, h, p)
     state.copy_(new.view(b, h, p, n))
     if D is not None:
@@ -342,14 +344,47 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, grouped_vie
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One recurrent step in fp32 (the oracle); updates ``state`` in place and returns y (x's shape and dtype).
+    """One recurrent step, plain fp32 (the oracle); updates ``state`` in place and returns y (x's shape and dtype).
 
     Shapes, form (a): state ``(b, d, n)``, x/dt/z ``(b, d)``, A ``(d, n)``, B/C ``(b, n)`` or ``(b, g, n)``,
     D/dt_bias ``(d,)``. Form (b), per head: state ``(b, h, p, n)``, x/dt/z ``(b, h, p)``, A ``(h, p, n)``,
     B/C ``(b, g, n)`` with ``g | h``, D/dt_bias ``(h, p)``.
+
+    Both forms are the same per-channel recurrence over the ``c = d`` (or ``h * p``) channels, channel ``k`` reading
+    group ``k // (c / g)``::
+
+        dt = softplus(dt + dt_bias)                     # bias and softplus optional
+        state = exp(dt * A) * state + dt * x * B
+        y = <state, C> + D * x ;  y *= silu(z)          # D and z optional
+
+    Computes in fp32 (float64 when ``state`` or ``x`` is float64).
     """
-    heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
-    return _state_update(*heads, dt_softplus, grouped_view=False).view(x.shape)
+    _check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
+    cd = _compute_dtype(state, x)
+    b, n = state.shape[0], state.shape[-1]
+    c = x.shape[1:].numel()  # channels: d, or h * p
+
+    def channels(t, *lead):  # (*lead, c) in the compute dtype, whichever form t came in
+        return None if t is None else t.to(cd).reshape(*lead, c)
+
+    x_, dt_, z_, D_, dt_bias_ = channels(x, b), channels(dt, b), channels(z, b), channels(D), channels(dt_bias)
+    B_, C_ = B.to(cd).reshape(b, -1, n), C.to(cd).reshape(b, -1, n)  # (b, g, n); B (b, n) is one group
+    group = torch.arange(c, device=x.device) // (c // B_.shape[1])  # (c,): the group channel k reads
+    B_, C_ = B_[:, group], C_[:, group]  # (b, c, n)
+    if dt_bias_ is not None:
+        dt_ = dt_ + dt_bias_
+    if dt_softplus:
+        dt_ = F.softplus(dt_)
+    h = state.to(cd).reshape(b, c, n)  # (b, c, n)
+    dA = torch.exp(dt_[..., None] * A.to(cd).reshape(c, n))  # (b, c, n)
+    h = dA * h + (dt_ * x_)[..., None] * B_  # (b, c, n)
+    y = (h * C_).sum(-1)  # (b, c)
+    if D_ is not None:
+        y = y + D_ * x_
+    if z_ is not None:
+        y = y * F.silu(z_)
+    state.copy_(h.reshape(state.shape))
+    return y.to(x.dtype).reshape(x.shape)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend=None):
@@ -358,9 +393,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Shapes as :func:`selective_state_update_ref` (both forms; Mamba-2 decode passes the per-head form with
     ``A`` expanded from ``(h,)`` to ``(h, p, n)``).
     """
-    heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
+    _check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
     name, kernel = resolve_backend("selective_state_update", state, backend=backend)
+    if name == "reference":
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
     if name == "cuda":  # mamba-ssm takes the per-head form directly; the views share state's storage
         s, xh, dth, Ah, Bh, Ch, Dh, zh, dtbh = heads
         return kernel(s, xh, dth, Ah, Bh, Ch, D=Dh, z=zh, dt_bias=dtbh, dt_softplus=dt_softplus).view(x.shape)
-    return _state_update(*heads, dt_softplus, grouped_view=name == "torch").view(x.shape)
+    return _state_update(*heads, dt_softplus).view(x.shape)
