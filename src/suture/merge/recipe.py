@@ -14,10 +14,12 @@ A mergekit config for linear / task_arithmetic / ties / dare_linear / dare_ties 
 suture's additions (all optional):
 
 - `post_steps`: methods applied after the merge, e.g. ``[{method: aim, parameters: {omega: 0.4}}]``;
-- `statistics`: where a method's statistics live: ``{aim: aim_stats.safetensors}`` (from
-  `suture.merge.statistics`), ``{rcp: rcp_stats_dir}``; or `calibration` to compute them before merging: AIM from
-  the base model on ``{data: workload, n: 100, max_length: 512}``, RCP from the reasoning and domain models (the
-  two `models`) on ``{data: reasoning.jsonl, domain_data: domain.jsonl, n_reasoning: 5, n_domain: 6}``;
+- `statistics`: for the methods that take statistics, the file or directory each method's statistics source
+  loads: ``{aim: aim_stats.safetensors}``, ``{rcp: rcp_stats_dir}`` (both from `suture.merge.statistics`); or
+  `calibration`, from which the sources compute them before merging (each method's module says which fields it
+  uses): AIM from the base model on ``{data: workload, n: 100, max_length: 512}``, RCP from the reasoning and
+  domain models (the two `models`) on ``{data: reasoning.jsonl, domain_data: domain.jsonl, n_reasoning: 5,
+  n_domain: 6}``;
 - `config_source` (default: the base model, else the first model) and `config_overrides` (e.g.
   ``{max_position_embeddings: 131072}``: a long-CoT model needs its long context);
 - `tensor_policy`: ``error`` (default: a tensor missing from any input is an error naming it) or ``base`` (take
@@ -67,8 +69,9 @@ class PostStep(BaseModel):
 
 
 class Calibration(BaseModel):
-    """Calibration data for statistics computed before merging: AIM uses `data` (run through the base model);
-    RCP uses `data` as the reasoning set and `domain_data` as the domain set (gradients of the two models)."""
+    """Calibration data for the statistics that methods compute before merging (see `StatisticsSource`): `data`
+    (and for methods that compare two sets, `domain_data`), "workload" or a JSONL file; `n` samples (`n_reasoning`
+    from `data` and `n_domain` from `domain_data` for two sets) of at most `max_length` tokens."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -168,7 +171,18 @@ class MergeRecipe(BaseModel):
                 raise ValueError(f"post_steps: {step.method!r} is not a post-step method.")
             if post.needs_base and self.base_model is None:
                 raise ValueError(f"post-step {step.method!r} needs `base_model`.")
+        self._check_statistics()
         return self
+
+    def _check_statistics(self) -> None:
+        """Every `statistics` key names a method of the recipe that takes statistics (a misspelt one would be
+        ignored, and the statistics computed from `calibration` instead of loaded)."""
+        names = dict.fromkeys([self.merge_method, *(step.method for step in self.post_steps)])
+        taking = [name for name in names if get_method(name).statistics]
+        for key in self.statistics:
+            if key not in taking:
+                raise ValueError(f"statistics: {key!r} is not a method of this recipe that takes statistics (those "
+                                 f"are: {', '.join(taking) or 'none'}); name the method, or remove the entry.")
 
     def _check_model_count(self, method) -> None:
         """A method that takes an exact number of models gets that many (the base, if any, beside them)."""
