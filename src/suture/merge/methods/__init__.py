@@ -120,7 +120,8 @@ class MergeMethod:
     """One registered method: the function plus everything the engine needs to call it.
 
     ``per_model`` / ``shared`` map parameter names to defaults (``REQUIRED``: the config must set it) and
-    ``statistics`` names the statistics, all read from the function's signature by `merge_method`.
+    ``statistics`` names the statistics, all read from the function's signature by `merge_method`;
+    ``statistics_source`` says where the statistics come from.
     ``n_models``: exact number of (non-base) models, None for one or more. ``same_shape``: False when the method
     handles inputs whose dim 0 (vocabulary rows) differs itself; its result has the first model's shape.
     """
