@@ -4,8 +4,9 @@ Merges the zoo's long-CoT and short-CoT models with each method through `suture 
 recipes as the CLI), evaluates every merge and both parents on the workload test split, and prints accuracy and
 mean response length per level:
 
-- Long-to-Short, as Wu et al.: the short (quick) model is the base and long - short the task vector
-  (TA lambda 0.7, TIES keep 0.2, DARE-TIES keep 0.7, AIM-TIES omega 0.4 on 100 workload calibration samples);
+- Long-to-Short, as Wu et al.: the short (quick) model is the base and long - short the task vector, with the
+  paper's settings from the library (`suture.merge.recipe.LONG_SHORT_PARAMETERS`: TA lambda 0.7, TIES keep 0.2,
+  DARE-TIES keep 0.7; AIM-TIES omega 0.4 on 100 workload calibration samples);
 - the same with the zoo's common ancestor (`base`) as the base and both task vectors merged (TA, TIES, TSV);
 - reasoning vector: v = rl - long (RL-like minus its SFT init), added to other models (alpha 1) and subtracted.
 
@@ -33,14 +34,13 @@ from suture.workload import LEVELS, build_zoo, evaluate
 def recipes(zoo: Path) -> dict[str, dict | object]:
     long, short, base, rl = (str(zoo / name) for name in ("long", "short", "base", "rl"))
     out: dict[str, object] = {
-        "TA (short base)": long_short_recipe(long, short, "task_arithmetic", {"lambda": 0.7}),
-        "TIES (short base)": long_short_recipe(long, short, "ties", {"density": 0.2, "lambda": 1.0}),
-        "DARE-TIES (short base)": long_short_recipe(long, short, "dare_ties", {"density": 0.7, "lambda": 1.0}),
-        "AIM-TIES (short base)": long_short_recipe(long, short, "ties", {"density": 0.2, "lambda": 1.0},
-                                                   aim_omega=0.4, calibration_n=100),
-        "TA (common base)": long_short_recipe(long, short, "task_arithmetic", {"lambda": 0.7}, base=base),
-        "TIES (common base)": long_short_recipe(long, short, "ties", {"density": 0.2, "lambda": 1.0}, base=base),
-        "TSV (common base)": long_short_recipe(long, short, "tsv", {"lambda": 1.0}, base=base),
+        "TA (short base)": long_short_recipe(long, short, "task_arithmetic"),
+        "TIES (short base)": long_short_recipe(long, short, "ties"),
+        "DARE-TIES (short base)": long_short_recipe(long, short, "dare_ties"),
+        "AIM-TIES (short base)": long_short_recipe(long, short, "ties", aim=True),
+        "TA (common base)": long_short_recipe(long, short, "task_arithmetic", base=base),
+        "TIES (common base)": long_short_recipe(long, short, "ties", base=base),
+        "TSV (common base)": long_short_recipe(long, short, "tsv", base=base),
     }
     for target in ("base", "short"):
         out[f"{target} + (rl - long)"] = {"merge_method": "reasoning_vector", "parameters": {"alpha": 1.0},

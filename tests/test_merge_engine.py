@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from suture.io.checkpoint import CheckpointReader
 from suture.cli.app import app
 from suture.merge import load_recipe, merge, merge_state_dicts, plan_merge
+from suture.merge.methods import METHODS, Statistic, StatisticsSource, merge_method
 from suture.surgery import hybridize_model
 
 
@@ -211,8 +213,8 @@ KILLED = """
 import sys, time
 from suture.merge import merge, merge_method
 
-@merge_method("slow_copy", per_model={"weight": 1.0})
-def slow_copy(tensors, base, *, weight):
+@merge_method("slow_copy")
+def slow_copy(tensors, base):
     time.sleep(0.2)
     print("tensor", flush=True)
     return tensors[0]
@@ -364,3 +366,83 @@ def test_rcp_statistics_from_the_recipe_calibration(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     with pytest.raises(ValueError, match="domain_data"):
         merge({**recipe, "calibration": {"data": "workload"}}, tmp_path / "o3")
+
+
+def test_the_readme_custom_method_runs_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("```python", readme.index("A custom method is one decorated function")) + len("```python")
+    for name, path in zip("abc", _family(tmp_path)):  # the example's models a, b and c
+        Path(path).rename(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(readme[start : readme.index("```", start)], {})
+    finally:
+        METHODS.pop("median", None)
+    a, b, c = (_weights(tmp_path / name) for name in "abc")
+    got = _weights(tmp_path / "merged")
+    assert got.keys() == a.keys()
+    for name in a:  # weight 0.5 for b, 1 (the signature's default) for a and c
+        assert torch.equal(got[name], torch.stack([a[name], 0.5 * b[name], c[name]]).median(dim=0).values), name
+
+
+# ------------------------------------------------------------- a statistics-based method the engine does not know
+# One module's worth of code: a method that shrinks the mean task vector by a per-tensor statistic, and the source
+# of that statistic (a safetensors file of 0-d scales, or 1 / the number of calibration records used).
+def _toy_load(path: str):
+    scales = load_file(path)
+    return lambda stat, name: scales.get(name)
+
+
+def _toy_compute(recipe, workdir):
+    records = Path(recipe.calibration.data).read_text().splitlines()[: recipe.calibration.n]
+    with CheckpointReader(recipe.base_model) as reader:
+        names = list(reader.index)
+    save_file({name: torch.tensor(1 / len(records)) for name in names}, workdir / "toy.safetensors")
+    return _toy_load(str(workdir / "toy.safetensors"))
+
+
+def _toy_shrink(tensors, base, *, scale: Statistic[torch.Tensor | None], lambda_: float = 1.0):
+    mean = sum(tensors) / len(tensors)
+    return mean if scale is None else base + lambda_ * scale * (mean - base)
+
+
+@pytest.fixture
+def toy_method():
+    source = StatisticsSource(_toy_load, _toy_compute, calibration={"data": "TEXTS"})
+    merge_method("toy_shrink", needs_base=True, elementwise=True, statistics=source)(_toy_shrink)
+    yield
+    del METHODS["toy_shrink"]
+
+
+def test_a_statistics_method_is_one_module_the_engine_does_not_know(tmp_path, toy_method):
+    import suture.merge.engine as engine
+
+    base, a, c = _family(tmp_path)
+    data = tmp_path / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(6)))
+    recipe = {"merge_method": "toy_shrink", "base_model": base, "models": [{"model": a}, {"model": c}],
+              "parameters": {"lambda": 0.5}}
+    merge({**recipe, "calibration": {"data": str(data), "n": 4}}, tmp_path / "computed")
+    b, wa, wc = (_weights(p) for p in (base, a, c))
+    got = _weights(tmp_path / "computed")
+    for name in b:  # scale 1 / 4 from the calibration block
+        torch.testing.assert_close(got[name], b[name] + 0.5 * 0.25 * ((wa[name] + wc[name]) / 2 - b[name]))
+    assert not (tmp_path / "computed" / ".statistics").exists()  # the scratch directory is gone
+
+    save_file({name: torch.tensor(2.0) for name in b if ".mlp." in name}, tmp_path / "scales.safetensors")
+    merge({**recipe, "statistics": {"toy_shrink": str(tmp_path / "scales.safetensors")},
+           "calibration": {"data": str(data)}}, tmp_path / "loaded")  # a statistics file wins over calibration
+    got = _weights(tmp_path / "loaded")
+    for name in b:  # scale 2 where the file has one; no statistics: the plain mean
+        mean = (wa[name] + wc[name]) / 2
+        torch.testing.assert_close(got[name], b[name] + 0.5 * 2.0 * (mean - b[name]) if ".mlp." in name else mean)
+
+    with pytest.raises(ValueError) as err:  # the error comes from the method's declaration
+        merge(recipe, tmp_path / "none")
+    assert str(err.value) == ("Method 'toy_shrink' needs statistics: set `statistics: {toy_shrink: PATH}` or "
+                              "`calibration: {data: TEXTS}` in the recipe.")
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match=r"statistics: 'toy_shrnik' is not a method of this recipe that takes "
+                                         r"statistics \(those are: toy_shrink\)"):
+        load_recipe({**recipe, "statistics": {"toy_shrnik": str(tmp_path / "scales.safetensors")}})
+    assert "toy" not in Path(engine.__file__).read_text()

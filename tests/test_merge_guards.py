@@ -21,7 +21,12 @@ from typer.testing import CliRunner
 from suture.cli.app import app
 from suture.merge import load_recipe, merge, merge_state_dicts, plan_merge
 from suture.merge.methods import METHODS
-from suture.merge.recipe import long_short_recipe
+from suture.merge.recipe import (
+    LONG_SHORT_AIM_OMEGA,
+    LONG_SHORT_CALIBRATION_N,
+    LONG_SHORT_METHOD,
+    long_short_recipe,
+)
 from suture.workload import build_tokenizer
 
 runner = CliRunner()
@@ -91,6 +96,30 @@ def test_long_short_svd_methods_refuse_a_single_whole_task_vector_and_compute_ot
     got = _weights(tmp_path / "tsv")
     for name in got:  # TSV-Merge of the two task vectors long - base and short - base
         torch.testing.assert_close(got[name], METHODS["tsv"]([lo[name], s[name]], b[name]), msg=name)
+
+
+def test_long_short_defaults_are_the_papers_and_live_in_the_library(tmp_path):
+    from typer.main import get_command
+
+    base, long, short = _family(tmp_path)
+    recipe = long_short_recipe(long, short)  # Wu et al.: TIES, keep 0.2, lambda 1, long - short over the short model
+    assert (recipe.merge_method, recipe.base_model, recipe.parameters) == ("ties", short, {"lambda": 1.0})
+    assert [(m.model, m.parameters) for m in recipe.models] == [(long, {"weight": 1.0, "density": 0.2})]
+    assert recipe.post_steps == [] and recipe.calibration is None
+    aim = long_short_recipe(long, short, "dare_ties", {"density": 0.5}, aim=True)  # AIM: omega 0.4, 100 samples
+    assert aim.models[0].parameters == {"weight": 1.0, "density": 0.5} and aim.parameters == {"lambda": 1.0}
+    assert aim.post_steps[0].parameters == {"omega": 0.4} and (aim.calibration.data, aim.calibration.n) == (
+        "workload", 100)
+    assert long_short_recipe(long, short, "task_arithmetic").parameters == {"lambda": 0.7}
+    with pytest.raises(ValueError, match="--method must be one of task_arithmetic, ties, .*, got 'slerp'"):
+        long_short_recipe(long, short, "slerp")
+    # the command's defaults and help are the library's
+    command = get_command(app).commands["merge"].commands["long-short"]
+    defaults = {p.name: p.default for p in command.params}
+    assert (defaults["method"], defaults["omega"], defaults["calibration_n"]) == (
+        LONG_SHORT_METHOD, LONG_SHORT_AIM_OMEGA, LONG_SHORT_CALIBRATION_N)
+    helps = {p.name: p.help for p in command.params}
+    assert "task_arithmetic 0.7, ties 1.0" in helps["lam"] and "ties 0.2, dare_ties 0.7" in helps["density"]
 
 
 # ----------------------------------------------------------------------------------------- sources that are not

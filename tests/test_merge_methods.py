@@ -8,12 +8,13 @@ the parameters mergekit resolved for every tensor.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
-from suture.merge.methods import METHODS, REQUIRED, get_method, merge_method
+from suture.merge.methods import METHODS, REQUIRED, PerModel, Statistic, get_method, merge_method
 from suture.merge.methods.aim import aim_relax
 from suture.merge.methods.svd import lora_factors, truncate_rank
 from suture.merge.methods.task_arithmetic import sparsify
@@ -69,18 +70,63 @@ def test_registry_checks_parameters_and_inputs():
     close(ta([a, b], base, weight=0.5, **{"lambda": 2.0}), base + (a - base) + (b - base))
 
 
-def test_user_defined_method_is_one_decorated_function():
-    @merge_method("test_scaled_mean", per_model={"weight": 1.0}, shared={"scale": 1.0}, description="test")
-    def scaled_mean(tensors, base, *, weight, scale):
-        return scale * sum(w * x for w, x in zip(weight, tensors)) / sum(weight)
+def docstring_example(doc: str, after: str) -> str:
+    """The indented code block (``::``) that follows the text `after` in a docstring."""
+    lines = doc[doc.index("::", doc.index(after)):].splitlines()[2:]
+    block = []
+    for line in lines:
+        if line and not line.startswith("    "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block))
 
+
+def test_the_docstring_user_defined_method_is_one_decorated_function():
+    import suture.merge.methods
+
+    code = docstring_example(suture.merge.methods.__doc__, "A user-defined method is one decorated function")
     try:
-        out = get_method("test_scaled_mean")([T([1.0, 2.0]), T([3.0, 6.0])], weight=[1.0, 3.0], scale=2.0)
-        close(out, T([5.0, 10.0]))
+        exec(code, {})
+        method = get_method("scaled_mean")
+        assert method.per_model == {"weight": 1.0} and method.shared == {"scale": 1.0}  # read from the signature
+        close(method([T([1.0, 2.0]), T([3.0, 6.0])], weight=[1.0, 3.0], scale=2.0), T([5.0, 10.0]))
+        close(method([T([1.0, 2.0]), T([3.0, 6.0])]), T([2.0, 4.0]))  # the signature's defaults
+        with pytest.raises(ValueError, match=r"no parameter\(s\) \['weights'\]"):
+            method([T([1.0])], weights=[1.0])
         with pytest.raises(ValueError, match="already registered"):
-            merge_method("test_scaled_mean")(scaled_mean)
+            merge_method("scaled_mean")(method.fn)
     finally:
-        del METHODS["test_scaled_mean"]
+        METHODS.pop("scaled_mean", None)
+
+
+def test_parameters_are_declared_once_by_the_signature():
+    @merge_method("test_signature", defaults={"scale": 3.0})
+    def fn(tensors, base, *, weight: PerModel[float], scale: float = 1.0, lambda_: float = 0.5, generator=None):
+        return tensors[0]
+
+    try:  # per-model by annotation, shared otherwise, `lambda_` is `lambda`; no default: required; a variant's default
+        method = METHODS["test_signature"]
+        assert method.per_model == {"weight": REQUIRED} and method.shared == {"scale": 3.0, "lambda": 0.5}
+        assert method.statistics == () and method.statistics_source is None
+        with pytest.raises(ValueError, match="needs parameter 'weight'"):
+            method([T([1.0])])
+    finally:
+        del METHODS["test_signature"]
+    with pytest.raises(TypeError, match=r"defaults for \['sclae'\], which .* does not take"):
+        merge_method("test_bad", defaults={"sclae": 2.0})(fn)
+    with pytest.raises(TypeError, match=r"takes `\*args`; every parameter after the inputs must be named"):
+        merge_method("test_bad")(lambda tensors, base, *args: base)
+    with pytest.raises(TypeError, match="must take its inputs"):
+        merge_method("test_bad")(lambda *, tensors: tensors)
+    with pytest.raises(TypeError, match="takes the statistics \\['scale'\\]; say where they come from"):
+        merge_method("test_bad")(_with_statistic)
+    with pytest.raises(TypeError, match="random method takes the `generator`"):
+        merge_method("test_bad", random=True)(lambda tensors, base: base)
+    assert "test_bad" not in METHODS
+
+
+def _with_statistic(tensors, base, *, scale: Statistic[torch.Tensor]):
+    return base
 
 
 # ------------------------------------------------------------------------------------------- hand-computed cases

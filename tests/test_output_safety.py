@@ -294,8 +294,8 @@ import sys, torch
 from suture.merge import merge_method
 from suture.cli.app import main
 
-@merge_method("slow_copy", per_model={"weight": 1.0})
-def slow_copy(tensors, base, *, weight):
+@merge_method("slow_copy")
+def slow_copy(tensors, base):
     print("merging", flush=True)
     x = torch.full((1024, 1024), 1e-3)
     for _ in range(8):  # long calls into torch, which release the GIL

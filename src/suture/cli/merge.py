@@ -10,8 +10,14 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from ..merge.recipe import (
+    LONG_SHORT_AIM_OMEGA,
+    LONG_SHORT_CALIBRATION_N,
+    LONG_SHORT_METHOD,
+    LONG_SHORT_PARAMETERS,
+    long_short_recipe,
+)
 from .errors import cli_errors, console, size_option
-
 
 
 class _RecipeFirst(TyperGroup):
@@ -51,14 +57,9 @@ def run(
              allow_nonfinite=allow_nonfinite)
 
 
-LONG_SHORT_DEFAULTS = {  # Wu et al. (Long-to-Short) at 1.5B / 7B
-    "task_arithmetic": {"lambda": 0.7},
-    "ties": {"density": 0.2, "lambda": 1.0},
-    "dare_ties": {"density": 0.7, "lambda": 1.0},
-    "dare_linear": {"density": 0.7, "lambda": 1.0},
-    "tsv": {"lambda": 1.0},
-    "low_rank": {"lambda": 1.0},
-}
+def _paper(key: str) -> str:
+    """The default `key` per method, for the help text: "task_arithmetic 0.7, ties 1.0, ..."."""
+    return ", ".join(f"{method} {params[key]}" for method, params in LONG_SHORT_PARAMETERS.items() if key in params)
 
 
 @app.command("long-short")
@@ -66,39 +67,34 @@ def long_short(
     out: Path = typer.Argument(..., help="Directory to write the merged checkpoint to."),
     long: str = typer.Option(..., "--long", help="The long-CoT (slow, System 2) model."),
     short: str = typer.Option(..., "--short", help="The short-CoT (quick, System 1) model."),
-    method: str = typer.Option("ties", help=f"One of {', '.join(LONG_SHORT_DEFAULTS)}."),
+    method: str = typer.Option(LONG_SHORT_METHOD, help=f"One of {', '.join(LONG_SHORT_PARAMETERS)}."),
     base: str = typer.Option(None, help="A common ancestor of both: merge both task vectors over it. Default: the "
                              "short model is the base and long - short the task vector (Wu et al.)."),
-    lam: float = typer.Option(None, "--lambda", help="Task-vector scale (default: the paper's for the method)."),
-    density: float = typer.Option(None, help="Fraction of each task vector kept (ties / dare)."),
+    lam: float = typer.Option(None, "--lambda", help=f"Task-vector scale (default per method: {_paper('lambda')})."),
+    density: float = typer.Option(None, help=f"Fraction of each task vector kept (default per method: "
+                                  f"{_paper('density')})."),
     rank: int = typer.Option(None, help="low_rank: rank each task vector is truncated to (by SVD)."),
     energy: float = typer.Option(None, help="low_rank: fraction of each task vector's squared singular values kept."),
     long_weight: float = typer.Option(1.0, help="Weight of the long model's task vector."),
     short_weight: float = typer.Option(1.0, help="With --base: weight of the short model's task vector."),
     aim: bool = typer.Option(False, "--aim", help="AIM post-step (activation statistics of the base model)."),
-    omega: float = typer.Option(0.4, help="AIM relaxation floor (lower relaxes more)."),
+    omega: float = typer.Option(LONG_SHORT_AIM_OMEGA, help="AIM relaxation floor (lower relaxes more)."),
     calibration: str = typer.Option("workload", help="AIM calibration data: 'workload' or a JSONL file."),
-    calibration_n: int = typer.Option(100, help="AIM calibration samples."),
+    calibration_n: int = typer.Option(LONG_SHORT_CALIBRATION_N, help="AIM calibration samples."),
     seed: int = typer.Option(0, help="Seed of the random methods (DARE)."),
     out_dtype: str = typer.Option(None, help="Output dtype (default: the inputs')."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
     allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD, allow_nonfinite: bool = _NONFINITE,
 ) -> None:
-    """Long-to-Short merging in one line: the config (context length included) comes from the long model."""
-    from ..merge.recipe import long_short_recipe
-
-    if method not in LONG_SHORT_DEFAULTS:
-        raise typer.BadParameter(f"--method must be one of {', '.join(LONG_SHORT_DEFAULTS)}, got {method!r}.")
-    params = dict(LONG_SHORT_DEFAULTS[method])
-    if lam is not None:
-        params["lambda"] = lam
-    if density is not None:
-        params["density"] = density
-    params.update({k: v for k, v in (("rank", rank), ("energy", energy)) if v is not None})
+    """Long-to-Short merging in one line, with the paper's settings (`suture.merge.recipe.LONG_SHORT_PARAMETERS`):
+    the config (context length included) comes from the long model."""
+    if method not in LONG_SHORT_PARAMETERS:
+        raise typer.BadParameter(f"--method must be one of {', '.join(LONG_SHORT_PARAMETERS)}, got {method!r}.")
+    given = {"lambda": lam, "density": density, "rank": rank, "energy": energy}
     with cli_errors():
-        recipe = long_short_recipe(long, short, method, params, base=base, long_weight=long_weight,
-                                   short_weight=short_weight, aim_omega=omega if aim else None,
+        recipe = long_short_recipe(long, short, method, {k: v for k, v in given.items() if v is not None}, base=base,
+                                   long_weight=long_weight, short_weight=short_weight, aim=aim, omega=omega,
                                    calibration=calibration, calibration_n=calibration_n, seed=seed, out_dtype=out_dtype,
                                    allow_nonfinite=allow_nonfinite)
     _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_pickle, max_shard_size)

@@ -9,10 +9,10 @@
 """
 
 from .engine import MergePlan, MergeResult, merge, merge_state_dicts, plan_merge
-from .methods import METHODS, get_method, merge_method
+from .methods import METHODS, PerModel, Statistic, StatisticsSource, get_method, merge_method
 from .recipe import MergeRecipe, load_recipe, long_short_recipe
 
 __all__ = [
-    "METHODS", "MergePlan", "MergeRecipe", "MergeResult", "get_method", "load_recipe", "long_short_recipe", "merge",
-    "merge_method", "merge_state_dicts", "plan_merge",
+    "METHODS", "MergePlan", "MergeRecipe", "MergeResult", "PerModel", "Statistic", "StatisticsSource", "get_method",
+    "load_recipe", "long_short_recipe", "merge", "merge_method", "merge_state_dicts", "plan_merge",
 ]

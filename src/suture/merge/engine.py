@@ -392,7 +392,7 @@ def merge(
         with atomic_output_dir(out, force, sources) as tmp:
             work = tmp / ".statistics"  # statistics computed for this merge: inside the output, removed before the end
             work.mkdir()
-            providers = statistics if statistics is not None else _statistics(recipe, inputs, work)
+            providers = statistics if statistics is not None else _statistics(recipe, work)
             with ShardedSafetensorsWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors],
                                           max_shard_size) as writer:
                 _run(plan, inputs, writer, providers, workers, budget, device, on_progress)
@@ -619,61 +619,18 @@ def _tensor_seed(seed: int, name: str) -> int:
 def _statistic(providers: dict, method: str, stat: str, name: str):
     provider = providers.get(method)
     if provider is None:
-        raise ValueError(f"Method {method!r} needs statistics ({stat}); give them under `statistics: {{{method}: "
-                         "PATH}` in the recipe (suture.merge.statistics computes them) or set `calibration`.")
+        raise ValueError(f"Method {method!r} needs statistics ({stat}); pass a provider for it in `statistics` "
+                         f"(`{{{method!r}: provider}}`, provider(stat, tensor_name) -> tensor or None).")
     return provider(stat, name)
 
 
-def _statistics(recipe: MergeRecipe, inputs: _Inputs, workdir: Path) -> dict:
-    """Statistic providers `(stat, tensor_name) -> tensor | None` for the methods of the recipe."""
-    needed = {m for m in [recipe.merge_method, *(s.method for s in recipe.post_steps)] if get_method(m).statistics}
-    providers = {}
-    for method in needed:
-        if method in recipe.statistics:
-            providers[method] = _open_statistics(method, recipe.statistics[method])
-        elif method == "aim" and recipe.calibration is not None:
-            providers[method] = _aim_from_calibration(recipe)
-        elif method == "rcp" and recipe.calibration is not None and recipe.calibration.domain_data:
-            providers[method] = _open_statistics(method, str(_rcp_from_calibration(recipe, workdir)))
-        else:
-            raise ValueError(f"Method {method!r} needs statistics: set `statistics: {{{method}: PATH}}` or "
-                             + ("`calibration: {data: ...}`" if method == "aim" else
-                                "`calibration: {data: REASONING, domain_data: DOMAIN}`") + " in the recipe.")
-    return providers
-
-
-def _rcp_from_calibration(recipe: MergeRecipe, workdir: Path) -> Path:
-    """RCP statistics of the recipe's reasoning and domain models (the two `models`), streamed to `workdir`."""
-    from . import statistics as stats_module
-
-    cal = recipe.calibration
-    reasoning, domain = (config_dir(m.model) for m in recipe.method_inputs)
-    out = workdir / "rcp-statistics"
-    stats_module.rcp_statistics(reasoning, domain, cal.data, cal.domain_data, out, n_reasoning=cal.n_reasoning,
-                                n_domain=cal.n_domain, max_length=cal.max_length, seed=recipe.seed)
-    return out
-
-
-def _open_statistics(method: str, path: str):
-    from . import statistics as stats_module
-
-    if method == "aim":
-        scales = stats_module.load_statistics(path)
-        return lambda stat, name: scales.get(name)
-    if method == "rcp":
-        rcp = stats_module.RcpStatistics.open(path)
-        return lambda stat, name: (rcp.reasoning_prior(name) if stat == "reasoning_prior"
-                                   else rcp.domain_sensitivity(name))
-    raise ValueError(f"No statistics loader for method {method!r}.")
-
-
-def _aim_from_calibration(recipe: MergeRecipe):
-    from . import statistics as stats_module
-
-    cal = recipe.calibration
-    scales = stats_module.activation_scales_from_checkpoint(recipe.base_model, cal.data, n=cal.n,
-                                                            max_length=cal.max_length)
-    return lambda stat, name: scales.get(name)
+def _statistics(recipe: MergeRecipe, workdir: Path) -> dict:
+    """Statistic providers `(stat, tensor_name) -> tensor | None` for the methods of the recipe that take
+    statistics, from each method's own source (loaded from the recipe's `statistics`, or computed from its
+    `calibration` into `workdir`)."""
+    names = dict.fromkeys([recipe.merge_method, *(step.method for step in recipe.post_steps)])
+    methods = [get_method(name) for name in names]
+    return {m.name: m.statistics_source.provider(m.name, recipe, workdir) for m in methods if m.statistics}
 
 
 def merge_state_dicts(
@@ -694,7 +651,8 @@ def merge_state_dicts(
         parameters / model_parameters: the recipe's top-level `parameters` and each model's `parameters`
             (scalars, layer gradients and `{filter, value}` conditions, as in YAML).
         num_layers: for layer gradients (default: inferred from the tensor names).
-        statistics: providers `(stat, tensor_name) -> tensor` per method name, for aim / rcp.
+        statistics: providers `(stat, tensor_name) -> tensor` per method name, for the methods that take
+            statistics.
         allow_nonfinite: merge tensors holding NaN or inf (by default an error names the tensor and the model).
     Returns the merged state dict (each tensor in its first model's dtype).
     """

@@ -14,10 +14,12 @@ A mergekit config for linear / task_arithmetic / ties / dare_linear / dare_ties 
 suture's additions (all optional):
 
 - `post_steps`: methods applied after the merge, e.g. ``[{method: aim, parameters: {omega: 0.4}}]``;
-- `statistics`: where a method's statistics live: ``{aim: aim_stats.safetensors}`` (from
-  `suture.merge.statistics`), ``{rcp: rcp_stats_dir}``; or `calibration` to compute them before merging: AIM from
-  the base model on ``{data: workload, n: 100, max_length: 512}``, RCP from the reasoning and domain models (the
-  two `models`) on ``{data: reasoning.jsonl, domain_data: domain.jsonl, n_reasoning: 5, n_domain: 6}``;
+- `statistics`: for the methods that take statistics, the file or directory each method's statistics source
+  loads: ``{aim: aim_stats.safetensors}``, ``{rcp: rcp_stats_dir}`` (both from `suture.merge.statistics`); or
+  `calibration`, from which the sources compute them before merging (each method's module says which fields it
+  uses): AIM from the base model on ``{data: workload, n: 100, max_length: 512}``, RCP from the reasoning and
+  domain models (the two `models`) on ``{data: reasoning.jsonl, domain_data: domain.jsonl, n_reasoning: 5,
+  n_domain: 6}``;
 - `config_source` (default: the base model, else the first model) and `config_overrides` (e.g.
   ``{max_position_embeddings: 131072}``: a long-CoT model needs its long context);
 - `tensor_policy`: ``error`` (default: a tensor missing from any input is an error naming it) or ``base`` (take
@@ -67,8 +69,9 @@ class PostStep(BaseModel):
 
 
 class Calibration(BaseModel):
-    """Calibration data for statistics computed before merging: AIM uses `data` (run through the base model);
-    RCP uses `data` as the reasoning set and `domain_data` as the domain set (gradients of the two models)."""
+    """Calibration data for the statistics that methods compute before merging (see `StatisticsSource`): `data`
+    (and for methods that compare two sets, `domain_data`), "workload" or a JSONL file; `n` samples (`n_reasoning`
+    from `data` and `n_domain` from `domain_data` for two sets) of at most `max_length` tokens."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -168,7 +171,18 @@ class MergeRecipe(BaseModel):
                 raise ValueError(f"post_steps: {step.method!r} is not a post-step method.")
             if post.needs_base and self.base_model is None:
                 raise ValueError(f"post-step {step.method!r} needs `base_model`.")
+        self._check_statistics()
         return self
+
+    def _check_statistics(self) -> None:
+        """Every `statistics` key names a method of the recipe that takes statistics (a misspelt one would be
+        ignored, and the statistics computed from `calibration` instead of loaded)."""
+        names = dict.fromkeys([self.merge_method, *(step.method for step in self.post_steps)])
+        taking = [name for name in names if get_method(name).statistics]
+        for key in self.statistics:
+            if key not in taking:
+                raise ValueError(f"statistics: {key!r} is not a method of this recipe that takes statistics (those "
+                                 f"are: {', '.join(taking) or 'none'}); name the method, or remove the entry.")
 
     def _check_model_count(self, method) -> None:
         """A method that takes an exact number of models gets that many (the base, if any, beside them)."""
@@ -244,39 +258,58 @@ def load_recipe(recipe: str | Path | dict | MergeRecipe) -> MergeRecipe:
     return loaded
 
 
+# Long-to-Short merging (Wu et al. 2025, "Unlocking Efficient Long-to-Short LLM Reasoning with Model Merging"), as
+# in its 1.5B / 7B experiments: the defaults of `long_short_recipe` and of `suture merge long-short`.
+LONG_SHORT_METHOD = "ties"  # TIES, or with AIM AIM-TIES: the paper's best task-vector merges at 7B
+LONG_SHORT_PARAMETERS: dict[str, dict[str, float]] = {  # per method; `density` is the fraction of a task vector KEPT
+    "task_arithmetic": {"lambda": 0.7},  # TA: alpha 0.7 at every size
+    "ties": {"density": 0.2, "lambda": 1.0},  # TIES: trim k 0.8 (keep 0.2), alpha 1.0
+    "dare_ties": {"density": 0.7, "lambda": 1.0},  # DARE: drop 0.3 (keep 0.7)
+    "dare_linear": {"density": 0.7, "lambda": 1.0},
+    "tsv": {"lambda": 1.0},  # not in the paper: the SVD methods at their own scale
+    "low_rank": {"lambda": 1.0},
+}
+LONG_SHORT_AIM_OMEGA = 0.4  # AIM-TIES: omega 0.4 (the AIM paper's) ...
+LONG_SHORT_CALIBRATION_N = 100  # ... with statistics from 100 calibration samples
+
+
 def long_short_recipe(
     long: str,
     short: str,
-    method: str,
-    parameters: dict[str, Any],
+    method: str = LONG_SHORT_METHOD,
+    parameters: dict[str, Any] | None = None,
     base: str | None = None,
     long_weight: float = 1.0,
     short_weight: float = 1.0,
-    aim_omega: float | None = None,
+    aim: bool = False,
+    omega: float = LONG_SHORT_AIM_OMEGA,
     calibration: str = "workload",
-    calibration_n: int = 100,
+    calibration_n: int = LONG_SHORT_CALIBRATION_N,
     seed: int = 0,
     out_dtype: str | None = None,
     allow_nonfinite: bool = False,
 ) -> MergeRecipe:
     """The Long-to-Short recipe (Wu et al.): by default the short (quick) model is the base and long - short the
     task vector; with `base` (a common ancestor) both task vectors are merged over it. The config comes from the
-    long model, whose context length long chains of thought need; AIM statistics, if asked for, from the base.
+    long model, whose context length long chains of thought need.
+
+    `parameters` override the paper's for `method` (`LONG_SHORT_PARAMETERS`); the task vectors' weights are
+    `long_weight` and `short_weight`. `aim` adds the AIM post-step with `omega`, its statistics computed from the
+    base model on `calibration_n` samples of `calibration` ("workload" or a JSONL file).
 
     `tsv` needs `base` and `low_rank` a truncation (`rank` or `energy` < 1 in `parameters`): otherwise they keep the
     task vectors whole, which is task arithmetic, and without `base` return the long model at lambda 1."""
+    if method not in LONG_SHORT_PARAMETERS:
+        raise ValueError(f"long-short --method must be one of {', '.join(LONG_SHORT_PARAMETERS)}, got {method!r}.")
+    parameters = {**LONG_SHORT_PARAMETERS[method], **(parameters or {})}
     _check_long_short(method, parameters, base)
-    per_model = {k: v for k, v in parameters.items() if k in ("density",)}
+    takes = get_method(method).per_model
+    per_model = {k: v for k, v in parameters.items() if k in takes and k != "weight"}  # weights: long/short_weight
     shared = {k: v for k, v in parameters.items() if k not in per_model}
-    models = [{"model": long, "parameters": {"weight": long_weight, **per_model}}]
-    if base is not None:
-        models.append({"model": short, "parameters": {"weight": short_weight, **per_model}})
-    if method in ("tsv",):  # TSV has no per-model parameters: it merges the task vectors' singular triplets
-        for entry in models:
-            entry.pop("parameters")
-    elif method == "low_rank":
-        for entry in models:
-            entry["parameters"].pop("density", None)
+    models = []
+    for model, weight in [(long, long_weight), *([(short, short_weight)] if base is not None else [])]:
+        given = {k: v for k, v in {"weight": weight, **per_model}.items() if k in takes}
+        models.append({"model": model, **({"parameters": given} if given else {})})
     recipe: dict[str, Any] = {
         "merge_method": method, "base_model": base or short, "models": models, "parameters": shared,
         "config_source": long, "seed": seed, "name": f"long-short {method} merge",
@@ -288,8 +321,8 @@ def long_short_recipe(
         recipe["out_dtype"] = out_dtype
     if allow_nonfinite:
         recipe["allow_nonfinite"] = True
-    if aim_omega is not None:
-        recipe["post_steps"] = [{"method": "aim", "parameters": {"omega": aim_omega}}]
+    if aim:
+        recipe["post_steps"] = [{"method": "aim", "parameters": {"omega": omega}}]
         recipe["calibration"] = {"data": calibration, "n": calibration_n}
     return load_recipe(recipe)
 

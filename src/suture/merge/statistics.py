@@ -2,7 +2,8 @@
 
 Both are computed once, from models on calibration data, and saved keyed by checkpoint tensor name; the merge
 engine then streams checkpoints tensor by tensor and looks each statistic up by the name it is merging (a name
-without statistics gets None).
+without statistics gets None). The methods' modules (`suture.merge.methods.aim`, `.rcp`) register how a recipe's
+statistics are loaded from these files or computed from its `calibration` (`StatisticsSource`).
 
 AIM (`activation_scales`, post-step ``aim``). The *base* model runs on calibration sequences; a forward pre-hook
 on every weight-bearing module except embeddings (every ``nn.Linear``, ``lm_head`` included, and every norm with
@@ -217,7 +218,8 @@ def activation_scales(
 
 
 def activation_scales_from_checkpoint(path, data="workload", **kwargs) -> ActivationScales:
-    """`activation_scales` of a checkpoint directory: the engine's entry for a recipe's `calibration`."""
+    """`activation_scales` of a checkpoint directory: what the ``aim`` method's statistics source computes from a
+    recipe's `calibration` (`suture.merge.methods.aim`)."""
     return activation_scales(Path(path), data, **kwargs)
 
 

@@ -2,34 +2,40 @@
 
 The merge engine streams checkpoints tensor by tensor; for each tensor name it calls one registered method::
 
-    fn(tensors, base, *, <per-model parameters>, <global parameters>, [<statistics>], [generator]) -> Tensor
+    fn(tensors, base, *, <per-model parameters>, <shared parameters>, [<statistics>], [generator]) -> Tensor
 
 - ``tensors``: the models' tensors for this name, in config order, all upcast by the engine to the method's
   ``dtype`` (fp32, or float64 where declared), or to the recipe's ``dtype`` where that is wider (``dtype: float64``
   computes every method in float64). For methods with ``needs_base`` this list excludes the base model.
 - ``base``: the base model's tensor, or None for methods that do not use one.
-- Per-model parameters (``weight``, ``density``, ...) arrive as lists aligned with ``tensors``; global parameters
-  (``lambda``, ``normalize``, ``t``, ...) as scalars. Names are the config (YAML) names; one that is a Python
-  keyword is passed with a trailing underscore (``lambda`` -> ``lambda_``).
-- ``statistics``: per-tensor statistics the engine computes and passes by name (AIM's activation scales,
-  RCP's saliencies).
-- ``generator``: a ``torch.Generator`` on the tensors' device, passed to every function that accepts one; methods
-  marked ``random`` depend on it. Seed it per tensor so a merge is reproducible.
+
+The signature declares everything else, once. Every parameter after the two inputs is a recipe parameter, its
+Python default the method's default (no default: the recipe must set it); the config (YAML) name is the Python
+name, without the trailing underscore of a keyword (``lambda_`` is ``lambda``):
+
+- ``PerModel[T]`` parameters are per-model (``weight``, ``density``): set per model or at the top level, they
+  arrive as a list aligned with ``tensors`` (a scalar applies to every model);
+- any other parameter is shared (``lambda``, ``normalize``, ``t``): set at the top level, it arrives as a scalar;
+- ``Statistic[T]`` parameters receive per-tensor statistics by name (AIM's activation scales, RCP's saliencies),
+  None for a tensor without any. They come from the method's ``statistics`` source (`StatisticsSource`): loaded
+  from the file or directory named under the recipe's ``statistics: {METHOD: PATH}``, or computed before merging
+  from its ``calibration`` block. A new statistics-based method is one module: the function and its source;
+- ``generator``: a ``torch.Generator`` on the tensors' device, passed to every function that takes one; methods
+  marked ``random`` depend on it. The engine seeds it per tensor, so a merge is reproducible.
 
 A user-defined method is one decorated function (the decorator registers it and returns it unchanged)::
 
-    from suture.merge.methods import merge_method
+    from suture.merge.methods import PerModel, merge_method
 
-    @merge_method("scaled_mean", per_model={"weight": 1.0}, shared={"scale": 1.0},
-                  description="scale * weighted mean of the models")
-    def scaled_mean(tensors, base, *, weight, scale):
+    @merge_method("scaled_mean", description="scale * weighted mean of the models")
+    def scaled_mean(tensors, base, *, weight: PerModel[float] = 1.0, scale: float = 1.0):
         return scale * sum(w * x for w, x in zip(weight, tensors)) / sum(weight)
 
-Variants are parameters, not copies: stacking ``@merge_method`` registers one function under several names with
-different defaults (``task_arithmetic``, ``ties``, ``dare_linear`` and ``dare_ties`` are one function).
+Variants are parameters, not copies: stacking ``@merge_method`` registers one function under several names, each
+with its own ``defaults`` (``task_arithmetic``, ``ties``, ``dare_linear`` and ``dare_ties`` are one function).
 
 A *post-step* (``post_step=True``, e.g. ``aim``) is applied by the engine after any method:
-``fn(base, merged, *, <statistics>, <global parameters>) -> Tensor``; call it through the record as
+``fn(base, merged, *, <statistics>, <shared parameters>) -> Tensor``; call it through the record as
 ``METHODS["aim"]([merged], base, activation_scale=a, omega=0.4)``.
 """
 
@@ -37,26 +43,85 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import torch
 
 from suture.merge.params import REQUIRED
 
-__all__ = ["METHODS", "REQUIRED", "MergeMethod", "get_method", "merge_method"]
+if TYPE_CHECKING:
+    from suture.merge.recipe import MergeRecipe
+
+__all__ = [
+    "METHODS", "REQUIRED", "MergeMethod", "PerModel", "Provider", "Statistic", "StatisticsSource", "get_method",
+    "merge_method",
+]
+
+T = TypeVar("T")
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_PER_MODEL, _STATISTIC = _Marker("PerModel"), _Marker("Statistic")
+PerModel = Annotated[list[T], _PER_MODEL]  # a per-model parameter: one value per model, in the order of `tensors`
+Statistic = Annotated[T, _STATISTIC]  # a per-tensor statistic from the method's `StatisticsSource`
+Provider = Callable[[str, str], Any]  # (statistic name, tensor name) -> the statistic of that tensor, or None
 
 
 def _kwarg(name: str) -> str:
     return name + "_" if keyword.iskeyword(name) else name
 
 
+def _config_name(kwarg: str) -> str:
+    return kwarg[:-1] if kwarg.endswith("_") and keyword.iskeyword(kwarg[:-1]) else kwarg
+
+
+@dataclass(frozen=True)
+class StatisticsSource:
+    """Where a method's statistics come from; the engine asks it for a `Provider` before merging.
+
+    ``load(path)``: a provider reading the file or directory that the recipe names under ``statistics: {METHOD:
+    PATH}``. ``compute(recipe, workdir)``: a provider computed from the recipe's ``calibration`` block (large
+    results go to ``workdir``, a scratch directory removed before the merge completes); None when the statistics
+    can only be loaded. ``calibration``: the calibration fields ``compute`` needs, each with a placeholder for the
+    error that says how to set them (``{"data": "REASONING", "domain_data": "DOMAIN"}``).
+    """
+
+    load: Callable[[str], Provider]
+    compute: Callable[[MergeRecipe, Path], Provider] | None = None
+    calibration: Mapping[str, str] = field(default_factory=lambda: {"data": "DATA"})
+
+    def provider(self, method: str, recipe: MergeRecipe, workdir: Path) -> Provider:
+        """The statistics of `method` in `recipe`: its `statistics` path first, else computed from `calibration`."""
+        if method in recipe.statistics:
+            return self.load(recipe.statistics[method])
+        given = recipe.calibration
+        if self.compute is not None and given is not None and all(
+                getattr(given, key, None) not in (None, "") for key in self.calibration):
+            return self.compute(recipe, workdir)
+        fields = ", ".join(f"{key}: {placeholder}" for key, placeholder in self.calibration.items())
+        compute = f" or `calibration: {{{fields}}}`" if self.compute is not None else ""
+        raise ValueError(f"Method {method!r} needs statistics: set `statistics: {{{method}: PATH}}`{compute} in the "
+                         "recipe.")
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """One registered method: the function plus everything the engine needs to call it.
 
-    ``per_model`` / ``shared`` map parameter names to defaults (``REQUIRED``: the config must set it).
+    ``per_model`` / ``shared`` map parameter names to defaults (``REQUIRED``: the config must set it) and
+    ``statistics`` names the statistics, all read from the function's signature by `merge_method`;
+    ``statistics_source`` says where the statistics come from.
     ``n_models``: exact number of (non-base) models, None for one or more. ``same_shape``: False when the method
     handles inputs whose dim 0 (vocabulary rows) differs itself; its result has the first model's shape.
     """
@@ -71,6 +136,7 @@ class MergeMethod:
     description: str = ""
     n_models: int | None = None
     statistics: tuple[str, ...] = ()
+    statistics_source: StatisticsSource | None = None
     post_step: bool = False
     same_shape: bool = True
     elementwise: bool | Callable[[Mapping[str, Any]], bool] = False
@@ -145,30 +211,80 @@ def merge_method(
     name: str,
     *,
     needs_base: bool = False,
-    per_model: Mapping[str, Any] | None = None,
-    shared: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     random: bool = False,
     description: str = "",
     n_models: int | None = None,
-    statistics: Sequence[str] = (),
+    statistics: StatisticsSource | None = None,
     post_step: bool = False,
     same_shape: bool = True,
     elementwise: bool | Callable[[Mapping[str, Any]], bool] = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register the decorated function under ``name`` (see the module docstring); returns it unchanged."""
+    """Register the decorated function under ``name`` (see the module docstring); returns it unchanged.
+
+    Its parameters, their defaults and its statistics are read from its signature; ``defaults`` overrides
+    defaults for this name (a variant). A function taking ``Statistic`` parameters needs ``statistics``, the
+    source they come from.
+    """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise ValueError(f"Merge method {name!r} is already registered (by {METHODS[name].fn.__qualname__}).")
+        per_model, shared, stats = _signature(name, fn, post_step)
+        unknown = sorted(set(defaults or {}) - set(per_model) - set(shared))
+        if unknown:
+            raise TypeError(f"merge_method({name!r}): defaults for {unknown}, which {fn.__qualname__} does not take "
+                            f"(its parameters: {sorted({*per_model, *shared})}).")
+        for key, value in (defaults or {}).items():
+            (per_model if key in per_model else shared)[key] = value
+        if stats and statistics is None:
+            raise TypeError(f"merge_method({name!r}): {fn.__qualname__} takes the statistics {list(stats)}; say "
+                            "where they come from with `statistics=StatisticsSource(load, compute)`.")
+        if statistics is not None and not stats:
+            raise TypeError(f"merge_method({name!r}): a `statistics` source, but {fn.__qualname__} takes no "
+                            "`Statistic[...]` parameter to receive them.")
+        if random and "generator" not in inspect.signature(fn).parameters:
+            raise TypeError(f"merge_method({name!r}): a random method takes the `generator` it draws from.")
         METHODS[name] = MergeMethod(
-            name=name, fn=fn, needs_base=needs_base, per_model=dict(per_model or {}), shared=dict(shared or {}),
-            dtype=dtype, random=random, description=description, n_models=n_models, statistics=tuple(statistics),
+            name=name, fn=fn, needs_base=needs_base, per_model=per_model, shared=shared, dtype=dtype, random=random,
+            description=description, n_models=n_models, statistics=stats, statistics_source=statistics,
             post_step=post_step, same_shape=same_shape, elementwise=elementwise,
         )
         return fn
 
     return register
+
+
+def _signature(name: str, fn: Callable[..., torch.Tensor], post_step: bool
+               ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+    """The per-model and shared parameters of `fn` (config name -> default, ``REQUIRED`` where it has none) and
+    its statistics: every parameter after the two inputs except ``generator``, sorted by annotation."""
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except NameError as err:
+        raise TypeError(f"merge_method({name!r}): the annotations of {fn.__qualname__} do not resolve ({err}); "
+                        "annotate with names defined at module level.") from None
+    params = list(inspect.signature(fn).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) < 2 or any(p.kind not in positional for p in params[:2]):
+        inputs = "base, merged" if post_step else "tensors, base"
+        raise TypeError(f"merge_method({name!r}): {fn.__qualname__} must take its inputs ({inputs}) as its first "
+                        "two parameters.")
+    per_model, shared, stats = {}, {}, []
+    for p in params[2:]:
+        if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            raise TypeError(f"merge_method({name!r}): {fn.__qualname__} takes `{p}`; every parameter after the "
+                            "inputs must be named (after `*`), so the recipe can set it.")
+        if p.name == "generator":
+            continue
+        markers = getattr(hints.get(p.name), "__metadata__", ())
+        if _STATISTIC in markers:
+            stats.append(p.name)
+            continue
+        default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+        (per_model if _PER_MODEL in markers else shared)[_config_name(p.name)] = default
+    return per_model, shared, tuple(stats)
 
 
 def get_method(name: str) -> MergeMethod:

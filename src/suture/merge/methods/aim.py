@@ -1,32 +1,54 @@
 """AIM (activation-informed merging) relaxation, a post-step applicable after any merge method.
 
-The engine runs the *base* model on calibration data and records, per weight-bearing module except embeddings,
-the mean absolute input per input channel, normalised by its maximum: ``a`` in [0, 1]. Channels the base uses
-heavily are pulled back towards the base:
+The base model runs on calibration data and `suture.merge.statistics.activation_scales` records, per
+weight-bearing module except embeddings, the mean absolute input per input channel, normalised by its maximum:
+``a`` in [0, 1]. Channels the base uses heavily are pulled back towards the base:
 
     theta = theta_0 + (theta_merged - theta_0) * (1 - a * (1 - omega))
 
 ``omega = 1`` or ``a = 0`` leaves the merge unchanged; lower ``omega`` relaxes more (paper: 0.4).
+
+Statistics: ``statistics: {aim: FILE}`` (written by `suture.merge.statistics.save_statistics`), or computed
+before merging from the base model on ``calibration: {data, n, max_length}``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
-from suture.merge.methods import merge_method
+from suture.merge import statistics
+from suture.merge.methods import Provider, Statistic, StatisticsSource, merge_method
+
+if TYPE_CHECKING:
+    from suture.merge.recipe import MergeRecipe
+
+
+def _load(path: str) -> Provider:
+    scales = statistics.load_statistics(path)
+    return lambda stat, name: scales.get(name)
+
+
+def _compute(recipe: MergeRecipe, workdir: Path) -> Provider:
+    """Activation scales of the recipe's base model on its calibration data (small: kept in memory)."""
+    cal = recipe.calibration
+    scales = statistics.activation_scales_from_checkpoint(recipe.base_model, cal.data, n=cal.n,
+                                                          max_length=cal.max_length)
+    return lambda stat, name: scales.get(name)
 
 
 @merge_method(
     "aim",
     elementwise=True,
     needs_base=True,
-    shared={"omega": 0.4},
-    statistics=("activation_scale",),
+    statistics=StatisticsSource(_load, _compute, calibration={"data": "DATA"}),
     post_step=True,
     description="AIM post-step: pull merged weights towards the base on channels with large base activations.",
 )
 def aim_relax(
-    base: torch.Tensor, merged: torch.Tensor, activation_scale: torch.Tensor | None, omega: float = 0.4
+    base: torch.Tensor, merged: torch.Tensor, activation_scale: Statistic[torch.Tensor | None], omega: float = 0.4
 ) -> torch.Tensor:
     """``base``, ``merged``: [out, in] (or 1-D [n]); ``activation_scale``: [in] (or [n]) in [0, 1], broadcast over
     the last (input-channel) axis; element-wise for 1-D tensors. None (no statistics for this tensor) is identity.

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from suture.merge.methods import REQUIRED, merge_method
+from suture.merge.methods import PerModel, merge_method
 
 
 @merge_method(
     "linear",
     elementwise=True,
-    per_model={"weight": REQUIRED},
-    shared={"normalize": True},
     description="Weighted average of the models (normalised by the weight sum unless normalize: false).",
 )
 def linear(
-    tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool
+    tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: PerModel[float], normalize: bool = True
 ) -> torch.Tensor:
     """``tensors``: N tensors of one shape; ``weight``: N floats. Returns the weighted sum / mean, same shape."""
     result = torch.zeros_like(tensors[0])

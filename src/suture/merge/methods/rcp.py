@@ -8,17 +8,45 @@ squared first-order saliency of the reasoning model) and per domain sample s the
     C_j^s = S_j^s + lambda * F_j * (theta_R,j - theta_D,j)^2;   vote_s = +1 if C_j^s <= 0 else -1
     theta_j = theta_R,j + 1[sum_s vote_s > 0] * (theta_D,j - theta_0,j)
 
-A tied vote keeps the reasoning weight. The engine computes F and S per tensor (streaming); defaults follow the
-authors (lambda = 1000, 5 reasoning and 6 domain samples).
+A tied vote keeps the reasoning weight. Defaults follow the authors (lambda = 1000, 5 reasoning and 6 domain
+samples).
+
+Statistics: ``statistics: {rcp: DIR}`` (written by `suture.merge.statistics.rcp_statistics`), or computed before
+merging from the two models on ``calibration: {data: REASONING, domain_data: DOMAIN, n_reasoning, n_domain}``,
+streamed to the merge's scratch directory; the engine reads F and S one tensor at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from suture.merge.methods import merge_method
+from suture.merge import statistics
+from suture.merge.methods import Provider, Statistic, StatisticsSource, merge_method
+
+if TYPE_CHECKING:
+    from suture.merge.recipe import MergeRecipe
+
+
+def _load(path: str) -> Provider:
+    rcp = statistics.RcpStatistics.open(path)
+    return lambda stat, name: rcp.reasoning_prior(name) if stat == "reasoning_prior" else rcp.domain_sensitivity(name)
+
+
+def _compute(recipe: MergeRecipe, workdir: Path) -> Provider:
+    """F of the reasoning model (the first of `models`) and S of the domain model (the second), written to
+    `workdir`."""
+    from suture.merge.engine import config_dir  # the engine imports this module
+
+    cal = recipe.calibration
+    reasoning, domain = (config_dir(m.model) for m in recipe.method_inputs)
+    out = workdir / "rcp-statistics"
+    statistics.rcp_statistics(reasoning, domain, cal.data, cal.domain_data, out, n_reasoning=cal.n_reasoning,
+                              n_domain=cal.n_domain, max_length=cal.max_length, seed=recipe.seed)
+    return _load(str(out))
 
 
 @merge_method(
@@ -26,17 +54,16 @@ from suture.merge.methods import merge_method
     elementwise=True,
     needs_base=True,
     n_models=2,
-    shared={"lambda": 1000.0},
-    statistics=("reasoning_prior", "domain_sensitivity"),
+    statistics=StatisticsSource(_load, _compute, calibration={"data": "REASONING", "domain_data": "DOMAIN"}),
     description="RCP-Merging: add the domain task vector where domain samples vote against the reasoning prior.",
 )
 def rcp(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    reasoning_prior: torch.Tensor,
-    domain_sensitivity: Sequence[torch.Tensor] | torch.Tensor,
-    lambda_: float,
+    reasoning_prior: Statistic[torch.Tensor],
+    domain_sensitivity: Statistic[Sequence[torch.Tensor] | torch.Tensor],
+    lambda_: float = 1000.0,
 ) -> torch.Tensor:
     """``tensors``: [theta_R, theta_D]; ``base``: theta_0; ``reasoning_prior``: F, same shape;
     ``domain_sensitivity``: S samples, a sequence of same-shape tensors or one tensor (S, *shape)."""

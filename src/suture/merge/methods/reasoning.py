@@ -15,10 +15,9 @@ from suture.merge.methods import merge_method
     "reasoning_vector",
     elementwise=True,
     n_models=3,
-    shared={"alpha": 1.0},
     description="target + alpha * (plus - minus), e.g. plus = GRPO and minus = SFT checkpoints of one init.",
 )
-def reasoning_vector(tensors: list[torch.Tensor], base: None, *, alpha: float) -> torch.Tensor:
+def reasoning_vector(tensors: list[torch.Tensor], base: None, *, alpha: float = 1.0) -> torch.Tensor:
     """Reasoning vectors (Zbeeb et al. 2025): ``v = theta_GRPO - theta_SFT``; ``theta_target + alpha * v``.
 
     A linear merge with weights ``(1, alpha, -alpha)``. ``tensors``: [target, plus, minus], one shape.
@@ -30,12 +29,11 @@ def reasoning_vector(tensors: list[torch.Tensor], base: None, *, alpha: float) -
 @merge_method(
     "finetune_transfer",
     n_models=3,
-    shared={"alpha": 1.0},
     dtype=torch.float64,
     same_shape=False,
     description="target_base + alpha * (source_ft - source_base) in float64; vocabulary rows beyond a model get 0.",
 )
-def finetune_transfer(tensors: list[torch.Tensor], base: None, *, alpha: float) -> torch.Tensor:
+def finetune_transfer(tensors: list[torch.Tensor], base: None, *, alpha: float = 1.0) -> torch.Tensor:
     """Fine-tuning transfer (Lin et al. 2025): ``theta_target_base + (theta_src_ft - theta_src_base)``.
 
     ``tensors``: [target_base, source_ft, source_base]. Computed in float64 (the diff of two close checkpoints

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from suture.merge.methods import merge_method
+from suture.merge.methods import PerModel, merge_method
 
 
 def svd(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,10 +49,9 @@ def _tsv_delta(deltas: list[torch.Tensor]) -> torch.Tensor:
 @merge_method(
     "tsv",
     needs_base=True,
-    shared={"lambda": 1.0},
     description="TSV-Merge: per 2-D weight, top singular triplets of each task vector, orthogonalised; others mean.",
 )
-def tsv(tensors: list[torch.Tensor], base: torch.Tensor, *, lambda_: float) -> torch.Tensor:
+def tsv(tensors: list[torch.Tensor], base: torch.Tensor, *, lambda_: float = 1.0) -> torch.Tensor:
     """Task Singular Vectors merge (Gargiulo et al. 2025), as in the authors' code.
 
     For a 2-D weight [m, n] with T task vectors: keep ``k = min(m, n) // T`` singular triplets of each, concatenate
@@ -90,12 +89,16 @@ def truncate_rank(delta: torch.Tensor, rank: int = 0, energy: float = 1.0) -> to
 @merge_method(
     "low_rank",
     needs_base=True,
-    per_model={"weight": 1.0},
-    shared={"rank": 0, "energy": 1.0, "lambda": 1.0},
     description="Task arithmetic on task vectors truncated by SVD to a rank cap and/or an energy fraction.",
 )
 def low_rank(
-    tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], rank: int, energy: float, lambda_: float
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel[float] = 1.0,
+    rank: int = 0,
+    energy: float = 1.0,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
     """``base + lambda * sum_i w_i truncate(theta_i - base)``; ``rank`` 0 = no cap, ``energy`` in (0, 1] is the
     fraction of ``sum(s^2)`` to keep. Non-2-D tensors keep their full task vector."""

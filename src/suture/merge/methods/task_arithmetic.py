@@ -38,15 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from suture.merge.methods import REQUIRED, merge_method
-
-_PER_MODEL = {"weight": REQUIRED, "density": 1.0}
-
-
-def _shared(sparsification: str, consensus: str, normalize: bool, rescale: bool) -> dict:
-    # "lambda" is a Python keyword: the function receives it as `lambda_`
-    return {"sparsification": sparsification, "consensus": consensus, "normalize": normalize, "rescale": rescale,
-            "lambda": 1.0, "int8_mask": False}
+from suture.merge.methods import PerModel, merge_method
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -151,36 +143,34 @@ def _without_sparsification(params) -> bool:
 
 
 @merge_method(
-    "dare_ties", needs_base=True, per_model=_PER_MODEL, random=True,
-    shared=_shared(sparsification="random", consensus="sum", normalize=False, rescale=True),
+    "dare_ties", needs_base=True, random=True,
+    defaults={"sparsification": "random", "consensus": "sum", "rescale": True},
     description="DARE random drop (L1 rescale) + TIES sign consensus, on task vectors.",
 )
 @merge_method(
-    "dare_linear", needs_base=True, per_model=_PER_MODEL, random=True,
-    shared=_shared(sparsification="random", consensus="none", normalize=False, rescale=True),
+    "dare_linear", needs_base=True, random=True, defaults={"sparsification": "random", "rescale": True},
     description="DARE random drop (L1 rescale) + task arithmetic.",
 )
 @merge_method(
-    "ties", needs_base=True, per_model=_PER_MODEL, elementwise=_without_sparsification,
-    shared=_shared(sparsification="magnitude", consensus="sum", normalize=True, rescale=False),
+    "ties", needs_base=True, elementwise=_without_sparsification,
+    defaults={"sparsification": "magnitude", "consensus": "sum", "normalize": True},
     description="TIES: magnitude trim to density, sign election, disjoint mean of the agreeing task vectors.",
 )
 @merge_method(
-    "task_arithmetic", needs_base=True, per_model=_PER_MODEL, elementwise=_without_sparsification,
-    shared=_shared(sparsification="none", consensus="none", normalize=False, rescale=False),
+    "task_arithmetic", needs_base=True, elementwise=_without_sparsification,
     description="Task arithmetic: base + lambda * sum_i w_i (theta_i - base).",
 )
 def task_arithmetic(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    sparsification: str,
-    consensus: str,
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    sparsification: str = "none",
+    consensus: str = "none",
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
