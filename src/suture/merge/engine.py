@@ -760,17 +760,16 @@ def _set_vocab_size(config: dict, rows: int | None) -> None:
 
 
 def model_card(recipe: MergeRecipe, plan: MergePlan, title: str) -> str:
-    hub_ids = [ref for ref in dict.fromkeys([recipe.base_model, *(m.model for m in recipe.models)])
-               if is_hub_id(ref)]
-    front = ["---", "library_name: transformers", "tags:", "- suture", "- merge", f"- {recipe.merge_method}"]
-    if hub_ids:
-        front += ["base_model:", *(f"- {ref}" for ref in hub_ids)]
+    """README.md for a merge: hub metadata (the inputs on the hub as `base_model`), the models and the recipe."""
+    from ..io.cards import render_card
+
     counts = ", ".join(f"{n} {action}" for action, n in plan.counts().items())
     lineage = "\n".join(f"- `{m.model}`" + (f" ({m.parameters})" if m.parameters else "") for m in recipe.models)
-    return "\n".join(front + [
-        "---", "", f"# {recipe.name or title}", "",
+    body = "\n".join([
         f"A `{recipe.merge_method}` merge made with suture {__version__}"
         + (f" on the base `{recipe.base_model}`" if recipe.base_model else "") + ".", "",
         "## Models", "", lineage, "", f"Tensors: {len(plan.tensors)} ({counts}).", "",
         "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
-        "Reproduce with `suture merge suture_merge.yaml OUT`.", ""])
+        "Reproduce with `suture merge suture_merge.yaml OUT`."])
+    return render_card(recipe.name or title, body, tags=["suture", "merge", recipe.merge_method],
+                       base_model=list(dict.fromkeys([recipe.base_model, *(m.model for m in recipe.models)])))

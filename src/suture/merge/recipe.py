@@ -210,12 +210,11 @@ class MergeRecipe(BaseModel):
 
 
 def torch_dtype(name: str):
-    import torch
+    """The torch dtype of a recipe's `dtype` / `out_dtype`, spelled as `suture.io.parse.parse_dtype` reads dtypes
+    everywhere (float32 / fp32, bfloat16 / bf16, float16 / fp16, float64 / fp64, ...)."""
+    from ..io.parse import parse_dtype
 
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"Unknown floating dtype {name!r}; use float32, bfloat16, float16 or float64.")
-    return dtype
+    return parse_dtype(name)
 
 
 def load_recipe(recipe: str | Path | dict | MergeRecipe) -> MergeRecipe:
