@@ -52,10 +52,10 @@ def complete_card(text: str, where: str | Path, *, tags: Sequence[str], base_mod
 def load_section(name: str, hybrid: bool) -> str:
     """The "## Load" section of a checkpoint's card: `AutoModelForCausalLM.from_pretrained(name)`, after registering
     suture's hybrid architecture with transformers when `hybrid`."""
-    register = ["import suture", "", "suture.register()  # registers the hybrid architecture with transformers", ""]
-    return "\n".join(["## Load", "", "```python", *(register if hybrid else []),
-                      "from transformers import AutoModelForCausalLM", "",
-                      f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```"])
+    imports = ["import suture"] if hybrid else []
+    register = ["suture.register()  # registers the hybrid architecture with transformers' Auto classes"]
+    return "\n".join(["## Load", "", "```python", *imports, "from transformers import AutoModelForCausalLM", "",
+                      *(register if hybrid else []), f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```"])
 
 
 def _as_list(value) -> list:
