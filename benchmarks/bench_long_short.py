@@ -5,7 +5,7 @@ recipes as the CLI), evaluates every merge and both parents on the workload test
 mean response length per level:
 
 - Long-to-Short, as Wu et al.: the short (quick) model is the base and long - short the task vector, with the
-  paper's settings from the library (`suture.merge.recipe.LONG_SHORT_PARAMETERS`: TA lambda 0.7, TIES keep 0.2,
+  paper's settings from the library (`suture.merge.long_short.LONG_SHORT_PARAMETERS`: TA lambda 0.7, TIES keep 0.2,
   DARE-TIES keep 0.7; AIM-TIES omega 0.4 on 100 workload calibration samples);
 - the same with the zoo's common ancestor (`base`) as the base and both task vectors merged (TA, TIES, TSV);
 - reasoning vector: v = rl - long (RL-like minus its SFT init), added to other models (alpha 1) and subtracted.

@@ -60,8 +60,22 @@ def test_demo_layout_is_the_named_preset_at_the_teachers_depth(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_import_is_light_and_registration_is_explicit():
+    """`import suture` imports neither torch nor transformers; `suture.register()` registers the hybrid, once."""
+    import subprocess
+    import sys
+
+    check = ("import sys, suture; print('torch' in sys.modules, 'transformers' in sys.modules); import transformers; "
+             "print('suture_hybrid' in transformers.CONFIG_MAPPING); suture.register(); suture.register(); "
+             "from transformers import AutoModelForCausalLM, CONFIG_MAPPING; "
+             "print(CONFIG_MAPPING['suture_hybrid'] is suture.HybridConfig, "
+             "AutoModelForCausalLM._model_mapping[suture.HybridConfig] is suture.HybridForCausalLM)")
+    lines = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert lines[:3] == ["False False", "False", "True True"]
+
+
 def test_the_installed_command_registers_the_hybrid_where_a_subcommand_loads_one(tmp_path):
-    """The `suture` executable defers the architecture import; commands that load hybrids must still load them."""
+    """The `suture` executable imports no architecture at start-up; commands that load hybrids register it."""
     import subprocess
     import sys
     from pathlib import Path
@@ -76,10 +90,9 @@ def test_the_installed_command_registers_the_hybrid_where_a_subcommand_loads_one
     hybrid.save_pretrained(tmp_path / "hybrid")
     tokenizer.save_pretrained(tmp_path / "hybrid")
     command = str(Path(sys.executable).with_name("suture"))
-    check = "import sys; sys.argv = ['suture']; import suture, transformers; " \
-            "print('suture_hybrid' in transformers.CONFIG_MAPPING)"
+    check = "import sys, suture.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     lazy = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
-    assert lazy.stdout.strip() == "False"  # nothing heavy imported at start-up
+    assert lazy.stdout.strip() == "[]"  # nothing heavy imported at start-up
     result = subprocess.run([command, "workload", "eval", str(tmp_path / "hybrid"), "--n", "2"], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -255,8 +255,9 @@ def test_a_typo_in_a_per_model_merge_parameter_is_one_line(ckpts, tmp_path):
 def test_a_bad_long_short_field_is_one_line(ckpts, tmp_path):
     error = fails(["merge", "long-short", tmp_path / "out", "--long", ckpts.other, "--short", ckpts.good,
                    "--out-dtype", "int8"])
-    assert error == ("error: recipe: out_dtype: Unknown floating dtype 'int8'; use float32, bfloat16, float16 or "
-                     "float64.")  # worded as for a recipe file: one formatter for both
+    assert error == ("error: recipe: out_dtype: Unknown floating dtype 'int8'; use float32 (fp32, f32, float), "
+                     "bfloat16 (bf16), float16 (fp16, f16, half), float64 (fp64, f64, double) or another torch "
+                     "floating dtype by name (e.g. float8_e4m3fn).")  # worded as for a recipe file: one formatter
 
 
 def test_paths_with_brackets_print_as_they_are(ckpts, tmp_path):

@@ -12,13 +12,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-import suture  # noqa: F401  (registers the hybrid with the Auto classes)
+import suture
 from suture.io.checkpoint import CheckpointReader, ShardedSafetensorsWriter
 from suture.cli.app import app
-from suture.surgery import LayerSelection, hybridize, hybridize_model, select_layers
+from suture.surgery import ImportanceReport, LayerSelection, SelectionSpec, hybridize, hybridize_model, select_layers
 from suture.workload import build_tokenizer
 
 REPLACED = [0, 2]
+suture.register()  # AutoModelForCausalLM loads the hybrids written here
 
 
 def _save(model, path, **kwargs):
@@ -94,7 +95,7 @@ def test_surgery_record_model_card_and_copied_files(tmp_path):
         assert f"model.layers.{i}.self_attn.q_proj.bias" in dropped
     assert not any(".layers.3." in n for n in dropped)
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "| 3 | full_attention |" in card and "import suture" in card
+    assert card.startswith("---\n") and "| 3 | full_attention |" in card and "suture.register()" in card
 
 
 def test_tied_embeddings_and_dtype_cast(tmp_path):
@@ -295,7 +296,7 @@ def test_cli_selects_layers_by_importance_and_records_the_scores(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert [row["index"] for row in record["layers"] if row["replaced"]] == [1]
-    assert record["selection"] == {"method": "importance", "ratio": 0.25}
+    assert record["selection"] == {"method": "importance", "ratio": 0.25, "probe": "loo"}
     assert "importance rank 1 of 4" in record["layers"][1]["reason"]
     assert record["scores"]["layers"][1]["scores"]["loo"] == 0.0
 
@@ -305,3 +306,68 @@ def test_cli_selects_layers_by_importance_and_records_the_scores(tmp_path):
     result = runner.invoke(app, [*args[:2], str(tmp_path / "out2"), *args[3:], "--importance", str(tmp_path / "imp.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out2" / "surgery.json").read_text())["layers"][1]["replaced"]
+
+
+def _importance_source(tmp_path):
+    """A 4-layer Llama whose layer 1 attention adds nothing (the first to go by importance), with a tokenizer."""
+    tokenizer = build_tokenizer()
+    source = tiny_source("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    with torch.no_grad():
+        source.model.layers[1].self_attn.o_proj.weight.zero_()
+    src = _save(source, tmp_path / "src")
+    tokenizer.save_pretrained(src)
+    return src
+
+
+def test_python_selects_layers_by_importance_in_one_call(tmp_path):
+    """`--select importance` from Python: a SelectionSpec that hybridize resolves by scoring the source."""
+    src = _importance_source(tmp_path)
+    phases = set()
+    result = hybridize(src, tmp_path / "out", SelectionSpec(ratio=0.25, select="importance", data="workload"),
+                       on_progress=lambda phase, done, total: phases.add(phase))
+    assert result.replaced == [1] and "importance" in phases
+    record = result.surgery
+    assert record["selection"] == {"method": "importance", "ratio": 0.25, "probe": "loo"}
+    assert record["scores"]["methods"] == ["loo"] and record["scores"]["layers"][1]["scores"]["loo"] == 0.0
+    assert "importance rank 1 of 4" in record["layers"][1]["reason"]
+
+    # the probe is a parameter; a saved report (or the report itself) selects without scoring again
+    mil = hybridize(src, tmp_path / "mil", SelectionSpec(ratio=0.25, select="importance", data="workload",
+                                                          probe="mil"))
+    assert mil.surgery["selection"]["probe"] == "mil" and mil.surgery["scores"]["methods"] == ["mil"]
+    (tmp_path / "imp.json").write_text(json.dumps(record["scores"]))
+    report = ImportanceReport.load_json(tmp_path / "imp.json")
+    for saved in (tmp_path / "imp.json", report):
+        again = hybridize(src, tmp_path / "again", SelectionSpec(ratio=0.25, select="importance", importance=saved),
+                          force=True)
+        assert again.replaced == [1] and again.surgery["scores"] == record["scores"]
+    with pytest.raises(ValueError, match="'mil' was not scored"):
+        hybridize(src, tmp_path / "bad", SelectionSpec(ratio=0.25, select="importance", importance=report,
+                                                        probe="mil"))
+
+    # text layer lists and the other ways of choosing go through the same spec
+    assert hybridize(src, tmp_path / "text", SelectionSpec(mamba_layers="0,2-3")).replaced == [0, 2, 3]
+    assert hybridize(src, tmp_path / "kept", SelectionSpec(keep_attention=[3])).replaced == [0, 1, 2]
+    with pytest.raises(ValueError, match="only apply with --select importance"):
+        SelectionSpec(ratio=0.5, probe="mil")
+    with pytest.raises(ValueError, match="needs --ratio and exactly one of --data"):
+        SelectionSpec(ratio=0.5, select="importance", data="workload", importance=tmp_path / "imp.json")
+    with pytest.raises(ValueError, match="records its own report"):
+        hybridize(src, tmp_path / "both", SelectionSpec(ratio=0.25, select="importance", importance=report),
+                  scores=record["scores"])
+    assert not any((tmp_path / name).exists() for name in ("bad", "both"))
+
+
+def test_cli_probe_and_dtype_spellings(tmp_path):
+    src = _importance_source(tmp_path)
+    runner = CliRunner()
+    args = ["hybridize", str(src), str(tmp_path / "out"), "--select", "importance", "--ratio", "0.25",
+            "--data", "workload", "--probe", "mil", "--dtype", "bf16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    assert record["selection"]["probe"] == "mil" and record["scores"]["methods"] == ["mil"]
+    assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+    result = runner.invoke(app, ["hybridize", str(src), str(tmp_path / "o2"), "--mamba-layers", "1", "--dtype", "int8"])
+    assert result.exit_code == 2 and "--dtype" in result.output and "bfloat16 (bf16)" in result.output
+    assert not (tmp_path / "o2").exists()

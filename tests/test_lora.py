@@ -231,12 +231,14 @@ def logits(model, seed=0):
 
 def test_extract_exact_rank_round_trips_through_peft(tmp_path):
     base_dir, ft_dir, deltas = low_rank_finetune(tmp_path)
-    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=2)
+    result = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=2)
+    out = result.out
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 2 and config["peft_type"] == "LORA"
     assert config["target_modules"] == sorted(n.removesuffix(".weight") for n in deltas)
     report = json.loads((out / "extract_lora.json").read_text())
-    assert len(report["lora"]) == len(deltas) and max(e["rel_error"] for e in report["lora"]) < 1e-5
+    assert report == result.to_dict() and result.adapter_bytes == (out / "adapter_model.safetensors").stat().st_size
+    assert len(report["lora"]) == len(deltas) and max(result.rel_errors) < 1e-5
 
     ft = AutoModelForCausalLM.from_pretrained(ft_dir).eval()
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).eval(), out).eval()
@@ -252,7 +254,7 @@ def test_extract_exact_rank_round_trips_through_peft(tmp_path):
 
 def test_extract_truncation_error_is_the_svd_tail(tmp_path):
     base_dir, ft_dir, deltas = low_rank_finetune(tmp_path, rank=3)
-    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=1)
+    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=1).out
     report = json.loads((out / "extract_lora.json").read_text())
     with CheckpointReader(ft_dir) as ft, CheckpointReader(base_dir) as base:
         for entry in report["lora"]:
@@ -269,7 +271,7 @@ def test_extract_rank_capped_per_module(tmp_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight.normal_(generator=torch.Generator().manual_seed(5))
     model.save_pretrained(ft_dir)
-    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=48)
+    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=48).out
     config = json.loads((out / "adapter_config.json").read_text())
     thin = {f"model.layers.{i}.self_attn.{p}": 32 for i, p in [(0, "k_proj"), (0, "v_proj"), (1, "v_proj")]}
     assert config["r"] == 48 and config["rank_pattern"] == thin and config["alpha_pattern"] == thin
@@ -291,7 +293,7 @@ def test_extract_modules_to_save_and_unsupported(tmp_path):
         extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=2)
     assert not list(tmp_path.glob("*adapter*"))  # atomic: nothing half-written
 
-    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=2, skip_unsupported=True)
+    out = extract_lora(ft_dir, base_dir, tmp_path / "adapter", rank=2, skip_unsupported=True).out
     report = json.loads((out / "extract_lora.json").read_text())
     assert report["skipped_unsupported"] == ["model.layers.1.self_attn.q_proj.bias"]
     saved = ["model.embed_tokens", "model.layers.0.self_attn.k_proj", "model.norm"]
@@ -333,7 +335,7 @@ def test_extract_refuses_existing_output_and_identical_models(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match="identical"):
         extract_lora(base_dir, base_dir, tmp_path / "same", rank=2)
-    out = extract_lora(ft_dir, base_dir, tmp_path / "q_only", rank=2, include=[r"q_proj"])
+    out = extract_lora(ft_dir, base_dir, tmp_path / "q_only", rank=2, include=[r"q_proj"]).out
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
@@ -350,6 +352,9 @@ def test_cli_extract_lora(tmp_path):
     assert "tensors factorised" in result.output and str(len(deltas)) in result.output and "wrote" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "error:" in again.output and "--force" in again.output
-    assert runner.invoke(app, [*args, "--force", "--dtype", "bfloat16"]).exit_code == 0
-    assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")[
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.bfloat16
+    for spelling, dtype in (("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("F64", torch.float64)):
+        assert runner.invoke(app, [*args, "--force", "--dtype", spelling]).exit_code == 0
+        assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == dtype
+    refused = runner.invoke(app, [*args, "--force", "--dtype", "float8_e4m3fn"])
+    assert refused.exit_code == 2 and "--dtype" in refused.output and "bfloat16 (bf16)" in refused.output

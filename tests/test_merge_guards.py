@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from suture.cli.app import app
 from suture.merge import load_recipe, merge, merge_state_dicts, plan_merge
 from suture.merge.methods import METHODS
-from suture.merge.recipe import (
+from suture.merge.long_short import (
     LONG_SHORT_AIM_OMEGA,
     LONG_SHORT_CALIBRATION_N,
     LONG_SHORT_METHOD,

@@ -1,14 +1,25 @@
 """suture: model surgery for reasoning LLMs.
 
-Importing the package registers the hybrid architecture with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(dir)` loads a saved hybrid.
+`import suture` is light: it imports neither torch nor transformers, so the `suture` command starts fast. The
+hybrid architecture is registered with transformers' Auto classes by `suture.register()`, and by importing
+`suture.architectures` (which anything that uses the hybrid does: `suture.HybridForCausalLM`, `suture.surgery`,
+the loaders of the commands):
+
+    import suture
+    suture.register()
+    model = AutoModelForCausalLM.from_pretrained("path/to/hybrid")
 """
 
-import os
-import sys
-
 __version__ = "0.1.0"
-__all__ = ["HybridConfig", "HybridForCausalLM", "__version__"]
+__all__ = ["HybridConfig", "HybridForCausalLM", "__version__", "register"]
+
+
+def register() -> None:
+    """Register the hybrid (model_type "suture_hybrid") with transformers' `AutoConfig`, `AutoModel` and
+    `AutoModelForCausalLM`, so that `AutoModelForCausalLM.from_pretrained(dir)` loads a saved hybrid. Idempotent."""
+    from .architectures import register
+
+    register()
 
 
 def __getattr__(name: str):
@@ -17,13 +28,3 @@ def __getattr__(name: str):
 
         return getattr(architectures, name)
     raise AttributeError(f"module 'suture' has no attribute {name!r}")
-
-
-def _running_the_command() -> bool:
-    """True in the `suture` executable, which registers the architecture (seconds of transformers imports) only in
-    the subcommands that load models, so that `suture merge`, `inspect` or `publish` start fast."""
-    return os.path.basename(sys.argv[0]) == "suture" if sys.argv and sys.argv[0] else False
-
-
-if not _running_the_command():
-    from . import architectures  # noqa: E402, F401  (registers the Auto classes)

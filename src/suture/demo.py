@@ -86,15 +86,10 @@ def decode_latency_ms(model, context: int, steps: int = 16) -> float:
 def _load_teacher(teacher: str | Path | None):
     if teacher is None:
         return tiny_teacher(), None
-    from transformers import AutoTokenizer
+    from .io.checkpoint import has_tokenizer
+    from .io.loading import load_for_scoring
 
-    path = Path(teacher)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"Teacher {path} has no config.json: pass a Hugging Face checkpoint directory.")
-    with no_hf_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
-    return model, tokenizer
+    return load_for_scoring(teacher, dtype=torch.float32, tokenizer=has_tokenizer(teacher))
 
 
 def _is_workload_tokenizer(tokenizer) -> bool:

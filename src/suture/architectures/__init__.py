@@ -1,4 +1,4 @@
-"""Hybrid attention + Mamba architectures, registered with transformers' Auto classes on import."""
+"""Hybrid attention + Mamba architectures, registered with transformers' Auto classes (`register`, called on import)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -7,9 +7,17 @@ from .families import FAMILIES, Family, get_family
 from .mixers import HybridMamba2Mixer, HybridMambaMixer
 from .modeling_hybrid import HybridCache, HybridForCausalLM, HybridMambaDecoderLayer, HybridModel
 
-AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
-AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
-AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+
+def register() -> None:
+    """Register `HybridConfig` (model_type "suture_hybrid") with `AutoConfig`, and `HybridModel` /
+    `HybridForCausalLM` with `AutoModel` / `AutoModelForCausalLM`, so that `from_pretrained(dir)` loads a saved
+    hybrid. Idempotent."""
+    AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
+    AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
+    AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+
+
+register()
 
 __all__ = [
     "ATTENTION_LAYER_TYPES",
@@ -25,4 +33,5 @@ __all__ = [
     "HybridMambaMixer",
     "HybridModel",
     "get_family",
+    "register",
 ]

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -97,6 +97,23 @@ def size_option(value: str) -> str:
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not a size; use {SIZE_FORMS}.") from None
     return value
+
+
+def dtype_option(allowed: Sequence[str] | None = None) -> Callable[[str | None], str | None]:
+    """Typer callback of a --dtype option: any spelling `suture.io.parse.parse_dtype` reads (bf16, bfloat16, ...),
+    of the dtypes in `allowed` (torch names; default every floating dtype). A bad value is a usage error naming the
+    option and listing the spellings (exit code 2)."""
+
+    def check(value: str | None) -> str | None:
+        from ..io.parse import parse_dtype
+
+        try:
+            parse_dtype(value, allowed=allowed)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        return value
+
+    return check
 
 
 def _one_line(message: str) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.filesize import decimal
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import cli_errors, console, size_option
-
+from .errors import cli_errors, console, dtype_option, size_option
 
 
 def hybridize_command(
@@ -23,9 +23,12 @@ def hybridize_command(
                                "or --importance)."),
     data: str = typer.Option(None, "--data", help="Calibration data for --select importance: a JSONL file or 'workload'."),
     importance_json: Path = typer.Option(None, "--importance", help="A saved `suture importance --json` report to select by."),
+    probe: str = typer.Option(None, "--probe", help="With --select importance: the probe that ranks the layers, loo "
+                              "or mil (default: loo, or the saved report's first method)."),
     mixer: str = typer.Option("mamba", "--mixer", help="mamba (Mamba-1, M1 / Apriel-H1) or mamba2 (MambaInLlama)."),
     seed: int = typer.Option(0, help="Seed of the fresh mixer init."),
-    dtype: str = typer.Option(None, help="Cast floating tensors to this dtype (default: keep the source's)."),
+    dtype: str = typer.Option(None, callback=dtype_option(), help="Cast floating tensors to this dtype: bfloat16 "
+                              "(bf16), float16 (fp16), float32 (fp32), ... (default: keep the source's)."),
     max_shard_size: str = typer.Option("5GB", callback=size_option,
                                        help="Shard size limit of the written safetensors (5GB, 500MB or bytes)."),
     checksum: bool = typer.Option(True, "--checksum/--no-checksum", help="Record SHA-256 of the source files."),
@@ -33,37 +36,23 @@ def hybridize_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle .bin weights (weights_only load)."),
 ) -> None:
     """Replace attention layers by MIL-initialised Mamba layers, streaming from SRC to OUT tensor by tensor."""
-    from ..surgery import hybridize, parse_layer_list, select_layers
-    from ..surgery.streaming import load_source_config
+    from ..surgery import SelectionSpec, hybridize
 
     with cli_errors(output=out, inputs=[src], sharded=True):
-        if select not in ("even", "importance"):
-            raise ValueError(f"--select must be 'even' or 'importance', got {select!r}.")
-        if select == "importance" and (ratio is None or (data is None) == (importance_json is None)):
-            raise ValueError("--select importance needs --ratio and exactly one of --data (to score now) or "
-                             "--importance (a saved report).")
-        if select == "even" and (data is not None or importance_json is not None):
-            raise ValueError("--data / --importance only apply with --select importance.")
-        n_layers = load_source_config(src).num_hidden_layers
-        report = _importance(src, data, importance_json, mixer, seed) if select == "importance" else None
-        selection = select_layers(
-            n_layers,
-            mamba_layers=parse_layer_list(mamba_layers) if mamba_layers is not None else None,
-            keep_attention=parse_layer_list(keep_attention) if keep_attention is not None else None,
-            ratio=ratio, preset=preset, scores=report.scores() if report else None,
-        )
+        spec = SelectionSpec(mamba_layers=mamba_layers, keep_attention=keep_attention, ratio=ratio, preset=preset,
+                             select=select, data=data, importance=importance_json, probe=probe)
         with _progress() as progress:
             tasks = {}
 
             def on_progress(phase: str, done: int, total: int) -> None:
                 if phase not in tasks:
-                    label = "checksum source" if phase == "checksum" else "write hybrid"
-                    tasks[phase] = progress.add_task(label, total=total)
-                progress.update(tasks[phase], completed=done)
+                    tasks[phase] = progress.add_task(_LABELS[phase], total=total, amount="")
+                amount = f"{done}/{total}" if phase == "importance" else f"{decimal(done)} / {decimal(total)}"
+                progress.update(tasks[phase], completed=done, total=total, amount=amount)
 
-            result = hybridize(src, out, selection, mixer=mixer, seed=seed, dtype=dtype, force=force,
+            result = hybridize(src, out, spec, mixer=mixer, seed=seed, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, max_shard_size=max_shard_size, checksum=checksum,
-                               scores=report.to_dict() if report else None, on_progress=on_progress)
+                               on_progress=on_progress)
 
     table = Table(title=f"{out}: {len(result.replaced)} of {len(result.layer_types)} layers replaced by {mixer}")
     table.add_column("layer", justify="right")
@@ -72,23 +61,13 @@ def hybridize_command(
     for row in result.surgery["layers"]:
         table.add_row(str(row["index"]), row["type"], row["reason"] or "")
     console.print(table)
-    console.print(f"wrote {out} (load with `import suture` + AutoModelForCausalLM.from_pretrained), "
+    console.print(f"wrote {out} (load with `suture.register()` + AutoModelForCausalLM.from_pretrained), "
                   "surgery.json and README.md")
 
 
+_LABELS = {"importance": "score layers", "checksum": "checksum source", "tensors": "write hybrid"}
+
+
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
-
-
-def _importance(src: Path, data: str | None, saved: Path | None, mixer: str, seed: int):
-    from ..surgery.importance import ImportanceReport, layer_importance
-
-    if saved is not None:
-        return ImportanceReport.load_json(saved)
-    with Progress(TextColumn("scoring layers (leave-one-out KL)"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("score", total=None)
-        report = layer_importance(src, data=data, methods=("loo",), mixer=mixer, seed=seed,
-                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
-    return report
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+                    TimeRemainingColumn(), console=console, transient=True)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from ..merge.recipe import (
+from ..merge.long_short import (
     LONG_SHORT_AIM_OMEGA,
     LONG_SHORT_CALIBRATION_N,
     LONG_SHORT_METHOD,
@@ -87,7 +87,7 @@ def long_short(
     workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
     allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD, allow_nonfinite: bool = _NONFINITE,
 ) -> None:
-    """Long-to-Short merging in one line, with the paper's settings (`suture.merge.recipe.LONG_SHORT_PARAMETERS`):
+    """Long-to-Short merging in one line, with the paper's settings (`suture.merge.long_short.LONG_SHORT_PARAMETERS`):
     the config (context length included) comes from the long model."""
     if method not in LONG_SHORT_PARAMETERS:
         raise typer.BadParameter(f"--method must be one of {', '.join(LONG_SHORT_PARAMETERS)}, got {method!r}.")

@@ -3,7 +3,10 @@
 - `outputs`: output directories and files that appear whole or not at all, locks, JSON reading that names the file;
 - `checkpoint`: the streaming safetensors reader and the pre-planned sharded writer;
 - `inspect`: per-layer accounting and diffs of checkpoints, read from their headers;
-- `hub`: publishing a checkpoint directory to the Hugging Face hub with its lineage.
+- `loading`: loading a checkpoint directory to run it (`load_for_scoring`), the hybrid registered first;
+- `cards`: the model cards (README.md) of everything suture writes or publishes;
+- `hub`: publishing a checkpoint directory to the Hugging Face hub with its lineage;
+- `parse`: the dtype, layer-list and tensor-name -> layer parsers every command and recipe shares.
 
 The names of `outputs` are re-exported here (`from suture.io import atomic_output_dir`); this package imports no
 torch, so the output machinery stays usable from light processes.

@@ -41,6 +41,13 @@ TOKENIZER_FILES = (
     "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
     "chat_template.json",
 )
+# Any one of these makes a tokenizer (a fast tokenizer, a sentencepiece model, a BPE or WordPiece vocabulary).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def has_tokenizer(ckpt: str | Path) -> bool:
+    """Whether the checkpoint directory `ckpt` holds a tokenizer."""
+    return any((Path(ckpt) / name).is_file() for name in TOKENIZER_VOCAB_FILES)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
+from .cards import SUTURE_URL, complete_card, load_section, render_card
 from .outputs import HUB_ID, is_hub_id, read_json, read_weight_map
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -124,47 +125,30 @@ def read_lineage(folder: Path) -> Lineage:
 
 
 def build_model_card(folder: Path, repo_id: str, lineage: Lineage, model_type: str | None) -> str:
-    """README.md text: the folder's own (front matter completed) or a minimal card; the folder is not touched."""
-    from huggingface_hub import ModelCard, ModelCardData
-
+    """README.md text: the folder's own card or a minimal one, with suture's tags and the lineage's base models
+    added to its metadata; the folder is not touched."""
     readme = folder / "README.md"
-    if readme.is_file():
-        try:
-            card = ModelCard(readme.read_text(encoding="utf-8"))
-        except (ValueError, yaml.YAMLError) as err:
-            raise ValueError(f"{readme}: the YAML front matter does not parse ({err}); fix or remove it.") from None
-    else:
-        data = ModelCardData(library_name="transformers")
-        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(repo_id, lineage, model_type)}")
-    data = card.data
-    data.library_name = data.library_name or "transformers"
-    tags = [data.tags] if isinstance(data.tags, str) else list(data.tags or [])
-    extra = ["suture"] + (["merge"] if lineage.recipe_file else []) + (["hybrid"] if lineage.surgery else [])
-    data.tags = list(dict.fromkeys(tags + extra))
-    existing = [data.base_model] if isinstance(data.base_model, str) else list(data.base_model or [])
-    bases = list(dict.fromkeys(existing + lineage.base_model))
-    if bases:  # the hub reads a single base model as a string, several as a list
-        data.base_model = bases[0] if len(bases) == 1 else bases
-    return str(card)
+    name = repo_id.split("/")[-1]
+    text = (readme.read_text(encoding="utf-8") if readme.is_file()
+            else render_card(name, _card_body(repo_id, lineage, model_type), tags=[]))
+    tags = ["suture"] + (["merge"] if lineage.recipe_file else []) + (["hybrid"] if lineage.surgery else [])
+    return complete_card(text, readme, tags=tags, base_model=lineage.base_model)
 
 
 def _card_body(repo_id: str, lineage: Lineage, model_type: str | None) -> str:
-    made = "A checkpoint published with [suture](https://pypi.org/project/suture/)."
+    made = f"A checkpoint published with [suture]({SUTURE_URL})."
     if lineage.surgery:
         source = lineage.surgery.get("source") or {}
-        made = (f"An attention + Mamba hybrid of `{source.get('name')}` made with "
-                f"[suture](https://pypi.org/project/suture/) `hybridize` (mixer: `{lineage.surgery.get('mixer')}`); "
-                "`surgery.json` records the layer selection and weight transfer.")
+        made = (f"An attention + Mamba hybrid of `{source.get('name')}` made with [suture]({SUTURE_URL}) "
+                f"`hybridize` (mixer: `{lineage.surgery.get('mixer')}`); `surgery.json` records the layer selection "
+                "and weight transfer.")
     elif lineage.recipe_file:
-        made = (f"A `{lineage.merge_method}` merge made with [suture](https://pypi.org/project/suture/) "
-                f"`merge`, from the recipe below (`{lineage.recipe_file}`).")
-    load = ["import suture  # registers the hybrid architecture with transformers"] if model_type == "suture_hybrid" else []
-    lines = [f"# {repo_id.split('/')[-1]}", "", made, "", "## Load", "", "```python", *load,
-             "from transformers import AutoModelForCausalLM", "",
-             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", ""]
+        made = (f"A `{lineage.merge_method}` merge made with [suture]({SUTURE_URL}) `merge`, from the recipe below "
+                f"(`{lineage.recipe_file}`).")
+    lines = [made, "", load_section(repo_id, hybrid=model_type == "suture_hybrid"), ""]
     if lineage.recipe_text:
         fence = "json" if lineage.recipe_file.endswith(".json") else "yaml"
-        lines += ["## Recipe", "", f"```{fence}", lineage.recipe_text.rstrip(), "```", ""]
+        lines += ["## Recipe", "", f"```{fence}", lineage.recipe_text.rstrip(), "```"]
     return "\n".join(lines)
 
 

@@ -7,14 +7,13 @@ checkpoints, one tensor at a time.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import DTYPES, CheckpointReader, TensorInfo
 from .outputs import read_json
+from .parse import layer_index
 
-_LAYER = re.compile(r"^(?:model\.|backbone\.)?layers\.(\d+)\.")
 _DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
@@ -72,9 +71,9 @@ def inspect_checkpoint(ckpt: str | Path) -> Inspection:
     tensors = read_tensor_index(ckpt)
     names_by_layer: dict[int, list[str]] = {}
     for name in tensors:
-        match = _LAYER.match(name)
-        if match:
-            names_by_layer.setdefault(int(match.group(1)), []).append(name)
+        index = layer_index(name)
+        if index is not None:
+            names_by_layer.setdefault(index, []).append(name)
     n_layers = config.get("num_hidden_layers") or (max(names_by_layer) + 1 if names_by_layer else 0)
     kinds = _layer_kinds(config, n_layers, names_by_layer)
     heads = config.get("num_attention_heads") or 1

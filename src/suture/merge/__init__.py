@@ -8,11 +8,19 @@
                                "density": 0.2}, {"weight": 1.0, "density": 0.2}])
 """
 
-from .engine import MergePlan, MergeResult, merge, merge_state_dicts, plan_merge
-from .methods import METHODS, PerModel, Statistic, StatisticsSource, get_method, merge_method
-from .recipe import MergeRecipe, load_recipe, long_short_recipe
+from importlib import import_module
 
-__all__ = [
-    "METHODS", "MergePlan", "MergeRecipe", "MergeResult", "PerModel", "Statistic", "StatisticsSource", "get_method",
-    "load_recipe", "long_short_recipe", "merge", "merge_method", "merge_state_dicts", "plan_merge",
-]
+# Loaded on first use (PEP 562), so that `suture.merge.long_short`'s defaults cost the command line no torch import.
+_EXPORTS = {
+    "MergePlan": "engine", "MergeResult": "engine", "merge": "engine", "merge_state_dicts": "engine",
+    "plan_merge": "engine", "METHODS": "methods", "PerModel": "methods", "Statistic": "methods",
+    "StatisticsSource": "methods", "get_method": "methods", "merge_method": "methods", "MergeRecipe": "recipe",
+    "load_recipe": "recipe", "long_short_recipe": "long_short",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

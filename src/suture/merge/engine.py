@@ -34,18 +34,25 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files, parse_size
-from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
+from ..io.checkpoint import (
+    DTYPES,
+    TOKENIZER_VOCAB_FILES,
+    CheckpointReader,
+    ShardedSafetensorsWriter,
+    copy_tokenizer_files,
+    has_tokenizer,
+    parse_size,
+)
+from ..io import atomic_output_dir, check_output_dir, read_json
+from ..io.parse import parse_dtype
 from .chat_templates import resolve_chat_template
 from .methods import REQUIRED, MergeMethod, get_method
 from .params import gradient_position, layer_index, resolve_parameter
-from .recipe import MergeRecipe, load_recipe, torch_dtype
+from .recipe import MergeRecipe, load_recipe
 from .vocabulary import (
     HINTS,
-    TOKENIZER_FILES,
     TokenAlignment,
     config_vocab_size,
-    has_tokenizer,
     is_vocabulary_tensor,
     token_alignment,
     tokenizer_vocab,
@@ -156,7 +163,7 @@ def _plan(recipe: MergeRecipe, inputs: _Inputs) -> MergePlan:
     base = recipe.base_model
     involved = list(dict.fromkeys(models + ([base] if base else [])))
     donor = inputs.readers[base if base else models[0]].index
-    out_dtype = torch_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     names = list(dict.fromkeys([n for ref in involved for n in inputs.readers[ref].index]))
     problems = _source_problems(recipe)
     tokens = None
@@ -258,7 +265,7 @@ def _source_problems(recipe: MergeRecipe) -> list[str]:
         if not where.is_dir():
             problems.append(f"{label}: {where} does not exist; name a model directory that has a tokenizer")
         elif not has_tokenizer(where):
-            problems.append(f"{label}: {where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); name a model "
+            problems.append(f"{label}: {where} has no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)}); name a model "
                             "that has its tokenizer, or remove tokenizer_source")
     return problems
 
@@ -600,7 +607,7 @@ def check_finite(tensor: torch.Tensor, name: str, model: str) -> None:
 
 def _compute_dtype(recipe: MergeRecipe, method: MergeMethod) -> torch.dtype:
     """The method's dtype, widened to the recipe's `dtype` (mergekit's compute dtype) where that is wider."""
-    wanted = torch_dtype(recipe.dtype) if recipe.dtype else method.dtype
+    wanted = parse_dtype(recipe.dtype) or method.dtype
     return wanted if wanted.itemsize > method.dtype.itemsize else method.dtype
 
 
@@ -718,17 +725,16 @@ def _set_vocab_size(config: dict, rows: int | None) -> None:
 
 
 def model_card(recipe: MergeRecipe, plan: MergePlan, title: str) -> str:
-    hub_ids = [ref for ref in dict.fromkeys([recipe.base_model, *(m.model for m in recipe.models)])
-               if is_hub_id(ref)]
-    front = ["---", "library_name: transformers", "tags:", "- suture", "- merge", f"- {recipe.merge_method}"]
-    if hub_ids:
-        front += ["base_model:", *(f"- {ref}" for ref in hub_ids)]
+    """README.md for a merge: hub metadata (the inputs on the hub as `base_model`), the models and the recipe."""
+    from ..io.cards import render_card
+
     counts = ", ".join(f"{n} {action}" for action, n in plan.counts().items())
     lineage = "\n".join(f"- `{m.model}`" + (f" ({m.parameters})" if m.parameters else "") for m in recipe.models)
-    return "\n".join(front + [
-        "---", "", f"# {recipe.name or title}", "",
+    body = "\n".join([
         f"A `{recipe.merge_method}` merge made with suture {__version__}"
         + (f" on the base `{recipe.base_model}`" if recipe.base_model else "") + ".", "",
         "## Models", "", lineage, "", f"Tensors: {len(plan.tensors)} ({counts}).", "",
         "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
-        "Reproduce with `suture merge suture_merge.yaml OUT`.", ""])
+        "Reproduce with `suture merge suture_merge.yaml OUT`."])
+    return render_card(recipe.name or title, body, tags=["suture", "merge", recipe.merge_method],
+                       base_model=list(dict.fromkeys([recipe.base_model, *(m.model for m in recipe.models)])))

@@ -29,13 +29,15 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import DTYPES, CheckpointReader, TensorInfo
-from ..io import atomic_output_dir, check_output_dir, read_json
+from ..io.cards import render_card
+from ..io.checkpoint import CheckpointReader, TensorInfo
+from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
+from ..io.parse import COMMON_FLOAT_DTYPES, parse_dtype
 from .methods.svd import lora_factors
 
 PEFT_PREFIX = "base_model.model."
@@ -310,6 +312,31 @@ def _saved_modules(changed: list[str], targets: set[str], tied: str | None) -> t
     return modules, unsupported
 
 
+@dataclass
+class LoraExtraction:
+    """What `extract_lora` wrote to `out`; `to_dict()` is its report, extract_lora.json."""
+
+    out: Path
+    finetuned: str
+    base: str
+    rank: int
+    lora: list[dict]  # per factorised weight: name, shape, rank, rel_error (of the stored factors)
+    modules_to_save: list[str]
+    skipped_unsupported: list[str]
+    identical: int  # tensors equal in both, left out
+    excluded: int  # tensors matching no `include` pattern
+    adapter_bytes: int = 0
+
+    @property
+    def rel_errors(self) -> list[float]:
+        return [entry["rel_error"] for entry in self.lora]
+
+    def to_dict(self) -> dict:
+        report = asdict(self)
+        del report["out"]
+        return report
+
+
 def extract_lora(
     finetuned: str | Path,
     base: str | Path,
@@ -319,20 +346,22 @@ def extract_lora(
     force: bool = False,
     include: Sequence[str] | None = None,
     skip_unsupported: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> Path:
+) -> LoraExtraction:
     """Write a PEFT LoRA adapter to ``out`` approximating ``finetuned - base`` (mergekit-extract-lora's method).
 
     Each changed 2-D weight [out, in] of the decoder layers gets SVD factors A [k, in], B [out, k] with
     ``k = min(rank, out, in)`` (``lora_alpha = k``: scaling 1). Other changed tensors are saved whole as
     ``modules_to_save`` when their module holds no LoRA target, else they are unsupported: an error listing them,
     or with ``skip_unsupported`` left out and listed in the report. Identical tensors are skipped. ``include``:
-    regexes (``re.search``); tensors matching none are left out (counted as excluded). ``dtype``: of the factors
-    (default: the fine-tune's). Writes adapter_config.json, adapter_model.safetensors, README.md, extract_lora.json.
+    regexes (``re.search``); tensors matching none are left out (counted as excluded). ``dtype``: of the factors,
+    one of `COMMON_FLOAT_DTYPES` in any spelling `parse_dtype` reads (default: the fine-tune's). Writes
+    adapter_config.json, adapter_model.safetensors, README.md and extract_lora.json (the returned report).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}.")
+    dtype = parse_dtype(dtype, what="dtype", allowed=COMMON_FLOAT_DTYPES)
     out = check_output_dir(out, force, [finetuned, base])
     with CheckpointReader(finetuned) as ft, CheckpointReader(base) as bs:
         names = _check_pairs(ft, bs)
@@ -351,14 +380,12 @@ def extract_lora(
             what = "differ only outside the decoder layers' 2-D weights" if changed else "are identical"
             raise ValueError(f"{finetuned} and {base} {what}{' on the included tensors' if include else ''}: there "
                              "is no weight to factorise, and peft cannot load an adapter with no LoRA target.")
-        report = {
-            "finetuned": str(finetuned), "base": str(base), "rank": rank, "lora": entries,
-            "modules_to_save": sorted(saved), "skipped_unsupported": unsupported,
-            "identical": len(selected) - len(entries) - len(changed), "excluded": len(names) - len(selected),
-        }
-        _write_adapter(out, force, [finetuned, base], tensors, ranks, sorted(saved), str(Path(base).resolve()),
-                       report)
-    return out
+        report = LoraExtraction(
+            out, str(finetuned), str(base), rank, entries, sorted(saved), unsupported,
+            identical=len(selected) - len(entries) - len(changed), excluded=len(names) - len(selected),
+        )
+        _write_adapter(out, force, [finetuned, base], tensors, ranks, str(Path(base).resolve()), report)
+    return report
 
 
 def _factorise(ft: CheckpointReader, base: CheckpointReader, names: list[str], rank: int, dtype: torch.dtype | None,
@@ -404,31 +431,26 @@ def _adapter_config(ranks: dict[str, int], modules_to_save: list[str], base: str
 
 
 def _write_adapter(out: Path, force: bool, sources: list, tensors: dict[str, torch.Tensor], ranks: dict[str, int],
-                   modules_to_save: list[str], base: str, report: dict) -> None:
+                   base: str, report: LoraExtraction) -> None:
     from safetensors.torch import save_file
 
-    config = _adapter_config(ranks, modules_to_save, base)
-    errors = [e["rel_error"] for e in report["lora"]]
+    config = _adapter_config(ranks, report.modules_to_save, base)
     with atomic_output_dir(out, force, sources) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        report["adapter_bytes"] = (tmp / ADAPTER_WEIGHTS).stat().st_size
-        (tmp / "extract_lora.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "README.md").write_text(
-            f"# LoRA adapter extracted by suture\n\nRank-{report['rank']} SVD factors of `{report['finetuned']}` - "
-            f"`{base}` for {len(ranks)} weights (relative error mean "
-            f"{sum(errors) / max(len(errors), 1):.3g}, max {max(errors, default=0):.3g}); modules_to_save: "
-            f"{', '.join(modules_to_save) or 'none'}. Per-tensor details: `extract_lora.json`.\n\n"
-            "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, this_dir)\n```\n"
-        )
+        report.adapter_bytes = (tmp / ADAPTER_WEIGHTS).stat().st_size
+        (tmp / "extract_lora.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (tmp / "README.md").write_text(adapter_card(report))
 
 
-def dtype_from_name(name: str | None) -> torch.dtype | None:
-    """``"bf16"`` / ``"bfloat16"`` / ``"F32"`` ... -> torch dtype (None stays None)."""
-    if name is None:
-        return None
-    aliases = {"fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16"}
-    key = aliases.get(name.lower(), name.upper())
-    if key not in ("F32", "F16", "BF16", "F64"):
-        raise ValueError(f"Unknown factor dtype {name!r}; use float32, float16 or bfloat16.")
-    return DTYPES[key]
+def adapter_card(report: LoraExtraction) -> str:
+    """README.md of an extracted adapter: hub metadata (peft), what was factorised and how to load it."""
+    errors = report.rel_errors
+    base = report.base if is_hub_id(report.base) else str(Path(report.base).resolve())
+    body = (f"Rank-{report.rank} SVD factors of `{report.finetuned}` - `{base}` for {len(errors)} weights (relative "
+            f"error mean {sum(errors) / max(len(errors), 1):.3g}, max {max(errors, default=0):.3g}); "
+            f"modules_to_save: {', '.join(report.modules_to_save) or 'none'}. Per-tensor details: "
+            "`extract_lora.json`.\n\n"
+            "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, this_dir)\n```")
+    return render_card("LoRA adapter extracted by suture", body, tags=["suture", "lora", "peft"],
+                       base_model=[report.base], library_name="peft")

@@ -14,7 +14,8 @@ Semantics (mergekit 0.1.5, ``mergekit/config.py:27-73``, ``parameter_resolver.py
   one-layer model gives ``t = 1`` (``plan.py:295-298``). Every tensor outside the layers -- embeddings, the final
   norm *and lm_head* -- is evaluated at ``t = 0``, i.e. takes the *first* value of a gradient (``plan.py:312-334``
   build the pre- and post-layer readers with ``t=0``). mergekit learns the layer index from its per-architecture
-  tables; we read it from the tensor name (``layers.{i}.``, ``h.{i}.``, ``blocks.{i}.``, ``layer.{i}.``).
+  tables; we read it from the tensor name (``layers.{i}.``, ``h.{i}.``, ``blocks.{i}.``, ``layer.{i}.``) with
+  `suture.io.parse.layer_index`, re-exported here.
 - **Gradient.** Values are validated (cast) first; if all are numbers (not bools) the setting is interpolated
   piecewise-linearly: ``s = t * (len - 1)``, ``i0 = int(s)``, ``i1 = min(len - 1, i0 + 1)``,
   ``value = (1 - f) * v[i0] + f * v[i1]`` with ``f = s - i0``, and the result is cast again. Bools and strings are
@@ -31,9 +32,10 @@ Semantics (mergekit 0.1.5, ``mergekit/config.py:27-73``, ``parameter_resolver.py
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from ..io.parse import layer_index
 
 __all__ = ["REQUIRED", "evaluate_setting", "gradient_position", "layer_index", "resolve_parameter"]
 
@@ -45,15 +47,8 @@ class _Required:
 
 REQUIRED: Any = _Required()  # default of a parameter that has none: the config must set it
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _TRUE = {"1", "on", "t", "true", "y", "yes"}
 _FALSE = {"0", "off", "f", "false", "n", "no"}
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """The decoder-layer index in a tensor name (``model.layers.3.mlp.up_proj.weight`` -> 3), None outside layers."""
-    match = _LAYER.search(tensor_name)
-    return int(match.group(1)) if match else None
 
 
 def gradient_position(tensor_name: str, num_layers: int) -> float:

@@ -47,7 +47,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .._quiet import no_hf_progress_bars
 from ..io.checkpoint import CheckpointReader, ShardedSafetensorsWriter
 from ..io import atomic_output_dir, atomic_output_file, check_output_dir
 from ..data import load_sequences, right_padded
@@ -67,24 +66,20 @@ def _load_model(source) -> tuple[nn.Module, Path | None]:
     """An in-memory model as is, or a checkpoint directory loaded in fp32 (returns the directory too)."""
     if isinstance(source, nn.Module):
         return source, None
-    from transformers import AutoModelForCausalLM
+    from ..io.loading import load_for_scoring
 
-    path = Path(source)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: pass a checkpoint directory or an in-memory model.")
-    with no_hf_progress_bars():  # importing suture registers the hybrid with the Auto classes
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return model, path
+    return load_for_scoring(source, dtype=torch.float32, tokenizer=False)[0], Path(source)
 
 
 def _tokenizer(tokenizer, *sources):
     if tokenizer is not None:
         return tokenizer
-    for source in sources:
-        if not isinstance(source, nn.Module) and (Path(source) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+    from ..io.checkpoint import has_tokenizer
+    from ..io.loading import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(source)
+    for source in sources:
+        if not isinstance(source, nn.Module) and has_tokenizer(source):
+            return load_tokenizer(source)
     raise ValueError("Pass `tokenizer` (with in-memory models or checkpoints without tokenizer files), or token id "
                      "lists as data; the built-in workload's tokenizer is suture.workload.build_tokenizer().")
 

@@ -21,15 +21,9 @@ from pathlib import Path
 import torch
 
 from ..io import read_json
+from ..io.checkpoint import has_tokenizer
 
 HINTS = ("embed", "lm_head", "wte", "output.weight", "word_embeddings")  # names of vocabulary tensors
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # any one makes a tokenizer
-
-
-def has_tokenizer(model_dir: str | Path) -> bool:
-    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
-
-
 def tokenizer_vocab(model_dir: str | Path) -> dict[str, int]:
     """Token -> id of the tokenizer in `model_dir` (added tokens included): read from its `tokenizer.json` where it
     has one, else loaded with transformers (never running code shipped with the model)."""

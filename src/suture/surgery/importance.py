@@ -44,7 +44,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .._quiet import no_hf_progress_bars
 from ..data import Batch, check_data, load_sequences, right_padded
 from ..io import read_json
 from ..architectures import ATTENTION_LAYER_TYPES, MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
@@ -246,19 +245,10 @@ def _load_source(source, tokenizer):
             raise ValueError("Pass `tokenizer` with an in-memory model (the built-in workload's is "
                              "suture.workload.build_tokenizer()).")
         return source, tokenizer, getattr(source.config, "_name_or_path", "") or type(source).__name__
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..io.loading import load_for_scoring
 
-    path = Path(source)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory.")
-    if tokenizer is None:
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json); save the tokenizer there.")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    # importing suture (done by this package) registers the hybrid with the Auto classes; no remote code
-    with no_hf_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return model, tokenizer, str(path)
+    model, saved_tokenizer = load_for_scoring(source, dtype=torch.float32, tokenizer=tokenizer is None)
+    return model, tokenizer or saved_tokenizer, str(Path(source))
 
 
 # ---------------------------------------------------------------------------------------------------- report

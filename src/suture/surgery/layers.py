@@ -14,12 +14,23 @@ A ratio r replaces round(r * n) layers and keeps the others evenly spaced, alway
 
 Every way of choosing must replace at least one layer: a selection that replaces nothing is an error, never a
 "hybrid" identical to its source.
+
+`select_layers` chooses from a layer count; a `SelectionSpec` says how to choose and is resolved against the source
+checkpoint by `suture.surgery.hybridize` (`resolve_selection`), scoring the layers first when it selects by
+importance, so that `--select importance` is one call from Python too.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..io.parse import parse_layer_list
+
+if TYPE_CHECKING:
+    from .importance import ImportanceReport
 
 
 def _keep_m1(n: int) -> set[int]:
@@ -42,26 +53,6 @@ class LayerSelection:
     method: str  # "explicit", "keep-attention", "ratio", "preset", "importance"
     detail: dict = field(default_factory=dict)
     reasons: dict[int, str] = field(default_factory=dict)
-
-
-_LAYER_ITEM = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
-
-
-def parse_layer_list(text: str) -> list[int]:
-    """"0,2,5-7" -> [0, 2, 5, 6, 7]; "" -> [] (whether an empty list makes sense is `select_layers`'s call)."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = _LAYER_ITEM.fullmatch(part)
-        if match is None:
-            hint = ("layer indices count from 0 and cannot be negative" if re.fullmatch(r"-\s*[0-9]+", part)
-                    else "use indices and ranges such as '0,2,5-7'")
-            raise ValueError(f"Cannot read layer list {text!r}: {part!r} is not a layer index or range; {hint}.")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        if hi < lo:
-            raise ValueError(f"Cannot read layer list {text!r}: the range {part!r} runs backwards; write it as "
-                             f"'{hi}-{lo}'.")
-        out.extend(range(lo, hi + 1))
-    return out
 
 
 def _checked(indices: list[int], n_layers: int, what: str) -> list[int]:
@@ -149,3 +140,90 @@ def select_layers(
     keep = set(evenly_kept(n_layers, n_layers - n_replace))
     replace = [i for i in range(n_layers) if i not in keep]
     return LayerSelection(replace, "ratio", {"ratio": ratio}, {i: f"ratio {ratio}, evenly spaced" for i in replace})
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """How to choose the layers to replace, resolved against the source checkpoint (`resolve_selection`).
+
+    Exactly one of `mamba_layers`, `keep_attention`, `ratio` and `preset`, as in `select_layers`; the layer lists
+    may be given as text ("0,2,5-7"). With ``select="importance"`` and a `ratio`, the least important layers are
+    replaced: scored now on `data` (a JSONL file or a named source such as "workload", see `suture.data`), or read
+    from `importance` (a saved `ImportanceReport` JSON file, or the report). `probe` ranks them: default "loo"
+    when scoring, a saved report's first method otherwise.
+
+        SelectionSpec(preset="m1")
+        SelectionSpec(ratio=0.5, select="importance", data="calib.jsonl", probe="mil")
+    """
+
+    mamba_layers: Sequence[int] | str | None = None
+    keep_attention: Sequence[int] | str | None = None
+    ratio: float | None = None
+    preset: str | None = None
+    select: str = "even"  # with `ratio`: "even" spacing or "importance"
+    data: str | Path | None = None
+    importance: str | Path | ImportanceReport | None = None
+    probe: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.select not in ("even", "importance"):
+            raise ValueError(f"--select must be 'even' or 'importance', got {self.select!r}.")
+        if self.select == "importance" and (self.ratio is None or (self.data is None) == (self.importance is None)):
+            raise ValueError("--select importance needs --ratio and exactly one of --data (to score now) or "
+                             "--importance (a saved report).")
+        if self.select == "even" and (self.data, self.importance, self.probe) != (None, None, None):
+            raise ValueError("--data / --importance / --probe only apply with --select importance.")
+
+
+def resolve_selection(
+    selection: SelectionSpec | LayerSelection | Sequence[int],
+    src: str | Path,
+    n_layers: int,
+    mixer: str = "mamba",
+    seed: int = 0,
+    scores: dict | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[LayerSelection, dict | None]:
+    """The layers of the `n_layers`-layer checkpoint `src` to replace, and the importance report to record with
+    them (`scores` as given, or the report the selection was made by, as `ImportanceReport.to_dict()`).
+
+    A `LayerSelection` is taken as it is, a plain list of indices as an explicit one; a `SelectionSpec` by
+    importance scores `src` with its probe (`mixer` and `seed` as `layer_importance` takes them; `on_progress` is
+    called as ("importance", done, total)) or reads its saved report.
+    """
+    if isinstance(selection, LayerSelection):
+        return selection, scores
+    if not isinstance(selection, SelectionSpec):
+        indices = sorted(selection)
+        return LayerSelection(indices, "explicit", {"mamba_layers": indices}), scores
+    spec, report = selection, None
+    if spec.select == "importance":
+        if scores is not None:
+            raise ValueError("A selection by importance records its own report: pass `scores` only with a "
+                             "LayerSelection.")
+        report = _importance_report(spec, src, mixer, seed, on_progress)
+    probe = (spec.probe or report.methods[0]) if report is not None else None
+    chosen = select_layers(
+        n_layers, mamba_layers=_layer_list(spec.mamba_layers), keep_attention=_layer_list(spec.keep_attention),
+        ratio=spec.ratio, preset=spec.preset, scores=report.scores(probe) if report is not None else None,
+    )
+    if report is None:
+        return chosen, scores
+    chosen.detail["probe"] = probe
+    return chosen, report.to_dict()
+
+
+def _layer_list(layers: Sequence[int] | str | None) -> list[int] | None:
+    return parse_layer_list(layers) if isinstance(layers, str) else None if layers is None else list(layers)
+
+
+def _importance_report(spec: SelectionSpec, src, mixer: str, seed: int, on_progress) -> ImportanceReport:
+    from .importance import ImportanceReport, layer_importance
+
+    if isinstance(spec.importance, ImportanceReport):
+        return spec.importance
+    if spec.importance is not None:
+        return ImportanceReport.load_json(spec.importance)
+    progress = (lambda done, total: on_progress("importance", done, total)) if on_progress else None
+    return layer_importance(src, data=spec.data, methods=(spec.probe or "loo",), mixer=mixer, seed=seed,
+                            on_progress=progress)

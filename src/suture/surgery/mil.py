@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.mixers import MIXER_CLASSES
+from ..io.parse import layer_index
 
 # Source tensors the replaced layers give up (besides q/k/v/o, which seed the mixer): Qwen3's q/k norms and
 # Qwen2's q/k/v biases have no counterpart in the mixer.
@@ -103,14 +104,6 @@ def hybridize_model(source: PreTrainedModel, layer_types: list[str | None], seed
             mixer = mil_mixer(config, i, q, k, v, o, seed=seed, dtype=source.dtype)
             hybrid.model.layers[i].mamba.load_state_dict(mixer.state_dict())
     return hybrid
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder layer a tensor name belongs to (`model.layers.{i}.…`), or None."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

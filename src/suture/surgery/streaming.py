@@ -24,8 +24,10 @@ from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
 from ..architectures.families import FAMILIES, get_family
 from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
-from .layers import LayerSelection
-from .mil import layer_index, mil_mixer
+from ..io.cards import SUTURE_URL, load_section, render_card
+from ..io.parse import layer_index, parse_dtype
+from .layers import LayerSelection, SelectionSpec, resolve_selection
+from .mil import mil_mixer
 
 # Buffers some older checkpoints saved that today's modules recompute (transformers ignores them on load too).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -122,7 +124,7 @@ def _check_source(reader: CheckpointReader, expected: dict, src: Path, config, t
 def hybridize(
     src: str | Path,
     out: str | Path,
-    selection: LayerSelection | list[int],
+    selection: SelectionSpec | LayerSelection | list[int],
     mixer: str = "mamba",
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
@@ -137,25 +139,28 @@ def hybridize(
     """Write a hybrid of the checkpoint `src` to `out`, replacing `selection.replace` by `mixer` layers.
 
     Args:
-        selection: the layers to replace and why (`suture.surgery.select_layers`), or a plain list of indices.
+        selection: how to choose the layers to replace (a `SelectionSpec`, e.g. ``SelectionSpec(ratio=0.5,
+            select="importance", data="calib.jsonl")``, resolved against `src`), the layers chosen already
+            (`suture.surgery.select_layers`), or a plain list of indices.
         mixer: "mamba" (Mamba-1, M1 / Apriel-H1 style) or "mamba2" (MambaInLlama Mamba-2 style).
         seed: seeds the fresh init of each mixer (with the layer index; see `mil_mixer`).
         dtype: cast every floating tensor to this dtype (default: keep the source's; new mixers take the dtype of
             the attention they replace).
         allow_pickle: accept pickle `.bin` weights (loaded with `torch.load(weights_only=True)`).
         checksum: record the SHA-256 of every source weight file in surgery.json.
-        scores: per-layer importance scores to record (`ImportanceReport.to_dict()`).
-        on_progress: called as (phase, done, total) with phase "checksum" (bytes) or "tensors" (bytes written).
+        scores: per-layer importance scores to record with a `LayerSelection` (`ImportanceReport.to_dict()`); a
+            `SelectionSpec` by importance records the report it selected by.
+        on_progress: called as (phase, done, total) with phase "importance" (probe preparations and forward
+            passes, when a `SelectionSpec` scores the layers), "checksum" (bytes) or "tensors" (bytes written).
         mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``).
     """
     if mixer not in MAMBA_LAYER_TYPES:
         raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
     src, out = Path(src), check_output_dir(out, force, [src])
-    if not isinstance(selection, LayerSelection):
-        selection = LayerSelection(sorted(selection), "explicit", {"mamba_layers": sorted(selection)})
-    cast = _resolve_dtype(dtype)
+    cast = parse_dtype(dtype, what="dtype")
     source_config = load_source_config(src)
     n = source_config.num_hidden_layers
+    selection, scores = resolve_selection(selection, src, n, mixer, seed, scores, on_progress)
     bad = [i for i in selection.replace if not 0 <= i < n]
     if bad:
         raise ValueError(f"Layer indices {bad} are out of range: {src} has {n} layers (0..{n - 1}).")
@@ -187,15 +192,6 @@ def hybridize(
             (tmp / "surgery.json").write_text(json.dumps(surgery, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(surgery, out.name))
     return HybridizeResult(out, list(config.layer_types), sorted(replaced), surgery)
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype such as bfloat16, float16 or float32, got {dtype!r}.")
-    return resolved
 
 
 def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | None):
@@ -285,25 +281,19 @@ def _hub_name(config) -> str | None:
 
 
 def model_card(surgery: dict, title: str) -> str:
-    """README.md for a hybrid checkpoint: front matter for the hub, the layer layout and how to load it."""
+    """README.md for a hybrid checkpoint: hub metadata, the layer layout and how to load it."""
     source = surgery["source"]
     replaced = [row["index"] for row in surgery["layers"] if row["replaced"]]
     n = len(surgery["layers"])
-    front = ["---", "library_name: transformers", "tags:", "- suture", "- hybrid", "- mamba", "- " + surgery["mixer"]]
-    if is_hub_id(source["name"]):
-        front.insert(1, f"base_model: {source['name']}")
     rows = "\n".join(f"| {r['index']} | {r['type']} | {r['reason'] or ''} |" for r in surgery["layers"])
-    return "\n".join(front + ["---", "", f"# {title}", "",
+    body = "\n".join([
         f"An attention + Mamba hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
-        f"[suture](https://pypi.org/project/suture/) {surgery['suture_version']}: {len(replaced)} of {n} attention "
+        f"[suture]({SUTURE_URL}) {surgery['suture_version']}: {len(replaced)} of {n} attention "
         f"layers were replaced by `{surgery['mixer']}` mixers initialised from the attention weights they replace "
         "(V -> x, K -> B, Q -> C, O -> out_proj; MLPs, norms and embeddings copied).",
         "", "The replaced layers are initialised, not trained: distill the hybrid from its source before use.", "",
         f"Layer selection: `{surgery['selection']['method']}`.", "",
         "| layer | type | why replaced |", "|---|---|---|", rows, "",
-        "## Load", "", "```python", "import suture  # registers the hybrid architecture with transformers",
-        "from transformers import AutoModelForCausalLM", "",
-        f'model = AutoModelForCausalLM.from_pretrained("{title}")', "```", "",
-        "`surgery.json` records the source checksums, the selection, the scores (if any) and every dropped tensor.",
-        ""])
-
+        load_section(title, hybrid=True), "",
+        "`surgery.json` records the source checksums, the selection, the scores (if any) and every dropped tensor."])
+    return render_card(title, body, tags=["suture", "hybrid", "mamba", surgery["mixer"]], base_model=[source["name"]])

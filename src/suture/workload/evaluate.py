@@ -85,19 +85,15 @@ def evaluate(
 ) -> EvalReport:
     """Greedy-decode `n_per_level` test problems per level and score them.
 
-    `model` is a loaded causal LM or a checkpoint directory (then the tokenizer is loaded from it too).
+    `model` is a loaded causal LM or a checkpoint directory (loaded in its saved dtype by
+    `suture.io.loading.load_for_scoring`, with its tokenizer unless `tokenizer` is given).
     """
     if isinstance(model, (str, Path)):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import suture.architectures  # noqa: F401  (registers hybrids with the Auto classes)
+        from ..io.loading import load_for_scoring
 
         name = name or str(model)
-        from .._quiet import no_hf_progress_bars
-
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-        with no_hf_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(model).eval()
+        model, saved_tokenizer = load_for_scoring(model, dtype=None, tokenizer=tokenizer is None)
+        tokenizer = tokenizer or saved_tokenizer
     if tokenizer is None:
         raise ValueError("Pass the workload tokenizer when `model` is an in-memory model.")
     tokenizer.padding_side = "left"
