@@ -54,7 +54,10 @@ class LayerKind:
         raise NotImplementedError(f"Layer kind {self.name!r} builds its whole layer (build_layer), not a mixer.")
 
     def build_layer(self, config, layer_idx: int, family) -> nn.Module:
-        """The decoder layer: by default the family's MLP and norms around `build_mixer`'s mixer."""
+        """The decoder layer: by default the family's MLP and norms around `build_mixer`'s mixer. Every layer is
+        called alike, `layer(hidden_states, attention_mask=masks[mask_key], position_embeddings=..., position_ids=...,
+        use_cache=..., cache=..., **kwargs)` (the cache under the name the installed transformers reads), and
+        returns the new hidden states (b, L, hidden)."""
         from ..architectures.modeling_hybrid import HybridMixerDecoderLayer
 
         return HybridMixerDecoderLayer(config, layer_idx, self)
