@@ -19,6 +19,7 @@ from ._quiet import no_hf_progress_bars
 from .architectures import HybridForCausalLM
 from .architectures.compat import CACHE_KWARG, cache_of
 from .io import atomic_output_dir, check_output_dir
+from .io.inspect import layer_footprints
 from .surgery import hybridize_model, select_layers
 
 
@@ -50,24 +51,14 @@ def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:
 
 
 def kv_bytes_per_token(model) -> int:
-    """Bytes of KV cache one more token costs across all attention layers."""
-    config = model.config
-    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    n_attn = sum(kind.endswith("attention") for kind in kinds)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return n_attn * 2 * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    """Bytes of KV cache one more token costs across all attention layers (`suture inspect`'s accounting)."""
+    return sum(f.kv_bytes_per_token for f in layer_footprints(model.config, model.dtype.itemsize))
 
 
 def ssm_state_bytes(model: HybridForCausalLM) -> int:
-    """Fixed bytes of conv + SSM state per sequence across all Mamba layers (SSM state kept in fp32)."""
-    total = 0
-    for layer in model.model.layers:
-        mixer = getattr(layer, "mamba", None)
-        if mixer is None:
-            continue
-        conv = mixer.conv1d.weight.shape[0] * mixer.d_conv * model.dtype.itemsize  # (c, d_conv)
-        total += conv + mixer.d_inner * mixer.d_state * 4  # (d_inner, n) or (h, p, n), fp32
-    return total
+    """Fixed bytes of state per sequence across all layers: conv + SSM state of the Mamba layers, the SSM state in
+    fp32 (`suture inspect`'s accounting)."""
+    return sum(f.state_bytes_per_sequence for f in layer_footprints(model.config, model.dtype.itemsize))
 
 
 @torch.no_grad()

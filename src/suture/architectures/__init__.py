@@ -2,10 +2,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_hybrid import ATTENTION_LAYER_TYPES, HYBRID_LAYER_TYPES, MAMBA_LAYER_TYPES, HybridConfig
+from .configuration_hybrid import HybridConfig
 from .families import FAMILIES, Family, get_family
 from .mixers import HybridMamba2Mixer, HybridMambaMixer
-from .modeling_hybrid import HybridCache, HybridForCausalLM, HybridMambaDecoderLayer, HybridModel
+from .modeling_hybrid import HybridCache, HybridForCausalLM, HybridMixerDecoderLayer, HybridModel
 
 
 def register() -> None:
@@ -20,17 +20,14 @@ def register() -> None:
 register()
 
 __all__ = [
-    "ATTENTION_LAYER_TYPES",
     "FAMILIES",
-    "HYBRID_LAYER_TYPES",
-    "MAMBA_LAYER_TYPES",
     "Family",
     "HybridCache",
     "HybridConfig",
     "HybridForCausalLM",
     "HybridMamba2Mixer",
-    "HybridMambaDecoderLayer",
     "HybridMambaMixer",
+    "HybridMixerDecoderLayer",
     "HybridModel",
     "get_family",
     "register",

@@ -4,8 +4,8 @@ The config is the source model's config (every hyper-parameter of its family, fl
 config holds it) plus:
 
 - `source_model_type`: the family the kept layers come from (llama, qwen2, qwen3, mistral);
-- `layer_types`: one entry per layer, from `full_attention`, `sliding_attention`, `mamba` (Mamba-1, MIL style)
-  and `mamba2` (Mamba-2, MIL style);
+- `layer_types`: one entry per layer, each the name of a registered layer kind (`suture.layer_kinds`): built in
+  are `full_attention`, `sliding_attention`, `mamba` (Mamba-1, MIL style) and `mamba2` (Mamba-2, MIL style);
 - the mixer hyper-parameters (`mamba_*` for Mamba-1 layers, `mamba2_*` for Mamba-2 layers).
 
 Because the family's fields sit flat on this config, the family's own decoder layers, MLPs, norms and rotary
@@ -14,17 +14,14 @@ embedding are built from it directly and read exactly the values the source mode
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ..layer_kinds import LAYER_KINDS, get_layer_kind
+from ..layer_kinds.mamba import mamba1_sizes
 from .families import family_config_defaults, get_family, source_attention_layer_types
-
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
-MAMBA_LAYER_TYPES = ("mamba", "mamba2")
-HYBRID_LAYER_TYPES = ATTENTION_LAYER_TYPES + MAMBA_LAYER_TYPES
 
 # Keys of a source config that describe the checkpoint, not the architecture.
 _NOT_COPIED = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype"}
@@ -36,8 +33,9 @@ class HybridConfig(PreTrainedConfig):
 
     Args:
         source_model_type (`str`): family of the source transformer: "llama", "qwen2", "qwen3" or "mistral".
-        layer_types (`list[str]`): one of "full_attention", "sliding_attention", "mamba", "mamba2" per layer.
-            Defaults to the source's own attention pattern (no layer replaced).
+        layer_types (`list[str]`): one registered layer kind per layer ("full_attention", "sliding_attention",
+            "mamba", "mamba2" or a kind added with `suture.layer_kinds.register_layer_kind`). Defaults to the
+            source's own attention pattern (no layer replaced).
         mamba_d_state (`int`, defaults to 16): SSM state size of Mamba-1 layers.
         mamba_d_conv (`int`, defaults to 4): causal conv width of Mamba-1 layers.
         mamba_dt_rank (`int` or `"auto"`): rank of the dt projection; "auto" = ceil(hidden_size / 16).
@@ -129,41 +127,38 @@ class HybridConfig(PreTrainedConfig):
     # ------------------------------------------------------------------ derived sizes
     @property
     def resolved_mamba_d_inner(self) -> int:
-        return self.mamba_d_inner or self.num_attention_heads * self.head_dim
+        return mamba1_sizes(self).d_inner
 
     @property
     def resolved_mamba_d_xb(self) -> int:
-        return self.mamba_d_xb or self.num_key_value_heads * self.head_dim
+        return mamba1_sizes(self).d_xb
 
     @property
     def resolved_mamba_dt_rank(self) -> int:
-        return math.ceil(self.hidden_size / 16) if self.mamba_dt_rank == "auto" else int(self.mamba_dt_rank)
+        return mamba1_sizes(self).dt_rank
 
     @property
-    def mamba_layer_indices(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t in MAMBA_LAYER_TYPES]
+    def mixer_layer_indices(self) -> list[int]:
+        """Layers whose kind is not the source's attention (Mamba and any other registered mixer)."""
+        return [i for i, t in enumerate(self.layer_types) if not get_layer_kind(t).is_attention]
 
     @property
     def attention_layer_indices(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t in ATTENTION_LAYER_TYPES]
+        return [i for i, t in enumerate(self.layer_types) if get_layer_kind(t).is_attention]
 
     # ------------------------------------------------------------------ validation
     def validate_layer_type(self):
-        """Every `layer_types` entry is a known kind and there is one per layer."""
+        """Every `layer_types` entry is a registered layer kind and there is one per layer."""
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
                 f"{self.num_hidden_layers}: give exactly one type per layer."
             )
         for i, kind in enumerate(self.layer_types):
-            if kind not in HYBRID_LAYER_TYPES:
+            if kind not in LAYER_KINDS:
                 raise ValueError(
-                    f"`layer_types[{i}]` is {kind!r}; allowed values are {', '.join(HYBRID_LAYER_TYPES)}."
-                )
-            if kind == "sliding_attention" and self.sliding_window is None:
-                raise ValueError(
-                    f"`layer_types[{i}]` is 'sliding_attention' but `sliding_window` is not set: set "
-                    "`sliding_window` or use 'full_attention'."
+                    f"`layer_types[{i}]` is {kind!r}; allowed values are the registered layer kinds: "
+                    f"{', '.join(LAYER_KINDS)}."
                 )
         if get_family(self.source_model_type).sliding_everywhere and self.sliding_window is not None:
             full = [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
@@ -175,49 +170,18 @@ class HybridConfig(PreTrainedConfig):
                 )
 
     def validate_architecture(self):
-        """Check the mixer hyper-parameters; each error names the field at fault."""
+        """Check the fields every kind present reads (each kind validates its own); errors name the field."""
         get_family(self.source_model_type)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
                 f"`num_key_value_heads` ({self.num_key_value_heads})."
             )
-        kinds = set(self.layer_types)
-        if "mamba" in kinds:
-            self._validate_mamba1()
-        if "mamba2" in kinds:
-            self._validate_mamba2()
-
-    def _validate_mamba1(self):
-        for name in ("mamba_d_state", "mamba_d_conv"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-        if self.mamba_d_state > 256:
-            raise ValueError(f"`mamba_d_state` must be <= 256 (the CUDA scan's limit), got {self.mamba_d_state}.")
-        if self.mamba_dt_rank != "auto" and (not isinstance(self.mamba_dt_rank, int) or self.mamba_dt_rank < 1):
-            raise ValueError(f"`mamba_dt_rank` must be 'auto' or a positive integer, got {self.mamba_dt_rank!r}.")
-        d_inner, d_xb, n = self.resolved_mamba_d_inner, self.resolved_mamba_d_xb, self.mamba_d_state
-        if d_xb % n:
-            raise ValueError(f"`mamba_d_xb` ({d_xb}) must be a multiple of `mamba_d_state` ({n}).")
-        if d_inner % d_xb:
-            raise ValueError(f"`mamba_d_inner` ({d_inner}) must be a multiple of `mamba_d_xb` ({d_xb}).")
-        if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
-            raise ValueError(
-                f"`mamba_dt_min` ({self.mamba_dt_min}) must be positive and <= `mamba_dt_max` ({self.mamba_dt_max})."
-            )
-
-    def _validate_mamba2(self):
-        if not isinstance(self.mamba2_d_conv, int) or self.mamba2_d_conv < 1:
-            raise ValueError(f"`mamba2_d_conv` must be a positive integer, got {self.mamba2_d_conv!r}.")
-        if not isinstance(self.mamba2_chunk_size, int) or self.mamba2_chunk_size < 1:
-            raise ValueError(f"`mamba2_chunk_size` must be a positive integer, got {self.mamba2_chunk_size!r}.")
-        low, high = self.mamba2_a_init_range
-        if not 0 < low <= high:
-            raise ValueError(f"`mamba2_a_init_range` must satisfy 0 < low <= high, got {self.mamba2_a_init_range}.")
-        if self.head_dim > 256:
-            raise ValueError(
-                f"Mamba-2 layers use d_state = `head_dim`, which must be <= 256; got {self.head_dim}."
-            )
+        layers_of: dict[str, list[int]] = {}
+        for i, kind in enumerate(self.layer_types):
+            layers_of.setdefault(kind, []).append(i)
+        for kind, layers in layers_of.items():
+            get_layer_kind(kind).validate(self, layers)
 
     # ------------------------------------------------------------------ construction from a source
     @classmethod
@@ -260,10 +224,12 @@ class HybridConfig(PreTrainedConfig):
         }
         values = {k: v for k, v in self.to_dict().items() if k in field_names}
         if "layer_types" in field_names and not family.sliding_everywhere:
-            values["layer_types"] = [t if t in ATTENTION_LAYER_TYPES else "full_attention" for t in self.layer_types]
+            values["layer_types"] = [
+                t if get_layer_kind(t).is_attention else "full_attention" for t in self.layer_types
+            ]
         else:
             values.pop("layer_types", None)
         return family.config_class(**values)
 
 
-__all__ = ["HybridConfig", "HYBRID_LAYER_TYPES", "ATTENTION_LAYER_TYPES", "MAMBA_LAYER_TYPES"]
+__all__ = ["HybridConfig"]

@@ -1,7 +1,8 @@
 """Mamba mixers that replace attention inside a hybrid, in the "Mamba-in-Llama" (MIL) layout.
 
 Both mixers produce x and B at the attention's KV width and C at its query width, so a mixer can be seeded
-from the attention layer it replaces (V -> x, K -> B, Q -> C, O -> out_proj; see `init_from_attention`).
+from the attention layer it replaces (V -> x, K -> B, Q -> C, O -> out_proj: the transfer table of the `mamba` and
+`mamba2` layer kinds, `suture.layer_kinds.mamba`, which finds the row blocks in each mixer's `row_blocks`).
 
 - `HybridMambaMixer` (Mamba-1, as in M1 and Apriel-H1): d_state 16, d_inner = heads * head_dim, a low-rank dt
   projection, A per channel and state. x is widened to d_inner before the conv by repeating d_state-wide
@@ -10,8 +11,9 @@ from the attention layer it replaces (V -> x, K -> B, Q -> C, O -> out_proj; see
   head_dim = d_state = the attention head_dim, A one scalar per head, a conv over [x | B | C] and a gated
   RMSNorm (normalised per head, gate applied before the norm) before out_proj.
 
-The in_proj row order is `[z | x | B | C | dt]` for both. Decoding state lives in transformers' cache
-(`LinearAttentionLayer`): the conv state holds the last `d_conv` conv inputs, the SSM state is kept in fp32.
+The in_proj row order is `[z | x | B | C | dt]` for both (`row_blocks["in_proj.weight"]`). Decoding state lives
+in transformers' cache (`LinearAttentionLayer`): the conv state holds the last `d_conv` conv inputs, the SSM state
+is kept in fp32.
 
 Deliberate differences from transformers' `MambaMixer` (Mamba-1): B, C and dt are projected from the layer
 input (not from the conv output through `x_proj`), x and B are at KV width, and B/C are grouped per
@@ -94,7 +96,9 @@ class HybridMambaMixer(nn.Module):
         self.repeat = self.d_inner // self.d_xb  # query heads per KV head
         self._dt_init = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor)
 
-        d_in_proj = 2 * self.d_inner + 2 * self.d_xb + self.dt_rank
+        self.row_blocks = {"in_proj.weight": {"z": self.d_inner, "x": self.d_xb, "B": self.d_xb, "C": self.d_inner,
+                                              "dt": self.dt_rank}}
+        d_in_proj = sum(self.row_blocks["in_proj.weight"].values())
         self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1,
@@ -134,15 +138,18 @@ class HybridMambaMixer(nn.Module):
             return t
         return t.repeat_interleave(self.repeat, dim=1)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, ssm_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states (b, L, hidden) -> (b, L, hidden). `ssm_mask` (b, L) zeroes padded positions."""
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None
+    ) -> torch.Tensor:
+        """hidden_states (b, L, hidden) -> (b, L, hidden). `attention_mask` (b, L), the 2D padding mask, zeroes
+        padded positions."""
         b, L, _ = hidden_states.shape
         decode = _is_decode_step(cache, self.layer_idx, L)
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
-        z, x, B, C, dt = zxbcdt.split([self.d_inner, self.d_xb, self.d_xb, self.d_inner, self.dt_rank], dim=-1)
-        x = self._widen_x(_masked(x, ssm_mask))  # (b, L, d_inner)
+        z, x, B, C, dt = zxbcdt.split(list(self.row_blocks["in_proj.weight"].values()), dim=-1)
+        x = self._widen_x(_masked(x, attention_mask))  # (b, L, d_inner)
         x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, decode)  # (b, d_inner, L)
-        x = _masked(x.transpose(1, 2), ssm_mask)  # (b, L, d_inner)
+        x = _masked(x.transpose(1, 2), attention_mask)  # (b, L, d_inner)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); the bias is applied inside the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, n)
         n_b, n_c = self.d_xb // self.d_state, self.d_inner // self.d_state
@@ -167,13 +174,6 @@ class HybridMambaMixer(nn.Module):
             cache.update_recurrent_state(last_state.float(), self.layer_idx)
         return self.out_proj(out.transpose(1, 2))  # (b, L, hidden)
 
-    @torch.no_grad()
-    def init_from_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
-        """MIL init: V -> x, K -> B, Q -> C, O -> out_proj (weights only; z, dt, A, D and conv stay fresh)."""
-        _copy_rows(self.in_proj.weight, [(q, 2 * self.d_xb + self.d_inner), (k, self.d_inner + self.d_xb),
-                                         (v, self.d_inner)])
-        _checked_copy(self.out_proj.weight, o, "o_proj -> out_proj")
-
 
 class HybridMamba2Mixer(nn.Module):
     """Mamba-2 mixer in the MIL layout (MambaInLlama mamba2): one SSM head per attention head."""
@@ -193,7 +193,9 @@ class HybridMamba2Mixer(nn.Module):
         self._a_init_range = tuple(config.mamba2_a_init_range)
 
         self.conv_dim = 2 * self.d_xb + self.d_inner  # [x | B | C]
-        d_in_proj = self.d_inner + self.conv_dim + self.num_heads
+        self.row_blocks = {"in_proj.weight": {"z": self.d_inner, "x": self.d_xb, "B": self.d_xb, "C": self.d_inner,
+                                              "dt": self.num_heads}}
+        d_in_proj = sum(self.row_blocks["in_proj.weight"].values())
         self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1,
@@ -217,16 +219,19 @@ class HybridMamba2Mixer(nn.Module):
         init.ones_(self.norm.weight)
         _reset_conv(self.conv1d)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, ssm_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states (b, L, hidden) -> (b, L, hidden). `ssm_mask` (b, L) zeroes padded positions."""
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None
+    ) -> torch.Tensor:
+        """hidden_states (b, L, hidden) -> (b, L, hidden). `attention_mask` (b, L), the 2D padding mask, zeroes
+        padded positions."""
         b, L, _ = hidden_states.shape
         h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
         decode = _is_decode_step(cache, self.layer_idx, L)
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xBC = _masked(xBC, ssm_mask)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)  # x, B, C adjacent
+        xBC = _masked(xBC, attention_mask)
         xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, decode)  # (b, conv_dim, L)
-        xBC = _masked(xBC.transpose(1, 2), ssm_mask)  # (b, L, conv_dim)
+        xBC = _masked(xBC.transpose(1, 2), attention_mask)  # (b, L, conv_dim)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         # KV head -> the query heads it serves (MIL's repeat_kv); the kernels need B and C with equal groups.
         x = x.view(b, L, kv, p).repeat_interleave(h // kv, dim=2)  # (b, L, h, p)
@@ -254,28 +259,3 @@ class HybridMamba2Mixer(nn.Module):
             y = out.reshape(b, L, self.d_inner)
         y = self.norm(y, z)  # gated RMSNorm: norm(y * silu(z)) per head
         return self.out_proj(y.to(hidden_states.dtype))
-
-    @torch.no_grad()
-    def init_from_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
-        """MIL init: V -> x, K -> B, Q -> C, O -> out_proj (weights only; z, dt, A, D, norm and conv stay fresh).
-
-        With d_state = head_dim the layer starts as gated linear attention seeded from the GQA attention.
-        """
-        _copy_rows(self.in_proj.weight, [(v, self.d_inner), (k, self.d_inner + self.d_xb),
-                                         (q, self.d_inner + 2 * self.d_xb)])
-        _checked_copy(self.out_proj.weight, o, "o_proj -> out_proj")
-
-
-def _checked_copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"Shape mismatch for {what}: expected {tuple(dst.shape)}, got {tuple(src.shape)}.")
-    dst.copy_(src)
-
-
-def _copy_rows(weight: torch.Tensor, blocks: list[tuple[torch.Tensor, int]]) -> None:
-    """Copy each (src, row_offset) block into `weight` rows [row_offset, row_offset + len(src))."""
-    for src, start in blocks:
-        _checked_copy(weight[start : start + src.shape[0]], src, f"in_proj rows {start}:{start + src.shape[0]}")
-
-
-MIXER_CLASSES = {"mamba": HybridMambaMixer, "mamba2": HybridMamba2Mixer}

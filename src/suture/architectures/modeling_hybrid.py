@@ -1,14 +1,18 @@
-"""`HybridForCausalLM`: a transformer whose chosen attention layers are replaced by Mamba mixers.
+"""`HybridForCausalLM`: a transformer whose chosen attention layers are replaced by Mamba (or other) mixers.
 
-Attention layers are the source family's own `*DecoderLayer` modules, and the Mamba layers reuse the family's MLP
-and RMSNorm, so state-dict keys of kept layers equal the source's and a hybrid whose `layer_types` are all
-attention computes exactly the source model's logits. Mamba layers store their mixer under `mamba`:
+Every layer is built by its layer kind (`suture.layer_kinds`, one per `layer_types` entry). Attention layers are
+the source family's own `*DecoderLayer` modules, and mixer layers (`HybridMixerDecoderLayer`) reuse the family's
+MLP and RMSNorm, so state-dict keys of kept layers equal the source's and a hybrid whose `layer_types` are all
+attention computes exactly the source model's logits. A mixer layer stores its mixer under its kind's prefix
+(`mamba` for Mamba layers):
 
     model.layers.{i}.{input_layernorm, mamba.*, post_attention_layernorm, mlp.*}
 
-Caching uses transformers' `DynamicCache` machinery: KV layers (full or sliding window) for attention and
-`LinearAttentionLayer` (conv + SSM state) for Mamba layers, so `generate()` works unchanged, including batches
-with left padding (padded positions are zeroed before they can reach a conv or SSM state). The cache argument is
+The forward is one loop that calls every layer alike, with the mask its kind reads (one mask is built per mask
+key present), as transformers' GraniteMoeHybrid does. Caching uses transformers' `DynamicCache` machinery with
+the cache layer each kind asks for (KV layers, full or sliding window, for attention; `LinearAttentionLayer`, conv
++ SSM state, for Mamba), so `generate()` works unchanged, including batches with left padding (padded positions
+are zeroed before they can reach a conv or SSM state). The cache argument is
 accepted as `cache` (transformers >= 5.24) or `past_key_values` (older releases) and passed on to the family's
 layers and mask builders under the name the installed transformers reads (`compat.CACHE_KWARG`).
 """
@@ -18,56 +22,44 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import (
-    Cache,
-    DynamicCache,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    LinearAttentionLayer,
-)
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_recurrent_attention_mask,
-    create_sliding_window_causal_mask,
-)
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from ..layer_kinds import LayerKind, get_layer_kind
 from .compat import CACHE_KWARG, resolve_cache
-from .configuration_hybrid import MAMBA_LAYER_TYPES, HybridConfig
+from .configuration_hybrid import HybridConfig
 from .families import FAMILIES, get_family
-from .mixers import MIXER_CLASSES, HybridMamba2Mixer, HybridMambaMixer
+
+
+def _kinds(config: HybridConfig) -> list[LayerKind]:
+    return [get_layer_kind(name) for name in config.layer_types]
 
 
 class HybridCache(DynamicCache):
-    """A `DynamicCache` laid out from a hybrid's `layer_types`: KV for attention, conv + SSM state for Mamba."""
+    """A `DynamicCache` laid out from a hybrid's `layer_types`: each layer gets the cache layer its kind asks for
+    (KV for attention, conv + SSM state for Mamba)."""
 
     def __init__(self, config: HybridConfig, offloading: bool = False):
-        layers = []
-        for kind in config.layer_types:
-            if kind == "full_attention":
-                layers.append(DynamicLayer())
-            elif kind == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
-            else:
-                layers.append(LinearAttentionLayer())
-        Cache.__init__(self, layers=layers, offloading=offloading)
+        Cache.__init__(self, layers=[kind.cache_layer(config) for kind in _kinds(config)], offloading=offloading)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens held by the first attention layer; 0 when every layer is a Mamba layer (no KV to count), which is
+        """Tokens held by the first KV layer; 0 when no layer holds KV (e.g. every layer is a Mamba layer), which is
         what transformers >= 5.24 assumes for such caches and older releases ask for before prefill."""
         return super().get_seq_length(layer_idx) if _has_kv_layers(self) else 0
 
 
-class HybridMambaDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block with a Mamba mixer in place of attention; MLP and norms are the source family's modules."""
+class HybridMixerDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block with a mixer (built by the layer's kind, stored under the kind's prefix, e.g. `mamba`) in place
+    of attention; MLP and norms are the source family's modules."""
 
-    def __init__(self, config: HybridConfig, layer_idx: int):
+    def __init__(self, config: HybridConfig, layer_idx: int, kind: LayerKind):
         super().__init__()
         family = get_family(config.source_model_type)
-        self.layer_type = config.layer_types[layer_idx]
-        self.mamba = MIXER_CLASSES[self.layer_type](config, layer_idx)
+        self.layer_type = kind.name
+        self.mixer_name = kind.prefix
+        self.add_module(kind.prefix, kind.build_mixer(config, layer_idx))
         self.mlp = family.mlp_class(config)
         self.input_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
@@ -75,16 +67,18 @@ class HybridMambaDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        ssm_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """hidden_states (b, L, hidden) -> (b, L, hidden); `attention_mask` is the mask of the kind's `mask_key`.
+        Attention-only arguments (position embeddings, ...) are accepted and ignored, so every layer is called alike."""
         # gradient checkpointing nulls the cache under the installed name before it replays the layer
         cache = resolve_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states = self.mamba(hidden_states, cache=cache, ssm_mask=ssm_mask)
+        hidden_states = getattr(self, self.mixer_name)(hidden_states, attention_mask=attention_mask, cache=cache)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
@@ -96,7 +90,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     config_class = HybridConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HybridMambaDecoderLayer"] + [f"{f.prefix}DecoderLayer" for f in FAMILIES.values()]
+    _no_split_modules = ["HybridMixerDecoderLayer"] + [f"{f.prefix}DecoderLayer" for f in FAMILIES.values()]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -107,8 +101,8 @@ class HybridPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, (HybridMambaMixer, HybridMamba2Mixer)):
-            module.reset_ssm_parameters()
+        for kind in dict.fromkeys(_kinds(self.config)):
+            kind.init_weights(module)
 
 
 class HybridModel(HybridPreTrainedModel):
@@ -118,12 +112,7 @@ class HybridModel(HybridPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [
-                HybridMambaDecoderLayer(config, i) if kind in MAMBA_LAYER_TYPES else family.decoder_layer_class(config, i)
-                for i, kind in enumerate(config.layer_types)
-            ]
-        )
+        self.layers = nn.ModuleList([kind.build_layer(config, i, family) for i, kind in enumerate(_kinds(config))])
         self.norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = family.rotary_class(config=config)
         self.gradient_checkpointing = False
@@ -157,23 +146,21 @@ class HybridModel(HybridPreTrainedModel):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
-        masks = self._layer_masks(inputs_embeds, attention_mask, cache, position_ids)
+        kinds = _kinds(self.config)
+        masks = self._layer_masks(kinds, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for kind, layer in zip(self.config.layer_types, self.layers):
-            if kind in MAMBA_LAYER_TYPES:
-                hidden_states = layer(hidden_states, ssm_mask=masks["mamba"], **{CACHE_KWARG: cache})
-            else:
-                hidden_states = layer(
-                    hidden_states,
-                    attention_mask=masks[kind],
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    use_cache=use_cache,
-                    **{CACHE_KWARG: cache},
-                    **kwargs,
-                )
+        for kind, layer in zip(kinds, self.layers):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[kind.mask_key],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{CACHE_KWARG: cache},
+                **kwargs,
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -183,8 +170,9 @@ class HybridModel(HybridPreTrainedModel):
             **{CACHE_KWARG: cache if use_cache else None},
         )
 
-    def _layer_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
-        """One mask per layer kind present: 4D causal masks for attention, the 2D padding mask for Mamba."""
+    def _layer_masks(self, kinds: list[LayerKind], inputs_embeds, attention_mask, cache, position_ids) -> dict:
+        """One mask per mask key present, built by the first kind that reads it: 4D causal masks for attention, the
+        2D padding mask for Mamba."""
         if isinstance(attention_mask, dict):  # already prepared by the caller
             return attention_mask
         mask_kwargs = {
@@ -194,13 +182,10 @@ class HybridModel(HybridPreTrainedModel):
             CACHE_KWARG: cache,
             "position_ids": position_ids,
         }
-        kinds = set(self.config.layer_types)
         masks = {}
-        if "full_attention" in kinds:
-            masks["full_attention"] = create_causal_mask(**mask_kwargs)
-        if "sliding_attention" in kinds:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        masks["mamba"] = create_recurrent_attention_mask(**mask_kwargs)
+        for kind in kinds:
+            if kind.mask_key not in masks:
+                masks[kind.mask_key] = kind.build_mask(**mask_kwargs)
         return masks
 
 
@@ -273,4 +258,4 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridMambaDecoderLayer"]
+__all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridMixerDecoderLayer"]

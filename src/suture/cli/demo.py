@@ -21,9 +21,10 @@ def demo_command(
     """Hybridize a teacher with the m1 preset layout (attention kept at every 5th layer from layer 3 plus the last:
     layers 3 and 7 of the default 8-layer teacher), save, reload through AutoModelForCausalLM, generate and compare."""
     from ..demo import run_demo
+    from ..layer_kinds import mixer_kind_names
 
-    if mixer not in ("mamba", "mamba2"):
-        raise typer.BadParameter(f"--mixer must be 'mamba' or 'mamba2', got {mixer!r}.")
+    if mixer not in mixer_kind_names():
+        raise typer.BadParameter(f"--mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     with (cli_errors(output=out, inputs=[teacher] if teacher else []),
           console.status("building teacher and hybrid, saving, reloading, generating ...")):
         report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n)

@@ -29,14 +29,14 @@ def importance_command(
     png: Path | None = typer.Option(None, "--png", help="Write a bar chart (PNG) here."),
 ) -> None:
     """Score every attention layer by KL(source || probed) on calibration data; least important first."""
-    from ..architectures import MAMBA_LAYER_TYPES
+    from ..layer_kinds import mixer_kind_names
     from ..surgery.importance import PROBES, layer_importance
 
     unknown = [m for m in method if m not in PROBES]
     if unknown:
         raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; use {', '.join(PROBES)}.")
-    if mixer not in MAMBA_LAYER_TYPES:
-        raise typer.BadParameter(f"--mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
+    if mixer not in mixer_kind_names():
+        raise typer.BadParameter(f"--mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     methods = list(dict.fromkeys(method))  # a repeated --method is scored once
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -29,8 +29,12 @@ import torch
 from ..architectures import HybridConfig, HybridForCausalLM
 from ..io.checkpoint import copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, read_json
+from ..layer_kinds import get_layer_kind
 
 SUPPORTED_FAMILIES = ("llama", "qwen2")
+# The suture layer kinds GraniteMoeHybrid holds, and its (legacy) names for them; its modules live under the same
+# prefixes as ours ("self_attn", "mamba"), which the state-dict mapping reads from the kinds.
+GRANITE_LAYER_TYPES = {"full_attention": "attention", "mamba2": "mamba"}
 
 
 def export_granitemoehybrid(
@@ -140,8 +144,9 @@ def _check_exportable(config: HybridConfig, allow_norm_eps_mismatch: bool) -> No
                 f"Layer {i} is a 'sliding_attention' layer (sliding_window={config.sliding_window}): "
                 "GraniteMoeHybrid has no sliding-window attention, so the exported layer would attend further back."
             )
-        if kind not in ("full_attention", "mamba2"):
-            raise ValueError(f"Layer {i} has type {kind!r}, which cannot be exported to GraniteMoeHybrid.")
+        if kind not in GRANITE_LAYER_TYPES:
+            raise ValueError(f"Layer {i} has type {kind!r}, which cannot be exported to GraniteMoeHybrid (it holds "
+                             f"{', '.join(GRANITE_LAYER_TYPES)} layers).")
     if config.num_attention_heads * config.head_dim != config.hidden_size:
         raise ValueError(
             f"`head_dim` ({config.head_dim}) * `num_attention_heads` ({config.num_attention_heads}) != `hidden_size` "
@@ -175,7 +180,7 @@ def granitemoehybrid_config(config: HybridConfig, allow_norm_eps_mismatch: bool 
 
     heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
     attention_bias = _has_attention_bias(config)
-    legacy_types = ["mamba" if t == "mamba2" else "attention" for t in config.layer_types]
+    legacy_types = [GRANITE_LAYER_TYPES[t] for t in config.layer_types]
     values = {
         "architectures": ["GraniteMoeHybridForCausalLM"],
         "vocab_size": config.vocab_size,
@@ -271,6 +276,7 @@ class _Tensors:
 
 
 def _mamba2_tensors(take: _Tensors, mixer, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of the Mamba-2 mixer at `prefix` (`model.layers.{i}.mamba.`), widened where Granite needs it."""
     out = {}
     sizes = [mixer.d_inner, mixer.conv_dim, mixer.num_heads]
     for kind in ("weight", "bias"):
@@ -308,11 +314,13 @@ def granitemoehybrid_state_dict(model: HybridForCausalLM) -> dict[str, torch.Ten
         gate, up = take(f"{prefix}mlp.gate_proj.weight"), take(f"{prefix}mlp.up_proj.weight")
         out[f"{prefix}shared_mlp.input_linear.weight"] = torch.cat([gate, up], dim=0)
         out[f"{prefix}shared_mlp.output_linear.weight"] = take(f"{prefix}mlp.down_proj.weight")
-        if config.layer_types[i] == "mamba2":
-            out.update(_mamba2_tensors(take, model.model.layers[i].mamba, f"{prefix}mamba."))
+        kind = get_layer_kind(config.layer_types[i])
+        if kind.name == "mamba2":
+            mixer = model.model.layers[i].get_submodule(kind.prefix)
+            out.update(_mamba2_tensors(take, mixer, f"{prefix}{kind.prefix}."))
             continue
         for p in ("q", "k", "v", "o"):
-            name = f"{prefix}self_attn.{p}_proj."
+            name = f"{prefix}{kind.prefix}.{p}_proj."
             out[name + "weight"] = take(name + "weight")
             if attention_bias:  # Granite's attention_bias gives all four projections a bias: zeros where absent
                 bias = take.optional(name + "bias")

@@ -46,8 +46,9 @@ from transformers import PreTrainedModel
 
 from ..data import Batch, check_data, load_sequences, right_padded
 from ..io import read_json
-from ..architectures import ATTENTION_LAYER_TYPES, MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
+from ..architectures import HybridConfig, HybridForCausalLM
 from ..architectures.families import get_family, source_attention_layer_types
+from ..layer_kinds import attention_kind_names, mixer_kind_names
 from .mil import mil_mixer
 
 
@@ -59,7 +60,7 @@ class ProbeContext:
 
     model: PreTrainedModel
     layer: int
-    mixer: str  # "mamba" or "mamba2": the mixer a replaced layer would get
+    mixer: str  # the layer kind a replaced layer would get ("mamba", "mamba2", ...)
     seed: int
     batches: list[Batch]  # the calibration batches (a training probe, e.g. MMR, distills on them)
 
@@ -124,10 +125,9 @@ def loo_probe(ctx: ProbeContext) -> AttentionReplacement:
 
 def mil_probe_mixer(ctx: ProbeContext) -> nn.Module:
     """The MIL-initialised mixer for `ctx.layer`, on the model's device and dtype (bit-identical to hybridize's)."""
-    attention = ctx.attention
-    q, k, v, o = (getattr(attention, f"{p}_proj").weight for p in ("q", "k", "v", "o"))
-    mixer = mil_mixer(ctx.hybrid_config(), ctx.layer, q, k, v, o, seed=ctx.seed, dtype=ctx.model.dtype)
-    return mixer.to(q.device).eval()
+    layer = ctx.model.model.layers[ctx.layer]
+    mixer = mil_mixer(ctx.hybrid_config(), ctx.layer, layer.state_dict(), seed=ctx.seed, dtype=ctx.model.dtype)
+    return mixer.to(next(layer.parameters()).device).eval()
 
 
 @register_probe("mil")
@@ -164,8 +164,8 @@ def layer_importance(
     unknown = [m for m in methods if m not in PROBES]
     if not methods or unknown:
         raise ValueError(f"Unknown or no probe method(s) {unknown}; registered: {', '.join(PROBES)}.")
-    if mixer not in MAMBA_LAYER_TYPES:
-        raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
+    if mixer not in mixer_kind_names():
+        raise ValueError(f"mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     check_data(data)  # before loading a large model
@@ -215,7 +215,7 @@ def candidate_layers(model: PreTrainedModel) -> dict[int, str]:
     else:
         get_family(model.config.model_type)  # raises naming the supported families
         kinds = source_attention_layer_types(model.config)
-    return {i: kind for i, kind in enumerate(kinds) if kind in ATTENTION_LAYER_TYPES}
+    return {i: kind for i, kind in enumerate(kinds) if kind in attention_kind_names()}
 
 
 @torch.no_grad()

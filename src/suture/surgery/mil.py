@@ -3,7 +3,8 @@
 Every tensor of the source model keeps its name in the hybrid except the replaced layers' attention, whose
 projections seed the new mixer: V -> x, K -> B, Q -> C, O -> out_proj. MLPs, norms, embeddings and the LM head
 are copied unchanged; the gate z, dt, A, D and the conv get a fresh init. RoPE, the softmax and the 1/sqrt(d)
-scale have no counterpart and disappear (as do Qwen3's q/k norms).
+scale have no counterpart and disappear (as do Qwen3's q/k norms). The map is the `transfer` table of the new
+layer's kind (`suture.layer_kinds`), which copies the weights and describes the copy in surgery.json alike.
 
 The fresh init of layer i is seeded by (seed, i) alone, so the in-memory path (`hybridize_model`), the streaming
 path (`suture.surgery.hybridize`) and the importance probes build bit-identical mixers.
@@ -11,17 +12,15 @@ path (`suture.surgery.hybridize`) and the importance probes build bit-identical 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
-from ..architectures.mixers import MIXER_CLASSES
+from ..architectures import HybridConfig, HybridForCausalLM
 from ..io.parse import layer_index
-
-# Source tensors the replaced layers give up (besides q/k/v/o, which seed the mixer): Qwen3's q/k norms and
-# Qwen2's q/k/v biases have no counterpart in the mixer.
-_ATTENTION_PREFIX = "self_attn."
+from ..layer_kinds import get_layer_kind, mixer_kind_names
 
 
 def layer_seed(seed: int, layer_idx: int) -> int:
@@ -33,37 +32,51 @@ def layer_seed(seed: int, layer_idx: int) -> int:
 def mil_mixer(
     config: HybridConfig,
     layer_idx: int,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
     seed: int = 0,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The MIL-initialised mixer for layer `layer_idx` (its `config.layer_types` entry must be mamba or mamba2).
+    """The mixer of layer `layer_idx` (its `config.layer_types` entry must be a kind with a transfer table, e.g.
+    mamba or mamba2), initialised from the attention layer it replaces as the kind's `transfer` table says.
 
     Args:
-        q, k, v, o: the replaced attention's projection weights, `[heads*head_dim, hidden]`,
-            `[kv_heads*head_dim, hidden]` (k and v) and `[hidden, heads*head_dim]`.
-        seed: with `layer_idx`, seeds the fresh init (z and dt rows of in_proj ~ N(0, initializer_range), dt_proj,
-            A, D, conv) without touching the global RNG.
-        dtype: dtype of the returned mixer (default: q's dtype).
+        weights: the replaced layer's tensors, named relative to the layer ("self_attn.q_proj.weight", ...); only
+            those the transfer table names are read (for Mamba: the q/k/v/o projection weights,
+            `[heads*head_dim, hidden]`, `[kv_heads*head_dim, hidden]` (k and v) and `[hidden, heads*head_dim]`).
+        seed: with `layer_idx`, seeds the fresh init (every Linear ~ N(0, initializer_range), then the kind's
+            `init_weights`: for Mamba dt_proj, A, D and the conv) without touching the global RNG.
+        dtype: dtype of the returned mixer (default: that of the transferred tensors).
     """
-    kind = config.layer_types[layer_idx]
-    if kind not in MAMBA_LAYER_TYPES:
-        raise ValueError(f"layer_types[{layer_idx}] is {kind!r}, not a Mamba layer type ({', '.join(MAMBA_LAYER_TYPES)}).")
+    kind = get_layer_kind(config.layer_types[layer_idx])
+    if not kind.transfer:
+        raise ValueError(f"layer_types[{layer_idx}] is {kind.name!r}, which surgery cannot build from an attention "
+                         f"layer; kinds with a transfer table: {', '.join(mixer_kind_names())}.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(layer_seed(seed, layer_idx))
-        mixer = MIXER_CLASSES[kind](config, layer_idx)
+        mixer = kind.build_mixer(config, layer_idx)
         std = config.initializer_range
         for module in mixer.modules():  # the same init HybridPreTrainedModel._init_weights gives a new model
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:
                     module.bias.zero_()
-        mixer.reset_ssm_parameters()
-    mixer.init_from_attention(q.float(), k.float(), v.float(), o.float())
-    return mixer.to(dtype or q.dtype)
+        for module in mixer.modules():
+            kind.init_weights(module)
+    kind.transfer_weights(mixer, weights)
+    return mixer.to(dtype or weights[next(iter(kind.transfer))].dtype)
+
+
+def mixer_tensor(config: HybridConfig, name: str) -> tuple[int, str] | None:
+    """(layer index, name inside the mixer) when the hybrid tensor `name` belongs to a mixer that surgery builds in
+    place of attention (`model.layers.{i}.{prefix}.…` of a non-attention kind), else None."""
+    index = layer_index(name)
+    if index is None:
+        return None
+    kind = get_layer_kind(config.layer_types[index])
+    prefix = f"model.layers.{index}.{kind.prefix}."
+    if kind.is_attention or not name.startswith(prefix):
+        return None
+    return index, name[len(prefix):]
 
 
 def hybridize_model(source: PreTrainedModel, layer_types: list[str | None], seed: int = 0, **mixer_overrides):
@@ -74,8 +87,8 @@ def hybridize_model(source: PreTrainedModel, layer_types: list[str | None], seed
 
     Args:
         source: a transformers `*ForCausalLM` of a supported family.
-        layer_types: one entry per layer: "mamba" or "mamba2" to replace the layer, "full_attention" /
-            "sliding_attention" / None to keep it (None keeps the source's own attention kind).
+        layer_types: one entry per layer: a mixer kind ("mamba", "mamba2", ...) to replace the layer,
+            "full_attention" / "sliding_attention" / None to keep it (None keeps the source's own attention kind).
         seed: seeds the fresh init of the parameters attention has no counterpart for (see `mil_mixer`).
         mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``).
     """
@@ -88,21 +101,20 @@ def hybridize_model(source: PreTrainedModel, layer_types: list[str | None], seed
     hybrid = HybridForCausalLM(config).to(source.dtype)
     source_state = source.state_dict()
     hybrid_state = hybrid.state_dict()
-    replaced = {i for i, kind in enumerate(config.layer_types) if kind in MAMBA_LAYER_TYPES}
 
     with torch.no_grad():
         for name, tensor in hybrid_state.items():
-            index = layer_index(name)
-            if index in replaced and ".mamba." in name:
+            if mixer_tensor(config, name) is not None:
                 continue  # the mixer, built below
             if name not in source_state:
                 raise KeyError(f"Tensor {name!r} of the hybrid has no counterpart in the source model.")
             _copy(tensor, source_state[name], name)
-        for i in sorted(replaced):
-            attn = f"model.layers.{i}.{_ATTENTION_PREFIX}"
-            q, k, v, o = (source_state[f"{attn}{p}_proj.weight"] for p in ("q", "k", "v", "o"))
-            mixer = mil_mixer(config, i, q, k, v, o, seed=seed, dtype=source.dtype)
-            hybrid.model.layers[i].mamba.load_state_dict(mixer.state_dict())
+        for i in config.mixer_layer_indices:
+            prefix = f"model.layers.{i}."
+            layer_state = {n[len(prefix):]: t for n, t in source_state.items() if n.startswith(prefix)}
+            mixer = mil_mixer(config, i, layer_state, seed=seed, dtype=source.dtype)
+            hybrid.model.layers[i].get_submodule(get_layer_kind(config.layer_types[i]).prefix).load_state_dict(
+                mixer.state_dict())
     return hybrid
 
 

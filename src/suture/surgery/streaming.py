@@ -20,24 +20,18 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..architectures import MAMBA_LAYER_TYPES, HybridConfig, HybridForCausalLM
+from ..architectures import HybridConfig, HybridForCausalLM
 from ..architectures.families import FAMILIES, get_family
 from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
 from ..io.cards import SUTURE_URL, load_section, render_card
-from ..io.parse import layer_index, parse_dtype
+from ..io.parse import parse_dtype
+from ..layer_kinds import get_layer_kind, mixer_kind_names
 from .layers import LayerSelection, SelectionSpec, resolve_selection
-from .mil import mil_mixer
+from .mil import mil_mixer, mixer_tensor
 
 # Buffers some older checkpoints saved that today's modules recompute (transformers ignores them on load too).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
-TRANSFER_MAP = {
-    "self_attn.v_proj.weight": "mamba.in_proj.weight rows [x]",
-    "self_attn.k_proj.weight": "mamba.in_proj.weight rows [B]",
-    "self_attn.q_proj.weight": "mamba.in_proj.weight rows [C]",
-    "self_attn.o_proj.weight": "mamba.out_proj.weight",
-}
 
 
 @dataclass
@@ -142,7 +136,8 @@ def hybridize(
         selection: how to choose the layers to replace (a `SelectionSpec`, e.g. ``SelectionSpec(ratio=0.5,
             select="importance", data="calib.jsonl")``, resolved against `src`), the layers chosen already
             (`suture.surgery.select_layers`), or a plain list of indices.
-        mixer: "mamba" (Mamba-1, M1 / Apriel-H1 style) or "mamba2" (MambaInLlama Mamba-2 style).
+        mixer: the layer kind of the replaced layers: "mamba" (Mamba-1, M1 / Apriel-H1 style), "mamba2"
+            (MambaInLlama Mamba-2 style) or any registered kind with a transfer table.
         seed: seeds the fresh init of each mixer (with the layer index; see `mil_mixer`).
         dtype: cast every floating tensor to this dtype (default: keep the source's; new mixers take the dtype of
             the attention they replace).
@@ -154,8 +149,8 @@ def hybridize(
             passes, when a `SelectionSpec` scores the layers), "checksum" (bytes) or "tensors" (bytes written).
         mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``).
     """
-    if mixer not in MAMBA_LAYER_TYPES:
-        raise ValueError(f"mixer must be one of {', '.join(MAMBA_LAYER_TYPES)}, got {mixer!r}.")
+    if mixer not in mixer_kind_names():
+        raise ValueError(f"mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     src, out = Path(src), check_output_dir(out, force, [src])
     cast = parse_dtype(dtype, what="dtype")
     source_config = load_source_config(src)
@@ -186,7 +181,7 @@ def hybridize(
                 _stream(reader, config, plan, writer, seed, total, on_progress)
             config.save_pretrained(tmp)
             copied = copy_tokenizer_files(src, tmp)
-            used = {name for name, _, _ in plan if ".mamba." not in name}
+            used = {name for name, _, _ in plan if mixer_tensor(config, name) is None}
             surgery = _surgery_record(src, source_config, config, selection, mixer, seed, mixer_overrides,
                                       digests, scores, reader, used, ignored, copied, tied_copies)
             (tmp / "surgery.json").write_text(json.dumps(surgery, indent=2) + "\n")
@@ -195,12 +190,14 @@ def hybridize(
 
 
 def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | None):
-    """(name, shape, dtype) of every output tensor, in model order, and the dtype of the fresh mixers."""
-    q_name = next(n for n in reader.index if n.endswith("self_attn.q_proj.weight"))
-    fresh_dtype = cast or DTYPES[reader.index[q_name].dtype]
+    """(name, shape, dtype) of every output tensor, in model order, and the dtype of the fresh mixers (that of the
+    attention weights they are built from)."""
+    first = config.mixer_layer_indices[0]
+    seed_tensor = f"model.layers.{first}.{next(iter(get_layer_kind(config.layer_types[first]).transfer))}"
+    fresh_dtype = cast or DTYPES[reader.index[seed_tensor].dtype]
     plan = []
     for name, (shape, _) in _meta_tensors(HybridForCausalLM, config)[0].items():
-        if ".mamba." in name:
+        if mixer_tensor(config, name) is not None:
             plan.append((name, shape, fresh_dtype))
             continue
         source_dtype = DTYPES[reader.index[name].dtype]
@@ -225,15 +222,16 @@ def _stream(reader, config, plan, writer, seed, total, on_progress) -> None:
     """Write every planned tensor; a replaced layer's mixer is built once, when its first tensor comes up."""
     mixer_layer, mixer_state, done = None, {}, 0
     for name, shape, dtype in plan:
-        if ".mamba." in name:
-            i = layer_index(name)
+        fresh = mixer_tensor(config, name)
+        if fresh is not None:
+            i, key = fresh
             if i != mixer_layer:
-                attn = f"model.layers.{i}.self_attn."
-                q, k, v, o = (reader.read(f"{attn}{p}_proj.weight") for p in ("q", "k", "v", "o"))
-                mixer = mil_mixer(config, i, q, k, v, o, seed=seed, dtype=dtype)
+                sources = get_layer_kind(config.layer_types[i]).transfer
+                weights = {source: reader.read(f"model.layers.{i}.{source}") for source in sources}
+                mixer = mil_mixer(config, i, weights, seed=seed, dtype=dtype)
                 mixer_layer, mixer_state = i, mixer.state_dict()
-                del q, k, v, o, mixer
-            tensor = mixer_state.pop(name.split(".mamba.", 1)[1])
+                del weights, mixer
+            tensor = mixer_state.pop(key)
         else:
             tensor = reader.read(name)
         writer.write(name, tensor.to(dtype))
@@ -261,13 +259,13 @@ def _surgery_record(src, source_config, config, selection, mixer, seed, override
         "mixer_overrides": overrides,
         "selection": {"method": selection.method, **selection.detail},
         "layers": [
-            {"index": i, "type": kind, "replaced": kind in MAMBA_LAYER_TYPES, "reason": selection.reasons.get(i)}
+            {"index": i, "type": kind, "replaced": not get_layer_kind(kind).is_attention,
+             "reason": selection.reasons.get(i)}
             for i, kind in enumerate(config.layer_types)
         ],
         "scores": scores,
-        "weight_transfer": TRANSFER_MAP,
-        "fresh_init": "z and dt rows of in_proj ~ N(0, initializer_range); dt_proj, A_log, D, conv (and the Mamba-2 "
-                      "norm) as in the reference recipes",
+        "weight_transfer": get_layer_kind(mixer).transfer_description(),
+        "fresh_init": get_layer_kind(mixer).fresh_init,
         "dropped_source_tensors": dropped,
         "ignored_source_tensors": ignored,
         "stored_tied_copies": tied_copies,
@@ -286,11 +284,12 @@ def model_card(surgery: dict, title: str) -> str:
     replaced = [row["index"] for row in surgery["layers"] if row["replaced"]]
     n = len(surgery["layers"])
     rows = "\n".join(f"| {r['index']} | {r['type']} | {r['reason'] or ''} |" for r in surgery["layers"])
+    transfer = ", ".join(f"`{source}` -> `{target}`" for source, target in surgery["weight_transfer"].items())
     body = "\n".join([
         f"An attention + Mamba hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
         f"[suture]({SUTURE_URL}) {surgery['suture_version']}: {len(replaced)} of {n} attention "
         f"layers were replaced by `{surgery['mixer']}` mixers initialised from the attention weights they replace "
-        "(V -> x, K -> B, Q -> C, O -> out_proj; MLPs, norms and embeddings copied).",
+        f"({transfer}; MLPs, norms and embeddings copied).",
         "", "The replaced layers are initialised, not trained: distill the hybrid from its source before use.", "",
         f"Layer selection: `{surgery['selection']['method']}`.", "",
         "| layer | type | why replaced |", "|---|---|---|", rows, "",

@@ -1,0 +1,54 @@
+"""Layer kinds: what one entry of a hybrid's `layer_types` means, as one registered object.
+
+A `LayerKind` answers everything the rest of suture asks about a layer of its type:
+
+- `build_layer(config, i, family)`: the decoder layer. Attention kinds return the source family's own layer; a
+  mixer kind returns `build_mixer(config, i)` wrapped in the family's MLP and norms, stored under `prefix`
+  (`model.layers.{i}.{prefix}.*`: "self_attn" for attention, "mamba" for Mamba layers);
+- `cache_layer(config)`: its layer of `HybridCache`;
+- `mask_key` and `build_mask(**mask_kwargs)`: the model builds one mask per key present and calls every layer
+  alike, with `attention_mask=masks[kind.mask_key]`;
+- `validate(config, layers)`: checks of the config fields it reads, errors naming the field;
+- `init_weights(module)`: the init of what the default init does not cover (`reset_ssm_parameters`);
+- `transfer`: the attention -> mixer weight map, one table from which surgery both copies the weights
+  (`transfer_weights`) and describes the copy in surgery.json (`transfer_description`);
+- `footprint(config, dtype_bytes)`: KV-cache bytes per token and fixed state bytes per sequence (`suture inspect`,
+  the demo).
+
+Adding a kind is one module: subclass `LayerKind`, decorate it with `register_layer_kind`, and its name can appear
+in `layer_types` (README, "Adding a layer kind"; tests/test_layer_kinds.py builds, runs, caches, saves, reloads and
+inspects a kind defined in the test). Built-in kinds: `full_attention`, `sliding_attention` (attention.py), `mamba`,
+`mamba2` (mamba.py).
+
+This package imports no transformers modelling code when it is imported (kinds import modules where they build
+them), so reading the registry, as `suture inspect` does, stays as light as reading a checkpoint header.
+"""
+
+from .base import (
+    LAYER_KINDS,
+    Footprint,
+    LayerKind,
+    Transfer,
+    attention_kind_names,
+    attention_sizes,
+    config_value,
+    get_layer_kind,
+    mixer_kind_names,
+    register_layer_kind,
+    unregister_layer_kind,
+)
+from . import attention, mamba  # noqa: F401  (registers the built-in kinds)
+
+__all__ = [
+    "LAYER_KINDS",
+    "Footprint",
+    "LayerKind",
+    "Transfer",
+    "attention_kind_names",
+    "attention_sizes",
+    "config_value",
+    "get_layer_kind",
+    "mixer_kind_names",
+    "register_layer_kind",
+    "unregister_layer_kind",
+]

@@ -1,0 +1,177 @@
+"""`LayerKind`, the registry of kinds, and the two tables a kind carries (`Transfer`, `Footprint`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Where one tensor of the replaced attention layer goes in the new mixer: into the mixer parameter `target`
+    (named relative to the mixer, e.g. "out_proj.weight"), or only into its row block `rows` (a name from the
+    mixer's `row_blocks[target]`, e.g. "C" of "in_proj.weight")."""
+
+    target: str
+    rows: str | None = None
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Decoding memory of one layer: KV-cache bytes per token of context and fixed state bytes per sequence."""
+
+    kv_bytes_per_token: int = 0
+    state_bytes_per_sequence: int = 0
+    note: str | None = None  # e.g. a bound on the KV that the per-token figure does not show
+
+
+class LayerKind:
+    """One entry of a hybrid's `layer_types` (see the package docstring). Subclass it, set the class attributes,
+    implement the methods your kind needs and register the class with `register_layer_kind`."""
+
+    name: str = ""  # the `layer_types` entry, as saved in config.json
+    prefix: str = ""  # the layer's token mixer lives at `model.layers.{i}.{prefix}.*`
+    mask_key: str = ""  # the mask the layer reads; kinds that read the same mask share a key
+    is_attention: bool = False  # the source family's own attention layer: kept by surgery, scored by importance
+    transfer: Mapping[str, Transfer] = MappingProxyType({})  # replaced layer's tensor -> Transfer; empty: no surgery
+    fresh_init: str = ""  # what surgery initialises afresh (recorded in surgery.json)
+
+    def __repr__(self) -> str:
+        return f"<layer kind {self.name!r}>"
+
+    # ------------------------------------------------------------------ model
+    def validate(self, config, layers: list[int]) -> None:
+        """Check the config fields this kind reads; `layers` are the indices of the layers of this kind. Raise
+        ValueError naming the field at fault."""
+
+    def build_mixer(self, config, layer_idx: int) -> nn.Module:
+        """The token mixer of layer `layer_idx`: `forward(hidden_states, attention_mask=None, cache=None)` maps
+        (b, L, hidden) to (b, L, hidden), reading and writing its state in `cache` at `layer_idx`."""
+        raise NotImplementedError(f"Layer kind {self.name!r} builds its whole layer (build_layer), not a mixer.")
+
+    def build_layer(self, config, layer_idx: int, family) -> nn.Module:
+        """The decoder layer: by default the family's MLP and norms around `build_mixer`'s mixer. Every layer is
+        called alike, `layer(hidden_states, attention_mask=masks[mask_key], position_embeddings=..., position_ids=...,
+        use_cache=..., cache=..., **kwargs)` (the cache under the name the installed transformers reads), and
+        returns the new hidden states (b, L, hidden)."""
+        from ..architectures.modeling_hybrid import HybridMixerDecoderLayer
+
+        return HybridMixerDecoderLayer(config, layer_idx, self)
+
+    def cache_layer(self, config):
+        """This layer's entry of `HybridCache`: a transformers cache layer (`DynamicLayer`, `LinearAttentionLayer`,
+        `DummyLayer` for a layer that keeps nothing, ...)."""
+        raise NotImplementedError(f"Layer kind {self.name!r} does not say which cache layer it uses.")
+
+    def build_mask(self, **mask_kwargs):
+        """The mask of `mask_key`, from the keyword arguments of transformers' mask builders (`config`,
+        `inputs_embeds`, `attention_mask`: the 2D padding mask, the cache, `position_ids`)."""
+        raise NotImplementedError(f"Layer kind {self.name!r} does not say how to build its mask.")
+
+    def init_weights(self, module: nn.Module) -> None:
+        """Called on every module of a model holding this kind, after the default init (`_init_weights`), and by
+        surgery: initialise the parameters the default init does not cover (e.g. SSM parameters). Use
+        `transformers.initialization`'s functions, which leave weights loaded from a checkpoint alone."""
+
+    # ------------------------------------------------------------------ surgery
+    def transfer_description(self) -> dict[str, str]:
+        """The transfer table in words, as surgery.json records it: {source tensor: destination}."""
+        return {
+            source: f"{self.prefix}.{t.target}" + (f" rows [{t.rows}]" if t.rows is not None else "")
+            for source, t in self.transfer.items()
+        }
+
+    @torch.no_grad()
+    def transfer_weights(self, mixer: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy the replaced layer's tensors (`weights`, named relative to the layer: "self_attn.q_proj.weight")
+        into `mixer` as `transfer` says; every copy checks its shape."""
+        for source, t in self.transfer.items():
+            if source not in weights:
+                raise KeyError(f"The {self.name!r} transfer reads {source!r} of the replaced layer, which has no such "
+                               f"tensor (it has {sorted(weights)[:8]}).")
+            destination = mixer.get_parameter(t.target)
+            what = f"{source} -> {self.prefix}.{t.target}"
+            if t.rows is not None:
+                start, stop = _row_span(mixer, t.target, t.rows)
+                destination, what = destination[start:stop], f"{what} rows [{t.rows}]"
+            if destination.shape != weights[source].shape:
+                raise ValueError(f"Shape mismatch for {what}: expected {tuple(destination.shape)}, got "
+                                 f"{tuple(weights[source].shape)}.")
+            destination.copy_(weights[source])
+
+    # ------------------------------------------------------------------ memory
+    def footprint(self, config, dtype_bytes: int) -> Footprint:
+        """Decoding memory of one layer of this kind, from a config (object or config.json dict) and the bytes per
+        element of the model's dtype."""
+        raise NotImplementedError(f"Layer kind {self.name!r} has no cache-footprint formula.")
+
+
+def _row_span(mixer: nn.Module, target: str, rows: str) -> tuple[int, int]:
+    """[start, stop) of row block `rows` of `target`, from the mixer's `row_blocks` (block widths in row order)."""
+    blocks = getattr(mixer, "row_blocks", {}).get(target)
+    if blocks is None or rows not in blocks:
+        raise KeyError(f"{type(mixer).__name__}.row_blocks has no block {rows!r} of {target!r} "
+                       f"(it has {dict(getattr(mixer, 'row_blocks', {}))}).")
+    widths = list(blocks.values())
+    start = sum(widths[: list(blocks).index(rows)])
+    return start, start + blocks[rows]
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+LAYER_KINDS: dict[str, LayerKind] = {}
+
+
+def register_layer_kind(kind_class: type[LayerKind]) -> type[LayerKind]:
+    """Class decorator: register `kind_class` under its `name` (a `layer_types` entry). Returns the class."""
+    kind = kind_class()
+    for attribute in ("name", "prefix", "mask_key"):
+        if not getattr(kind, attribute):
+            raise ValueError(f"{kind_class.__name__}.{attribute} is empty: a layer kind needs a {attribute}.")
+    if not kind.prefix.isidentifier():
+        raise ValueError(f"{kind_class.__name__}.prefix {kind.prefix!r} must be a Python identifier (a module name).")
+    if kind.name in LAYER_KINDS:
+        raise ValueError(f"A layer kind named {kind.name!r} is already registered ({LAYER_KINDS[kind.name]}).")
+    LAYER_KINDS[kind.name] = kind
+    return kind_class
+
+
+def unregister_layer_kind(name: str) -> None:
+    """Remove the kind `name` from the registry (saved models using it can no longer be loaded)."""
+    get_layer_kind(name)
+    del LAYER_KINDS[name]
+
+
+def get_layer_kind(name: str) -> LayerKind:
+    """The registered kind `name`, or a ValueError listing the known kinds."""
+    try:
+        return LAYER_KINDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown layer kind {name!r}; known kinds: {', '.join(LAYER_KINDS)}.") from None
+
+
+def attention_kind_names() -> tuple[str, ...]:
+    """Kinds that are the source family's attention (kept by surgery, candidates for replacement)."""
+    return tuple(name for name, kind in LAYER_KINDS.items() if kind.is_attention)
+
+
+def mixer_kind_names() -> tuple[str, ...]:
+    """Kinds surgery can put in place of an attention layer (those with a transfer table)."""
+    return tuple(name for name, kind in LAYER_KINDS.items() if kind.transfer)
+
+
+def config_value(config, key: str, default=None):
+    """`key` of a config object or of a config.json dict; `default` when it is absent or None."""
+    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+    return default if value is None else value
+
+
+def attention_sizes(config) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of a config object or config.json dict, with transformers' defaults."""
+    heads = config_value(config, "num_attention_heads", 1)
+    kv_heads = config_value(config, "num_key_value_heads", heads)
+    head_dim = config_value(config, "head_dim") or config_value(config, "hidden_size", 0) // heads
+    return heads, kv_heads, head_dim
