@@ -16,6 +16,7 @@ from suture.io.hub import publish
 from suture.merge.engine import model_card as merge_card
 from suture.merge.lora import LoraExtraction, adapter_card
 from suture.merge.recipe import load_recipe
+from suture.layer_kinds import get_layer_kind
 from suture.surgery.streaming import model_card as hybrid_card
 
 HUB = "meta-llama/Llama-3.2-1B"
@@ -25,7 +26,8 @@ def _surgery(source: str) -> dict:
     layers = [{"index": 0, "type": "mamba2", "replaced": True, "reason": "listed"},
               {"index": 1, "type": "full_attention", "replaced": False, "reason": None}]
     return {"source": {"name": source, "model_type": "llama"}, "layers": layers, "mixer": "mamba2",
-            "suture_version": "0.1.0", "selection": {"method": "explicit"}}
+            "suture_version": "0.1.0", "selection": {"method": "explicit"},
+            "weight_transfer": get_layer_kind("mamba2").transfer_description()}
 
 
 def test_hybrid_card(tmp_path):
@@ -34,6 +36,7 @@ def test_hybrid_card(tmp_path):
     assert card.data.tags == ["suture", "hybrid", "mamba", "mamba2"]
     assert card.text.lstrip().startswith("# llama-h\n") and "| 1 | full_attention |  |" in card.text
     assert "suture.register()" in card.text and 'from_pretrained("llama-h")' in card.text
+    assert "`self_attn.o_proj.weight` -> `mamba.out_proj.weight`" in card.text  # the kind's own transfer table
     local = ModelCard(hybrid_card(_surgery(str(tmp_path)), "llama-h"))  # a local source is no hub lineage
     assert local.data.base_model is None and "base_model" not in str(local)
 
