@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from suture.io.cards import complete_card, render_card
 from suture.io.hub import publish
+from suture.layer_kinds import get_layer_kind
 from suture.merge.engine import model_card as merge_card
 from suture.merge.lora import LoraExtraction, adapter_card
 from suture.merge.recipe import load_recipe
-from suture.layer_kinds import get_layer_kind
 from suture.surgery.streaming import model_card as hybrid_card
 
 HUB = "meta-llama/Llama-3.2-1B"
