@@ -261,3 +261,40 @@ def test_reading_the_registry_loads_no_modelling_code():
     check = ("import sys; sys.argv = ['suture']; import suture.layer_kinds, suture.io.inspect; "
              "print(sorted(m for m in sys.modules if m.startswith(('suture.architectures', 'transformers.model'))))")
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+PLUGGED_KIND = '''
+from suture.layer_kinds import LayerKind, register_layer_kind
+
+
+@register_layer_kind
+class Plugged(LayerKind):
+    name = prefix = mask_key = "plugged"
+'''
+
+
+def test_installed_packages_declare_kinds_through_an_entry_point(tmp_path, monkeypatch):
+    """A package's kind is known in any process (a saved hybrid loads, the CLI accepts it) without an import."""
+    import importlib.metadata
+
+    import suture.layer_kinds.base as base
+    from suture.layer_kinds import layer_kind_names
+
+    (tmp_path / "plugged_kind.py").write_text(PLUGGED_KIND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "LAYER_KINDS", dict(base.LAYER_KINDS))
+    points = [importlib.metadata.EntryPoint("plugged", "plugged_kind", base.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(base, "entry_points", lambda group: points if group == base.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(base, "_entry_points_loaded", False)
+    try:
+        assert "plugged" not in sys.modules["suture.layer_kinds.base"].LAYER_KINDS  # nothing imported it yet
+        assert get_layer_kind("plugged").prefix == "plugged" and "plugged" in layer_kind_names()
+        config = tiny_source("llama").config
+        assert HybridConfig.from_source(config, ["plugged", None, None, None]).layer_types[0] == "plugged"
+
+        points[:] = [importlib.metadata.EntryPoint("misnamed", "plugged_kind", base.ENTRY_POINT_GROUP)]
+        monkeypatch.setattr(base, "_entry_points_loaded", False)
+        with pytest.raises(ValueError, match="misnamed = plugged_kind .*registered no layer kind named 'misnamed'"):
+            layer_kind_names()
+    finally:
+        sys.modules.pop("plugged_kind", None)

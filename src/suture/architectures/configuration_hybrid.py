@@ -19,7 +19,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ..layer_kinds import LAYER_KINDS, get_layer_kind
+from ..layer_kinds import get_layer_kind, layer_kind_names
 from ..layer_kinds.mamba import mamba1_sizes
 from .families import family_config_defaults, get_family, source_attention_layer_types
 
@@ -155,10 +155,10 @@ class HybridConfig(PreTrainedConfig):
                 f"{self.num_hidden_layers}: give exactly one type per layer."
             )
         for i, kind in enumerate(self.layer_types):
-            if kind not in LAYER_KINDS:
+            if kind not in layer_kind_names():
                 raise ValueError(
                     f"`layer_types[{i}]` is {kind!r}; allowed values are the registered layer kinds: "
-                    f"{', '.join(LAYER_KINDS)}."
+                    f"{', '.join(layer_kind_names())}."
                 )
         if get_family(self.source_model_type).sliding_everywhere and self.sliding_window is not None:
             full = [i for i, t in enumerate(self.layer_types) if t == "full_attention"]

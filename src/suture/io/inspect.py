@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..layer_kinds import (
-    LAYER_KINDS,
     Footprint,
     LayerKind,
     attention_kind_names,
     attention_sizes,
     config_value,
     get_layer_kind,
+    layer_kind_names,
 )
 from .checkpoint import DTYPES, CheckpointReader, TensorInfo
 from .outputs import read_json
@@ -82,9 +82,10 @@ def _registered_kind(config, kind: str, where: str) -> LayerKind | None:
     and attention layers of any transformer ("attention" and other attention variants count as full attention).
     Other architectures' recurrent layers (whose configs name their fields differently) have none."""
     if config_value(config, "model_type") == _SUTURE_HYBRID:
-        if kind not in LAYER_KINDS:
+        if kind not in layer_kind_names():
             raise ValueError(f"{where}: layer type {kind!r} is not a registered layer kind (known: "
-                             f"{', '.join(LAYER_KINDS)}); import the module that registers it first.")
+                             f"{', '.join(layer_kind_names())}); import the module that registers it, or install "
+                             "the package that declares it (entry-point group suture.layer_kinds).")
         return get_layer_kind(kind)
     if kind.endswith("attention"):
         return get_layer_kind(kind if kind in attention_kind_names() else "full_attention")

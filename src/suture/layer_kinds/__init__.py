@@ -16,7 +16,8 @@ A `LayerKind` answers everything the rest of suture asks about a layer of its ty
   the demo).
 
 Adding a kind is one module: subclass `LayerKind`, decorate it with `register_layer_kind`, and its name can appear
-in `layer_types` (README, "Adding a layer kind"; tests/test_layer_kinds.py builds, runs, caches, saves, reloads and
+in `layer_types`; a package that declares the module under the entry-point group `suture.layer_kinds` makes the
+kind known in every process (saved hybrids load, the command line accepts it) (README, "Adding a layer kind"; tests/test_layer_kinds.py builds, runs, caches, saves, reloads and
 inspects a kind defined in the test). Built-in kinds: `full_attention`, `sliding_attention` (attention.py), `mamba`,
 `mamba2` (mamba.py).
 
@@ -25,6 +26,7 @@ them), so reading the registry, as `suture inspect` does, stays as light as read
 """
 
 from .base import (
+    ENTRY_POINT_GROUP,
     LAYER_KINDS,
     Footprint,
     LayerKind,
@@ -33,6 +35,7 @@ from .base import (
     attention_sizes,
     config_value,
     get_layer_kind,
+    layer_kind_names,
     mixer_kind_names,
     register_layer_kind,
     unregister_layer_kind,
@@ -40,6 +43,7 @@ from .base import (
 from . import attention, mamba  # noqa: F401  (registers the built-in kinds)
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "LAYER_KINDS",
     "Footprint",
     "LayerKind",
@@ -48,6 +52,7 @@ __all__ = [
     "attention_sizes",
     "config_value",
     "get_layer_kind",
+    "layer_kind_names",
     "mixer_kind_names",
     "register_layer_kind",
     "unregister_layer_kind",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from types import MappingProxyType
 
 import torch
@@ -123,6 +124,26 @@ def _row_span(mixer: nn.Module, target: str, rows: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------------- registry
 LAYER_KINDS: dict[str, LayerKind] = {}
+# Installed packages declare their kinds here (`name = "package.module:KindClass"`), so that a saved hybrid using
+# them loads, and the command line accepts them, in any process: the module is imported on the first lookup.
+ENTRY_POINT_GROUP = "suture.layer_kinds"
+_entry_points_loaded = False
+
+
+def _registry() -> dict[str, LayerKind]:
+    """`LAYER_KINDS`, after importing the modules of the kinds installed packages declare (once)."""
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            if point.name in LAYER_KINDS:
+                continue
+            point.load()  # the module registers the kind with `register_layer_kind`
+            if point.name not in LAYER_KINDS:
+                raise ValueError(f"The entry point {point.name} = {point.value} (group {ENTRY_POINT_GROUP}) registered "
+                                 f"no layer kind named {point.name!r}: decorate its class with register_layer_kind "
+                                 f"and set its name to {point.name!r}.")
+    return LAYER_KINDS
 
 
 def register_layer_kind(kind_class: type[LayerKind]) -> type[LayerKind]:
@@ -148,19 +169,24 @@ def unregister_layer_kind(name: str) -> None:
 def get_layer_kind(name: str) -> LayerKind:
     """The registered kind `name`, or a ValueError listing the known kinds."""
     try:
-        return LAYER_KINDS[name]
+        return _registry()[name]
     except (KeyError, TypeError):
         raise ValueError(f"Unknown layer kind {name!r}; known kinds: {', '.join(LAYER_KINDS)}.") from None
 
 
+def layer_kind_names() -> tuple[str, ...]:
+    """Every registered kind (the built-in ones, those registered at run time, those of installed packages)."""
+    return tuple(_registry())
+
+
 def attention_kind_names() -> tuple[str, ...]:
     """Kinds that are the source family's attention (kept by surgery, candidates for replacement)."""
-    return tuple(name for name, kind in LAYER_KINDS.items() if kind.is_attention)
+    return tuple(name for name, kind in _registry().items() if kind.is_attention)
 
 
 def mixer_kind_names() -> tuple[str, ...]:
     """Kinds surgery can put in place of an attention layer (those with a transfer table)."""
-    return tuple(name for name, kind in LAYER_KINDS.items() if kind.transfer)
+    return tuple(name for name, kind in _registry().items() if kind.transfer)
 
 
 def config_value(config, key: str, default=None):
