@@ -10,8 +10,7 @@ import torch
 from conftest import tiny_source
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import suture  # noqa: F401  (registers the Auto classes)
-from suture.architectures import HybridCache, HybridConfig, HybridForCausalLM
+from suture.architectures import HybridCache, HybridConfig, HybridForCausalLM  # registers the Auto classes
 from suture.surgery import hybridize_model
 
 
