@@ -366,6 +366,17 @@ def test_rcp_statistics_from_the_recipe_calibration(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     with pytest.raises(ValueError, match="domain_data"):
         merge({**recipe, "calibration": {"data": "workload"}}, tmp_path / "o3")
+    # a LoRA domain model: its statistics are refused, never silently computed from its base
+    from suture.merge.lora import extract_lora
+
+    extract_lora(domain, base, tmp_path / "adapter", rank=4)
+    lora_domain = {**recipe, "models": [{"model": reasoning}, {"model": f"{base}+{tmp_path / 'adapter'}"}]}
+    with pytest.raises(ValueError, match=r"domain model .*\+.*adapter is a LoRA adapter reference"):
+        merge(lora_domain, tmp_path / "o4")
+    with pytest.raises(ValueError, match="base_model .* is a LoRA adapter reference"):
+        merge({**recipe, "merge_method": "task_arithmetic", "parameters": {}, "base_model": f"{base}+{tmp_path / 'adapter'}",
+               "models": [{"model": reasoning, "parameters": {"weight": 1.0}}], "calibration": {"data": "workload"},
+               "post_steps": [{"method": "aim"}]}, tmp_path / "o5")
 
 
 def test_the_readme_custom_method_runs_as_written(tmp_path, monkeypatch):

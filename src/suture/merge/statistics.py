@@ -212,6 +212,21 @@ def activation_scales(
     return ActivationScales(scales, str(path or _describe(model)), n_tokens)
 
 
+def calibration_checkpoint(ref: str, role: str) -> Path:
+    """The checkpoint directory a method's statistics are computed from when a recipe's `calibration` asks for them.
+    A LoRA reference (`base+adapter`, or an adapter alone) is refused: its config and weights on disk are the base
+    model's, so statistics computed from them would silently describe the base, not the adapted model."""
+    from .lora import is_adapter_dir, parse_model_ref
+
+    base, adapter = parse_model_ref(str(ref))
+    if adapter is not None or is_adapter_dir(base):
+        raise ValueError(f"{role} {ref} is a LoRA adapter reference: statistics computed from `calibration` need a "
+                         "full checkpoint (the base alone is not the adapted model). Merge the adapter into its base "
+                         "first (peft's merge_and_unload), or compute the statistics from the adapted model and give "
+                         "them under `statistics:` in the recipe.")
+    return Path(ref)
+
+
 def activation_scales_from_checkpoint(path, data="workload", **kwargs) -> ActivationScales:
     """`activation_scales` of a checkpoint directory: what the ``aim`` method's statistics source computes from a
     recipe's `calibration` (`suture.merge.methods.aim`)."""

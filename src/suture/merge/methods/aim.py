@@ -34,7 +34,8 @@ def _load(path: str) -> Provider:
 def _compute(recipe: MergeRecipe, workdir: Path) -> Provider:
     """Activation scales of the recipe's base model on its calibration data (small: kept in memory)."""
     cal = recipe.calibration
-    scales = statistics.activation_scales_from_checkpoint(recipe.base_model, cal.data, n=cal.n,
+    base = statistics.calibration_checkpoint(recipe.base_model, "base_model")
+    scales = statistics.activation_scales_from_checkpoint(base, cal.data, n=cal.n,
                                                           max_length=cal.max_length)
     return lambda stat, name: scales.get(name)
 

@@ -39,10 +39,9 @@ def _load(path: str) -> Provider:
 def _compute(recipe: MergeRecipe, workdir: Path) -> Provider:
     """F of the reasoning model (the first of `models`) and S of the domain model (the second), written to
     `workdir`."""
-    from suture.merge.engine import config_dir  # the engine imports this module
-
     cal = recipe.calibration
-    reasoning, domain = (config_dir(m.model) for m in recipe.method_inputs)
+    reasoning, domain = (statistics.calibration_checkpoint(m.model, role)
+                         for m, role in zip(recipe.method_inputs, ("reasoning model", "domain model")))
     out = workdir / "rcp-statistics"
     statistics.rcp_statistics(reasoning, domain, cal.data, cal.domain_data, out, n_reasoning=cal.n_reasoning,
                               n_domain=cal.n_domain, max_length=cal.max_length, seed=recipe.seed)
