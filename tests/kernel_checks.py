@@ -14,3 +14,13 @@ def close(actual, expected, dtype, what=""):
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}"
     )
+
+
+def packed_seq_idx(*rows: list[int]) -> torch.Tensor:
+    """seq_idx (b, L) int64 for rows packed from documents of the given lengths, e.g. ``[3, 1, 5]`` -> [0 0 0 1 2 ...];
+    a row given as ``(first, lengths)`` numbers its documents from ``first``."""
+    out = []
+    for row in rows:
+        first, lengths = row if isinstance(row, tuple) else (0, row)
+        out.append([first + k for k, n in enumerate(lengths) for _ in range(n)])
+    return torch.tensor(out)

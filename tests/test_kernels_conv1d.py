@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import close
+from kernel_checks import close, packed_seq_idx
 
 import suture.kernels.conv1d as conv1d
 from suture.kernels import (
@@ -200,3 +200,82 @@ def test_cuda_conv_matches_reference():
     y_ref = causal_conv1d_update(x[..., 0], state_ref, w, bias, "silu", backend="torch")
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state, state_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed rows: seq_idx.
+
+
+SEQ_CASES = {  # b, d, w, rows of document lengths
+    "odd-docs": (2, 5, 4, [[3, 1, 9, 8], (2, [6, 15])]),  # a 1-token document, one shorter than w, rows from doc 2
+    "w2": (1, 3, 2, [[1, 1, 1, 4]]),
+    "one-doc": (1, 4, 4, [[13]]),
+}
+
+
+@pytest.mark.parametrize("case", SEQ_CASES.values(), ids=SEQ_CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fn_with_seq_idx_matches_reference(case, dtype):
+    b, d, w, rows = case
+    seq_idx = packed_seq_idx(*rows)
+    x, weight, bias = make(b, d, seq_idx.shape[1], w, dtype)
+    grads = []
+    for fn in (causal_conv1d_ref, causal_conv1d_fn):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(*leaves, "silu", seq_idx=seq_idx)
+        grads.append((y, torch.autograd.grad(y.float().square().sum(), leaves)))
+    (y_ref, g_ref), (y, g) = grads
+    assert y.shape == x.shape and y.dtype == dtype
+    close(y, y_ref, dtype, "y")
+    for name, a, e in zip(("x", "weight", "bias"), g, g_ref):
+        close(a, e, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_seq_idx_keeps_documents_apart(backend):
+    """Every document's outputs equal the plain conv of that document alone; changing one document changes no other."""
+    seq_idx = packed_seq_idx([4, 2, 7])
+    x, weight, bias = make(1, 3, 13, 4, torch.float64)
+    y = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx, backend=backend)
+    for s, e in ((0, 4), (4, 6), (6, 13)):
+        torch.testing.assert_close(y[..., s:e], causal_conv1d_ref(x[..., s:e], weight, bias, "silu"))
+    changed = x.clone()
+    changed[..., 4:6] += 1.0
+    y2 = causal_conv1d_fn(changed, weight, bias, "silu", seq_idx=seq_idx, backend=backend)
+    assert torch.equal(y2[..., :4], y[..., :4]) and torch.equal(y2[..., 6:], y[..., 6:])
+    assert not torch.equal(y2[..., 4:6], y[..., 4:6])
+
+
+def test_one_document_seq_idx_equals_no_seq_idx():
+    x, weight, bias = make(2, 4, 11, 4, torch.float32)
+    close(causal_conv1d_fn(x, weight, bias, seq_idx=torch.zeros(2, 11, dtype=torch.int32)),
+          causal_conv1d_fn(x, weight, bias), torch.float32, "y")
+
+
+def test_bad_seq_idx_raises_helpful_errors():
+    x, weight, bias = make(1, 4, 6, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"seq_idx must be an int32 or int64 \(batch, seqlen\) = \(1, 6\)"):
+        causal_conv1d_fn(x, weight, bias, seq_idx=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        causal_conv1d_fn(x, weight, bias, seq_idx=torch.zeros(1, 6))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        causal_conv1d_ref(x, weight, bias, seq_idx=torch.tensor([[0, 0, 1, 1, 0, 0]]))
+
+
+@pytest.mark.gpu
+def test_cuda_conv_with_seq_idx_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if load_kernel("causal_conv1d")[0] is None:
+        pytest.skip(f"causal-conv1d not installed: {load_kernel('causal_conv1d')[1]}")
+    seq_idx = packed_seq_idx([100, 3, 1, 196], [57, 243]).cuda()
+    x, w, bias = (t.cuda() for t in make(2, 64, 300, 4, torch.float32))
+    leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+    y = causal_conv1d_fn(*leaves, "silu", seq_idx=seq_idx, backend="cuda")
+    g = torch.autograd.grad(y.square().sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+    y_ref = causal_conv1d_ref(*ref_leaves, "silu", seq_idx=seq_idx)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), ref_leaves)
+    close(y, y_ref, torch.float32, "y")
+    for name, a, e in zip(("x", "weight", "bias"), g, g_ref):
+        close(a, e, torch.float32, f"grad {name}")

@@ -1,7 +1,8 @@
 """Causal depthwise conv1d (Mamba's short convolution): references, PyTorch paths, CUDA dispatch, decode update.
 
 Matches the causal-conv1d package: ``y[:, c, t] = bias[c] + sum_k weight[c, k] * x[:, c, t - (w - 1) + k]`` with
-zeros before the start, then an optional SiLU. Computation is in fp32; outputs come back in ``x.dtype``.
+zeros before the start, then an optional SiLU. Computation is in fp32; outputs come back in ``x.dtype``. With
+``seq_idx`` (packed rows, see :mod:`suture.kernels.documents`) an input of another document counts as zero.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from suture.kernels.backend import resolve_backend
+from suture.kernels.documents import check_seq_idx, document_spans
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
 
@@ -38,13 +40,20 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None):
-    """Reference: depthwise ``F.conv1d`` with padding ``w - 1``, first ``L`` outputs kept, in fp32.
+def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None):
+    """Reference: depthwise ``F.conv1d`` with padding ``w - 1``, first ``L`` outputs kept, in fp32; with
+    ``seq_idx``, every document of every row convolved on its own.
 
-    Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``.
+    Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``;
+    seq_idx ``(b, L)`` int, the document index of each position.
     Returns: ``(b, d, L)`` in ``x.dtype``.
     """
     _check(x, weight, bias, activation)
+    check_seq_idx(seq_idx, x.shape[0], x.shape[-1], "causal_conv1d")
+    if seq_idx is not None:
+        rows = [torch.cat([causal_conv1d_ref(x[i : i + 1, :, s:e], weight, bias, activation) for s, e, _ in spans],
+                          dim=-1) for i, spans in enumerate(document_spans(seq_idx))]
+        return torch.cat(rows, dim=0)  # (b, d, L)
     cd = _compute_dtype(x)
     d, w = weight.shape
     L = x.shape[-1]
@@ -60,18 +69,41 @@ def _causal_conv1d_torch(x, weight, bias=None, activation=None):
     return _activate(y, activation).to(x.dtype)
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None, *, backend: str | None = None):
+def _causal_conv1d_packed_torch(x, weight, bias, activation, seq_idx):
+    """The conv over packed rows: each output's window, with the taps of other documents zeroed."""
+    cd = _compute_dtype(x)
+    w = weight.shape[1]
+    windows = F.pad(x.to(cd), (w - 1, 0)).unfold(-1, w, 1)  # (b, d, L, w): [.., t, k] = x[t - (w - 1) + k]
+    tap_doc = F.pad(seq_idx, (w - 1, 0), value=-1).unfold(-1, w, 1)  # (b, L, w): document of each tap
+    same = (tap_doc == seq_idx[..., None]).to(cd)  # (b, L, w)
+    y = torch.einsum("bdlk,blk,dk->bdl", windows, same, weight.to(cd))  # (b, d, L)
+    if bias is not None:
+        y = y + bias.to(cd)[:, None]
+    return _activate(y, activation).to(x.dtype)
+
+
+def causal_conv1d_fn(x, weight, bias=None, activation=None, seq_idx=None, *, backend: str | None = None):
     """Causal depthwise conv1d, dispatched per call.
 
-    Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``.
+    Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``;
+    seq_idx ``(b, L)`` int32/int64, the document index of each position in packed rows (no output sees an input of
+    another document; :mod:`suture.kernels.documents`).
     Returns: ``(b, d, L)`` in ``x.dtype``. Differentiable.
     """
     _check(x, weight, bias, activation)
+    check_seq_idx(seq_idx, x.shape[0], x.shape[-1], "causal_conv1d")
     name, kernel = resolve_backend("causal_conv1d", x, backend=backend)
     if name == "cuda":
-        return kernel(x, weight, bias, activation=activation)
+        if seq_idx is None:
+            return kernel(x, weight, bias, activation=activation)
+        # causal-conv1d reads seq_idx as contiguous int32 and only with a channel-last x
+        x_channel_last = x.transpose(1, 2).contiguous().transpose(1, 2)  # (b, d, L), stride 1 over d
+        return kernel(x_channel_last, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(),
+                      activation=activation)
     if name == "reference":
-        return causal_conv1d_ref(x, weight, bias, activation)
+        return causal_conv1d_ref(x, weight, bias, activation, seq_idx=seq_idx)
+    if seq_idx is not None:
+        return _causal_conv1d_packed_torch(x, weight, bias, activation, seq_idx)
     return _causal_conv1d_torch(x, weight, bias, activation)
 
 
