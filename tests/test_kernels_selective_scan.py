@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import close
+from kernel_checks import close, packed_seq_idx
 
 import suture.kernels.selective_scan as scan_module
 from suture.kernels import (
@@ -352,3 +352,78 @@ def test_softplus_applied_after_bias():
     y1 = selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_bias=bias, delta_softplus=True)
     y2 = selective_scan_fn(x["u"], F.softplus(x["delta"] + 0.7), x["A"], x["B"], x["C"])
     torch.testing.assert_close(y1, y2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed rows: seq_idx.
+
+
+SEQ_CASES = {  # b, d, n, g, rows of document lengths; block_len 7 puts document starts inside and on block edges
+    "grouped": (2, 8, 4, 2, [[3, 1, 9, 7, 17], (1, [14, 23])]),  # row 2 starts at document 1: no initial state
+    "ungrouped": (1, 6, 3, None, [[7, 7, 1, 6]]),
+    "one-doc": (1, 4, 2, 1, [[11]]),
+}
+
+
+@pytest.mark.parametrize("case", SEQ_CASES.values(), ids=SEQ_CASES.keys())
+@pytest.mark.parametrize("full", [True, False], ids=["D-z-bias-h0", "bare"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_with_seq_idx_matches_reference(case, full, dtype):
+    b, d, n, g, rows = case
+    seq_idx = packed_seq_idx(*rows)
+    inputs = make_inputs(b, d, n, seq_idx.shape[1], g, dtype, full=full)
+    y_ref, last_ref, g_ref = run(selective_scan_ref, inputs, softplus=full, seq_idx=seq_idx)
+    y, last, g = run(_selective_scan_torch, inputs, softplus=full, seq_idx=seq_idx, block_len=7)
+    close(y, y_ref, dtype, "y")
+    close(last, last_ref, dtype, "last state")
+    for k in g_ref:
+        close(g[k], g_ref[k], dtype, f"grad {k}")
+
+
+def test_seq_idx_float64_gradients_match_exactly():
+    seq_idx = packed_seq_idx([5, 16, 1, 9], (3, [2, 29]))
+    inputs = make_inputs(2, 8, 4, 31, 2, torch.float64)
+    _, _, g_ref = run(selective_scan_ref, inputs, softplus=True, seq_idx=seq_idx)
+    _, _, g = run(_selective_scan_torch, inputs, softplus=True, seq_idx=seq_idx, block_len=4)
+    for k in g_ref:
+        close(g[k], g_ref[k], torch.float64, f"grad {k}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_seq_idx_restarts_the_state_at_every_document(backend):
+    """Each document scans as if alone: document 0 from the initial state, every later one from zero; a row that
+    starts at document 1 ignores the initial state (mamba-ssm's SSD semantics)."""
+    x = make_inputs(1, 4, 3, 12, None, torch.float64)
+    args = [x[k] for k in NAMES[:5]]
+    kw = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True, return_last_state=True)
+    y, last = selective_scan_fn(*args, **kw, initial_state=x["initial_state"], seq_idx=packed_seq_idx([5, 7]),
+                                backend=backend)
+    part = lambda s, e: [t[..., s:e] for t in args[:2]] + [args[2]] + [t[..., s:e] for t in args[3:]]  # noqa: E731
+    kw_part = lambda s, e: {**kw, "z": x["z"][..., s:e]}  # noqa: E731
+    y0, _ = selective_scan_ref(*part(0, 5), **kw_part(0, 5), initial_state=x["initial_state"])
+    y1, last1 = selective_scan_ref(*part(5, 12), **kw_part(5, 12))
+    torch.testing.assert_close(y, torch.cat([y0, y1], dim=-1))
+    torch.testing.assert_close(last, last1)
+    y_late, _ = selective_scan_fn(*args, **kw, initial_state=x["initial_state"], seq_idx=packed_seq_idx((1, [12])),
+                                  backend=backend)
+    torch.testing.assert_close(y_late, selective_scan_ref(*args, **kw)[0])
+
+
+def test_seq_idx_errors_and_cuda_fallback(monkeypatch):
+    x = make_inputs(1, 8, 4, 10, 2, torch.float32)
+    args = [x[k] for k in NAMES[:5]]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        selective_scan_fn(*args, seq_idx=torch.tensor([[0] * 5 + [1] * 3 + [0] * 2]))
+    with pytest.raises(ValueError, match=r"\(batch, seqlen\) = \(1, 10\)"):
+        selective_scan_fn(*args, seq_idx=torch.zeros(2, 10, dtype=torch.long))
+    asked = []  # mamba-ssm's selective scan has no seq_idx: the backend choice must know (auto falls back, cuda raises)
+
+    def resolve(op, *tensors, backend=None, unsupported=None):
+        asked.append(unsupported)
+        return "torch", None
+
+    monkeypatch.setattr(scan_module, "resolve_backend", resolve)
+    selective_scan_fn(*args, seq_idx=torch.zeros(1, 10, dtype=torch.long))
+    selective_scan_fn(*args, initial_state=x["initial_state"], seq_idx=torch.zeros(1, 10, dtype=torch.long))
+    selective_scan_fn(*args)
+    assert asked == ["seq_idx", "initial_state and seq_idx", None]

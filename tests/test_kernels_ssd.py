@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import close
+from kernel_checks import close, packed_seq_idx
 
 from suture.kernels import mamba_chunk_scan_combined, selective_state_update, ssd_scan_ref
 from suture.kernels.backend import load_kernel
@@ -175,3 +175,90 @@ def test_long_inputs_run_in_segments(monkeypatch):
     close(f, f_one, torch.float64, "final")
     for k in g_one:
         close(g[k], g_one[k], torch.float64, f"grad {k}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed rows: seq_idx.
+
+
+SEQ_CASES = {  # b, h, p, g, n, chunk, rows of document lengths
+    "crossing-chunks": (2, 4, 3, 2, 5, 8, [[3, 1, 9, 8, 16], (2, [6, 31])]),  # starts inside and on chunk edges
+    "chunk-1": (1, 2, 2, 1, 3, 1, [[4, 1, 6]]),
+    "one-doc": (1, 4, 2, 4, 3, 64, [[13]]),
+    "many-short": (1, 6, 4, 3, 2, 7, [[1] * 5 + [2, 3, 40]]),
+}
+
+
+@pytest.mark.parametrize("case", SEQ_CASES.values(), ids=SEQ_CASES.keys())
+@pytest.mark.parametrize("full", [True, False], ids=["D-z-bias-h0", "bare"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_with_seq_idx_matches_sequential(case, full, dtype):
+    b, h, p, g, n, chunk, rows = case
+    seq_idx = packed_seq_idx(*rows)
+    inputs = make_inputs(b, seq_idx.shape[1], h, p, g, n, dtype, full=full)
+    y_ref, f_ref, g_ref = run(ssd_scan_ref, inputs, softplus=full, seq_idx=seq_idx)
+    y, f, g = run(_ssd_torch, inputs, softplus=full, seq_idx=seq_idx, chunk_size=chunk)
+    close(y, y_ref, dtype, "y")
+    close(f, f_ref, dtype, "final states")
+    for k in g_ref:
+        close(g[k], g_ref[k], dtype, f"grad {k}")
+
+
+def test_seq_idx_float64_gradients_and_segments(monkeypatch):
+    """Exact gradients, also when the long-input segments (which carry the state like chunks) cut documents."""
+    import suture.kernels.ssd as ssd
+
+    seq_idx = packed_seq_idx([30, 1, 70, 49], (1, [64, 86]))
+    inputs = make_inputs(2, 150, 4, 3, 2, 5, torch.float64, D_per_channel=True)
+    _, _, g_ref = run(ssd_scan_ref, inputs, softplus=True, dt_limit=(0.05, 3.0), seq_idx=seq_idx)
+    monkeypatch.setattr(ssd, "_SEGMENT_ELEMS", 2 * 4 * 16 * 32)  # 32 steps per segment
+    y, f, g = run(_ssd_torch, inputs, softplus=True, dt_limit=(0.05, 3.0), seq_idx=seq_idx, chunk_size=16)
+    assert all(torch.isfinite(v).all() for v in g.values())
+    for k in g_ref:
+        close(g[k], g_ref[k], torch.float64, f"grad {k}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_seq_idx_restarts_the_state_at_every_document(backend):
+    """Each document scans as if alone: document 0 from the initial state, later ones from zero; a row starting at
+    document 1 ignores the initial state (mamba-ssm's chunked SSD semantics)."""
+    x = make_inputs(1, 20, 2, 3, 1, 4, torch.float64)
+    args, kw = [x[k] for k in NAMES[:5]], dict(D=x["D"], dt_bias=x["dt_bias"], dt_softplus=True,
+                                                 return_final_states=True)
+    y, final = mamba_chunk_scan_combined(*args, 8, **kw, initial_states=x["initial_states"],
+                                         seq_idx=packed_seq_idx([9, 11]), backend=backend)
+    part = lambda s, e: [t[:, s:e] for t in args[:2]] + [args[2]] + [t[:, s:e] for t in args[3:]]  # noqa: E731
+    y0, _ = ssd_scan_ref(*part(0, 9), **kw, initial_states=x["initial_states"])
+    y1, final1 = ssd_scan_ref(*part(9, 20), **kw)
+    torch.testing.assert_close(y, torch.cat([y0, y1], dim=1))
+    torch.testing.assert_close(final, final1)
+    y_late, _ = mamba_chunk_scan_combined(*args, 8, **kw, initial_states=x["initial_states"],
+                                          seq_idx=packed_seq_idx((1, [20])), backend=backend)
+    torch.testing.assert_close(y_late, ssd_scan_ref(*args, **kw)[0])
+
+
+def test_bad_seq_idx_raises_helpful_errors():
+    x = make_inputs(1, 10, 4, 3, 2, 5, torch.float32)
+    args = [x[k] for k in NAMES[:5]]
+    with pytest.raises(ValueError, match="non-negative and non-decreasing"):
+        mamba_chunk_scan_combined(*args, 64, seq_idx=torch.tensor([[-1] * 10]))
+    with pytest.raises(ValueError, match=r"mamba_chunk_scan_combined: seq_idx must be an int32 or int64"):
+        mamba_chunk_scan_combined(*args, 64, seq_idx=torch.zeros(1, 10, dtype=torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ssd_with_seq_idx_matches_reference(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if load_kernel("ssd_chunk_scan")[0] is None:
+        pytest.skip(f"mamba-ssm SSD kernel not installed: {load_kernel('ssd_chunk_scan')[1]}")
+    seq_idx = packed_seq_idx([100, 3, 1, 196], [64, 236]).cuda()
+    inputs = {k: (None if v is None else v.cuda()) for k, v in make_inputs(2, 300, 8, 64, 2, 64, dtype).items()}
+    y_ref, f_ref, g_ref = run(ssd_scan_ref, inputs, softplus=True, seq_idx=seq_idx)
+    y, f, g = run(lambda **kw: mamba_chunk_scan_combined(chunk_size=64, **kw, backend="cuda"), inputs, softplus=True,
+                  seq_idx=seq_idx)
+    close(y, y_ref, dtype, "y")
+    close(f.float(), f_ref, dtype, "final")
+    for k in g_ref:
+        close(g[k], g_ref[k], dtype if dtype == torch.bfloat16 else torch.bfloat16, f"grad {k}")

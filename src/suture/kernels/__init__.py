@@ -18,6 +18,10 @@ Shapes (b batch, L length, d channels, n state size, g groups, h heads, p head d
   ``(b, h, p, n)``, ``(b, h, p)``; ``state`` updated in place.
 - ``causal_conv1d_update(x, conv_state, weight, ...)``: x ``(b, d)`` or ``(b, d, T)``; conv_state ``(b, d, S)``,
   ``S >= w - 1``, updated in place.
+
+Packed rows: ``causal_conv1d_fn``, ``selective_scan_fn``, ``mamba_chunk_scan_combined`` and their references take
+``seq_idx`` ``(b, L)``, the document index of every position (mamba-ssm's semantics): no document sees another's
+inputs or state (:mod:`suture.kernels.documents`).
 """
 
 from suture.kernels.backend import (

@@ -6,7 +6,9 @@ Semantics follow mamba-ssm's ``selective_scan_fn``::
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
     y_t   = <h_t, C_t> + D * u_t ;  y *= silu(z)    # D and z optional
 
-B and C are shared by a group of channels: channel c uses group ``c // (d // g)``.
+B and C are shared by a group of channels: channel c uses group ``c // (d // g)``. With ``seq_idx`` (packed rows,
+see :mod:`suture.kernels.documents`) the state restarts from zero at every document start, which is the recurrence
+with ``exp(delta_t * A)`` replaced by 0 at those steps: that is how the torch path implements it.
 
 The torch path (:class:`_SelectiveScan`) runs the recurrence in blocks of ``T`` steps: per block it computes
 ``exp(delta * A)`` and ``delta * B * u`` for those ``T`` steps only (cache-sized, never ``(b, d, L, n)``), then one
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from suture.kernels.backend import resolve_backend
+from suture.kernels.documents import check_seq_idx, document_spans, document_starts
 
 __all__ = [
     "selective_scan_fn",
@@ -84,17 +87,22 @@ def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
 
 def selective_scan_ref(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    initial_state=None,
+    initial_state=None, seq_idx=None,
 ):
     """Plain fp32 selective scan (the test oracle). Materialises ``(b, d, L, n)`` tensors; differentiable.
 
     Args:
         u, delta: ``(b, d, L)``. A: ``(d, n)``. B, C: ``(b, n, L)`` or grouped ``(b, g, n, L)``, ``g | d``.
         D, delta_bias: ``(d,)``. z: ``(b, d, L)``. initial_state: ``(b, d, n)``.
+        seq_idx: ``(b, L)`` int, the document index of each position: every document is scanned on its own.
     Returns:
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` in fp32.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_seq_idx(seq_idx, u.shape[0], u.shape[-1], "selective_scan")
+    if seq_idx is not None:
+        return _per_document(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state, initial_state, seq_idx)
     cd = _compute_dtype(u)
     b, d, L = u.shape
     uf = u.to(cd)
@@ -117,17 +125,39 @@ def selective_scan_ref(
     return (y, h) if return_last_state else y
 
 
+def _per_document(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                  seq_idx):
+    """Run ``scan`` on every document of every row alone (document 0 from the initial state, the others from zero);
+    returns what ``scan`` returns for the whole batch."""
+    ys, lasts = [], []
+    for i, spans in enumerate(document_spans(seq_idx)):
+        row_ys, h = [], None
+        for s, e, doc in spans:
+            part = lambda t: None if t is None else t[i : i + 1, ..., s:e]  # noqa: E731 - one row, one document
+            h0 = initial_state[i : i + 1] if initial_state is not None and doc == 0 else None
+            y, h = scan(part(u), part(delta), A, part(B), part(C), D, part(z), delta_bias, delta_softplus,
+                        return_last_state=True, initial_state=h0)
+            row_ys.append(y)
+        ys.append(torch.cat(row_ys, dim=-1))
+        lasts.append(h)
+    y = torch.cat(ys, dim=0)  # (b, d, L)
+    return (y, torch.cat(lasts, dim=0)) if return_last_state else y
+
+
 def _block_len(b: int, d: int, n: int) -> int:
     """Steps per block: as many as fit ``_BLOCK_ELEMS`` (cache), at least ``n`` (checkpoints <= size of u)."""
     return max(n, min(_MAX_BLOCK, _BLOCK_ELEMS // max(1, b * d * n)), 1)
 
 
-def _forward_block(ut, dt, A, Bt, h_start, s, e):
-    """Recompute one block: returns dA (T, b, g, dg, n), hs (T, b, g, dg, n) with hs[i] the state after step s+i."""
+def _forward_block(ut, dt, A, Bt, keep, h_start, s, e):
+    """Recompute one block: returns dA (T, b, g, dg, n), hs (T, b, g, dg, n) with hs[i] the state after step s+i.
+    ``keep`` (L, b) is 0 at document starts (the decay there is 0: the state restarts) and 1 elsewhere, or None."""
     T, (_, b, g, n) = e - s, Bt.shape
     d = ut.shape[2]
     dl = dt[s:e]  # (T, b, d)
     dA = torch.exp(dl[..., None] * A).view(T, b, g, d // g, n)  # (T, b, g, dg, n)
+    if keep is not None:
+        dA.mul_(keep[s:e].view(T, b, 1, 1, 1))
     hs = (dl * ut[s:e]).view(T, b, g, d // g, 1) * Bt[s:e, :, :, None, :]  # (T, b, g, dg, n), delta*B*u
     hv, av = hs.unbind(0), dA.unbind(0)
     hv[0].addcmul_(av[0], h_start)
@@ -139,12 +169,13 @@ def _forward_block(ut, dt, A, Bt, h_start, s, e):
 class _SelectiveScan(torch.autograd.Function):
     """Core scan without D / z / bias (those are cheap elementwise ops left to autograd).
 
-    Inputs (one compute dtype): u, delta (b, d, L); A (d, n); B, C (b, g, n, L); h0 (b, d, n) or None.
+    Inputs (one compute dtype): u, delta (b, d, L); A (d, n); B, C (b, g, n, L); h0 (b, d, n) or None;
+    keep (L, b) or None: 0 where a document starts (packed rows), 1 elsewhere.
     Outputs: y (b, d, L) and the last state (b, d, n).
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, block_len):
+    def forward(ctx, u, delta, A, B, C, h0, keep, block_len):
         b, d, L = u.shape
         g, n = B.shape[1], A.shape[1]
         ut = u.permute(2, 0, 1).contiguous()  # (L, b, d)
@@ -158,20 +189,20 @@ class _SelectiveScan(torch.autograd.Function):
         for k, s in enumerate(starts):
             e = min(L, s + block_len)
             ckpt[k] = h
-            _, hs = _forward_block(ut, dt, A, Bt, h, s, e)
+            _, hs = _forward_block(ut, dt, A, Bt, keep, h, s, e)
             torch.sum(hs * Ct[s:e, :, :, None, :], dim=-1, out=yt[s:e])  # y_t = <h_t, C_t>
             h = hs[-1]
-        ctx.save_for_backward(ut, dt, A, Bt, Ct, ckpt)
+        ctx.save_for_backward(ut, dt, A, Bt, Ct, ckpt, keep)
         ctx.block_len, ctx.has_h0 = block_len, h0 is not None
         y = yt.view(L, b, d).permute(1, 2, 0)  # (b, d, L)
         return y, h.reshape(b, d, n).clone()
 
     @staticmethod
     def backward(ctx, gy, glast):
-        ut, dt, A, Bt, Ct, ckpt = ctx.saved_tensors
+        ut, dt, A, Bt, Ct, ckpt, keep = ctx.saved_tensors
         L, b, g, n = Bt.shape
         d, dg, T = ut.shape[2], ut.shape[2] // g, ctx.block_len
-        need_u, need_delta, need_A, need_B, need_C, need_h0, _ = ctx.needs_input_grad
+        need_u, need_delta, need_A, need_B, need_C, need_h0, _, _ = ctx.needs_input_grad
         gyt = gy.permute(2, 0, 1).reshape(L, b, g, dg, 1)  # (L, b, g, dg, 1)
         carry = gy.new_zeros(b, g, dg, n) if glast is None else glast.reshape(b, g, dg, n).to(ut.dtype)
         gu, gdelta = torch.zeros_like(ut), torch.zeros_like(dt)  # (L, b, d)
@@ -181,7 +212,7 @@ class _SelectiveScan(torch.autograd.Function):
             s = k * T
             e = min(L, s + T)
             h_start = ckpt[k]  # (b, g, dg, n)
-            dA, hs = _forward_block(ut, dt, A, Bt, h_start, s, e)
+            dA, hs = _forward_block(ut, dt, A, Bt, keep, h_start, s, e)
             if need_C:  # dL/dC_t = sum over the group's channels of dy_t * h_t
                 torch.sum(hs * gyt[s:e], dim=3, out=gC[s:e])
             gh = gyt[s:e] * Ct[s:e, :, :, None, :]  # (T, b, g, dg, n), becomes dL/dh_t
@@ -213,22 +244,24 @@ class _SelectiveScan(torch.autograd.Function):
             gC.permute(1, 2, 3, 0) if need_C else None,
             carry.reshape(b, d, n) if need_h0 and ctx.has_h0 else None,
             None,
+            None,
         )
         return grads
 
 
 def _selective_scan_torch(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    initial_state=None, block_len=None,
+    initial_state=None, seq_idx=None, block_len=None,
 ):
     cd = _compute_dtype(u)
     b, d, L = u.shape
     uf = u.to(cd)
     delta = _prepare_delta(delta, delta_bias, delta_softplus, cd)
     h0 = None if initial_state is None else initial_state.to(cd)
+    keep = None if seq_idx is None else (~document_starts(seq_idx)).to(cd).T.contiguous()  # (L, b)
     block_len = block_len or _block_len(b, d, A.shape[1])
     y, last = _SelectiveScan.apply(
-        uf, delta, A.to(cd), _as_groups(B.to(cd)), _as_groups(C.to(cd)), h0, block_len
+        uf, delta, A.to(cd), _as_groups(B.to(cd)), _as_groups(C.to(cd)), h0, keep, block_len
     )  # (b, d, L), (b, d, n)
     if D is not None:
         y = y + uf * D.to(cd)[:, None]
@@ -240,28 +273,31 @@ def _selective_scan_torch(
 
 def selective_scan_fn(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    initial_state=None, *, backend: str | None = None,
+    initial_state=None, seq_idx=None, *, backend: str | None = None,
 ):
     """Mamba-1 selective scan, dispatched per call (see :mod:`suture.kernels.backend`).
 
     Args:
         u, delta: ``(b, d, L)``. A: ``(d, n)``. B, C: ``(b, n, L)`` or grouped ``(b, g, n, L)`` with ``g | d``
         (channel ``c`` uses group ``c // (d // g)``). D, delta_bias: ``(d,)``. z: ``(b, d, L)``.
-        initial_state: ``(b, d, n)`` (not supported by the CUDA kernel: ``"auto"`` then uses the torch path).
+        initial_state: ``(b, d, n)``. seq_idx: ``(b, L)`` int32/int64, the document index of each position in packed
+        rows: the state restarts from zero at every document start (:mod:`suture.kernels.documents`).
+        The CUDA kernel supports neither ``initial_state`` nor ``seq_idx``: ``"auto"`` then uses the torch path.
     Returns:
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` (fp32).
     Differentiable w.r.t. every float input on every backend.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    name, kernel = resolve_backend(
-        "selective_scan", u, backend=backend, unsupported="initial_state" if initial_state is not None else None
-    )
+    check_seq_idx(seq_idx, u.shape[0], u.shape[-1], "selective_scan")
+    unsupported = " and ".join(name for name, t in (("initial_state", initial_state), ("seq_idx", seq_idx))
+                               if t is not None) or None
+    name, kernel = resolve_backend("selective_scan", u, backend=backend, unsupported=unsupported)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "cuda":
         return kernel(*args)
     if name == "reference":
-        return selective_scan_ref(*args, initial_state=initial_state)
-    return _selective_scan_torch(*args, initial_state=initial_state)
+        return selective_scan_ref(*args, initial_state=initial_state, seq_idx=seq_idx)
+    return _selective_scan_torch(*args, initial_state=initial_state, seq_idx=seq_idx)
 
 
 # ----------------------------------------------------------------------------------------------------------------

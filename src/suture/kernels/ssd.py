@@ -6,7 +6,9 @@ Semantics follow mamba-ssm's ``mamba_chunk_scan_combined``::
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t (outer) B_t   # per head: (p, n)
     y_t = h_t . C_t + D * x_t ;  y *= silu(z)
 
-B and C are shared by a group of heads: head ``i`` uses group ``i // (h // g)``.
+B and C are shared by a group of heads: head ``i`` uses group ``i // (h // g)``. With ``seq_idx`` (packed rows, see
+:mod:`suture.kernels.documents`) no state crosses a document boundary: the torch path sets the log-decay
+``dt_t * A`` to ``-inf`` at document starts, so every decay product spanning a start is exactly 0.
 
 The torch path is the chunked SSD: within a chunk of ``Q`` steps the output is a masked ``(Q, Q)`` attention-like
 product; chunk-end states are passed between chunks sequentially (linear in ``L``). Decays use the *stable* segment
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from suture.kernels.backend import resolve_backend
+from suture.kernels.documents import check_seq_idx, document_spans, document_starts
 
 __all__ = ["mamba_chunk_scan_combined", "ssd_scan_ref"]
 
@@ -81,17 +84,33 @@ def _finish(y, x, D, z, dtype):
 
 def ssd_scan_ref(
     x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False, dt_limit=_NO_LIMIT,
-    return_final_states=False,
+    return_final_states=False, seq_idx=None,
 ):
     """Sequential fp32 SSD recurrence (the test oracle); differentiable.
 
     Args:
         x: ``(b, L, h, p)``. dt: ``(b, L, h)``. A: ``(h,)``. B, C: ``(b, L, g, n)`` with ``g | h``.
         D: ``(h,)`` or ``(h, p)``. z: ``(b, L, h, p)``. dt_bias: ``(h,)``. initial_states: ``(b, h, p, n)``.
+        seq_idx: ``(b, L)`` int, the document index of each position: every document is scanned on its own.
     Returns:
         y ``(b, L, h, p)`` in ``x.dtype``; with ``return_final_states`` also the final states ``(b, h, p, n)`` fp32.
     """
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    check_seq_idx(seq_idx, x.shape[0], x.shape[1], "ssd")
+    if seq_idx is not None:
+        ys, finals = [], []
+        for i, spans in enumerate(document_spans(seq_idx)):
+            row_ys = []
+            for s, e, doc in spans:
+                part = lambda t: None if t is None else t[i : i + 1, s:e]  # noqa: E731 - one row, one document
+                h0 = initial_states[i : i + 1] if initial_states is not None and doc == 0 else None
+                y, final = ssd_scan_ref(part(x), part(dt), A, part(B), part(C), D, part(z), dt_bias, h0, dt_softplus,
+                                        dt_limit, return_final_states=True)
+                row_ys.append(y)
+            ys.append(torch.cat(row_ys, dim=1))
+            finals.append(final)
+        y = torch.cat(ys, dim=0)  # (b, L, h, p)
+        return (y, torch.cat(finals, dim=0)) if return_final_states else y
     cd = _compute_dtype(x)
     b, L, h, p = x.shape
     g, n = B.shape[2:]
@@ -118,18 +137,22 @@ def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(~strict.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), float("-inf")).exp()
 
 
-def _ssd_chunked(x, dt, A, B, C, h0, Q):
+def _ssd_chunked(x, dt, A, B, C, h0, starts, Q):
     """Chunked SSD core. x (b, L, h, p), dt (b, L, h) (already biased/softplused/clamped), A (h,), B, C (b, L, g, n),
-    h0 (b, h, p, n) or None; one compute dtype. Returns y (b, L, h, p) and the final state (b, h, p, n)."""
+    h0 (b, h, p, n) or None, starts (b, L) bool (document starts of packed rows) or None; one compute dtype.
+    Returns y (b, L, h, p) and the final state (b, h, p, n)."""
     b, L, h, p = x.shape
     g, n = B.shape[2:]
     hg, pad = h // g, (-L) % Q
+    log_decay = dt * A  # (b, L, h), <= 0
+    if starts is not None:  # the state restarts at a document start: decay exp(-inf) = 0 from the previous step
+        log_decay = log_decay.masked_fill(starts[..., None], float("-inf"))
     if pad:  # dt = 0 on padded steps: decay 1 and no input, so the final state is unchanged
-        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
+        x, dt, log_decay = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), F.pad(log_decay, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
     c = (L + pad) // Q
     X = (x * dt[..., None]).view(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
-    a = (dt * A).view(b, c, Q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q), log-decays <= 0
+    a = log_decay.view(b, c, Q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q), log-decays <= 0
     Bc = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = C.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
 
@@ -153,7 +176,7 @@ def _ssd_chunked(x, dt, A, B, C, h0, Q):
 
 
 def _ssd_torch(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
-               dt_limit=_NO_LIMIT, return_final_states=False, chunk_size=None):
+               dt_limit=_NO_LIMIT, return_final_states=False, seq_idx=None, chunk_size=None):
     cd = _compute_dtype(x)
     xf = x.to(cd)
     dtf = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cd)
@@ -162,9 +185,10 @@ def _ssd_torch(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None
     b, L, h, _ = x.shape
     seg = max(Q, _SEGMENT_ELEMS // (b * h * Q) // Q * Q)  # steps per segment, a multiple of Q
     ys, final, A, B, C = [], h0, A.to(cd), B.to(cd), C.to(cd)
+    starts = None if seq_idx is None else document_starts(seq_idx)  # (b, L)
     for s in range(0, L, seg):  # the state is carried between segments, as between chunks
         y_s, final = _ssd_chunked(xf[:, s : s + seg], dtf[:, s : s + seg], A, B[:, s : s + seg], C[:, s : s + seg],
-                                  final, Q)
+                                  final, None if starts is None else starts[:, s : s + seg], Q)
         ys.append(y_s)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # (b, L, h, p)
     y = _finish(y, xf, D, z, x.dtype)
@@ -172,7 +196,7 @@ def _ssd_torch(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None
 
 
 def mamba_chunk_scan_combined(
-    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, dt_softplus=False,
     dt_limit=_NO_LIMIT, return_final_states=False, *, backend: str | None = None,
 ):
     """Mamba-2 SSD scan with mamba-ssm's name and signature, dispatched per call.
@@ -181,7 +205,10 @@ def mamba_chunk_scan_combined(
         x: ``(b, L, h, p)``. dt: ``(b, L, h)``. A: ``(h,)``. B, C: ``(b, L, g, n)`` with ``g | h``
         (head ``i`` uses group ``i // (h // g)``). chunk_size: chunk length for the CUDA kernel; the torch path
         uses ``CPU_CHUNK_SIZE`` (same math, faster on CPU). D: ``(h,)`` or ``(h, p)``. z: ``(b, L, h, p)``.
-        dt_bias: ``(h,)``. initial_states: ``(b, h, p, n)``. Any ``L`` (not necessarily a multiple of the chunk).
+        dt_bias: ``(h,)``. initial_states: ``(b, h, p, n)``. seq_idx: ``(b, L)`` int32/int64, the document index of
+        each position in packed rows: no state crosses a document boundary, and the initial state belongs to
+        document 0 (mamba-ssm's semantics, :mod:`suture.kernels.documents`). Any ``L`` (not necessarily a multiple
+        of the chunk).
     Returns:
         y ``(b, L, h, p)`` in ``x.dtype``; with ``return_final_states`` also the final states ``(b, h, p, n)``.
     Differentiable (plain autograd on the torch path).
@@ -189,11 +216,14 @@ def mamba_chunk_scan_combined(
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"mamba_chunk_scan_combined: chunk_size must be a positive int, got {chunk_size!r}")
+    check_seq_idx(seq_idx, x.shape[0], x.shape[1], "mamba_chunk_scan_combined")
     name, kernel = resolve_backend("ssd_chunk_scan", x, backend=backend)
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus,
                   dt_limit=dt_limit, return_final_states=return_final_states)
     if name == "cuda":
+        if seq_idx is not None:
+            kwargs["seq_idx"] = seq_idx.to(torch.int32).contiguous()
         return kernel(x, dt, A, B, C, chunk_size, **kwargs)
     if name == "reference":
-        return ssd_scan_ref(x, dt, A, B, C, **kwargs)
-    return _ssd_torch(x, dt, A, B, C, **kwargs)
+        return ssd_scan_ref(x, dt, A, B, C, **kwargs, seq_idx=seq_idx)
+    return _ssd_torch(x, dt, A, B, C, **kwargs, seq_idx=seq_idx)
