@@ -15,6 +15,11 @@ The in_proj row order is `[z | x | B | C | dt]` for both (`row_blocks["in_proj.w
 in transformers' cache (`LinearAttentionLayer`): the conv state holds the last `d_conv` conv inputs, the SSM state
 is kept in fp32.
 
+Packed rows (several documents in one row, position ids restarting at 0 for each): without a padding mask and
+without a cache, the mixers read the document index from `position_ids` exactly as transformers' mask builders do for
+attention (`find_packed_sequence_indices`), and pass it to the kernels as `seq_idx`, so every document starts from a
+fresh conv and SSM state.
+
 Deliberate differences from transformers' `MambaMixer` (Mamba-1): B, C and dt are projected from the layer
 input (not from the conv output through `x_proj`), x and B are at KV width, and B/C are grouped per
 d_state-wide slice. Mamba-2 layers with as many KV heads as query heads coincide exactly with transformers'
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
 from .. import kernels
@@ -38,6 +44,15 @@ from .configuration_hybrid import HybridConfig
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the padded positions of x (b, L, c) given a 2D padding mask (b, L): padding never enters a state."""
     return x if mask is None else x * mask[:, :, None].to(x.dtype)
+
+
+def _document_index(position_ids, attention_mask, cache, batch: int) -> torch.Tensor | None:
+    """seq_idx (b, L) of packed rows, or None when the rows are not packed. Read from the position ids only without
+    a padding mask and without a cache: the same rule and function as transformers' attention mask builders, so
+    Mamba and attention layers see the same documents."""
+    if position_ids is None or attention_mask is not None or cache is not None:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch, -1))
 
 
 def _inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
@@ -68,7 +83,7 @@ class _CachedConv:
     """Causal depthwise conv over (b, c, L) that reads and writes the layer's conv state in the cache."""
 
     @staticmethod
-    def run(conv1d: nn.Conv1d, x: torch.Tensor, cache, layer_idx: int, decode: bool) -> torch.Tensor:
+    def run(conv1d: nn.Conv1d, x: torch.Tensor, cache, layer_idx: int, decode: bool, seq_idx=None) -> torch.Tensor:
         weight = conv1d.weight.squeeze(1)  # (c, w)
         if decode:
             conv_state = cache.get_conv_state(layer_idx)  # (b, c, w), updated in place
@@ -77,7 +92,7 @@ class _CachedConv:
         if cache is not None:
             # With a previous state this is [state | x], so the conv sees the true left context.
             x = cache.update_conv_state(x, layer_idx, conv_kernel_size=weight.shape[-1])
-        out = kernels.causal_conv1d_fn(x, weight, conv1d.bias, activation="silu")
+        out = kernels.causal_conv1d_fn(x, weight, conv1d.bias, activation="silu", seq_idx=seq_idx)
         return out[..., -seq_len:]
 
 
@@ -139,16 +154,18 @@ class HybridMambaMixer(nn.Module):
         return t.repeat_interleave(self.repeat, dim=1)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
+        position_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (b, L, hidden) -> (b, L, hidden). `attention_mask` (b, L), the 2D padding mask, zeroes
-        padded positions."""
+        padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc)."""
         b, L, _ = hidden_states.shape
         decode = _is_decode_step(cache, self.layer_idx, L)
+        seq_idx = _document_index(position_ids, attention_mask, cache, b)  # (b, L) or None
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
         z, x, B, C, dt = zxbcdt.split(list(self.row_blocks["in_proj.weight"].values()), dim=-1)
         x = self._widen_x(_masked(x, attention_mask))  # (b, L, d_inner)
-        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, decode)  # (b, d_inner, L)
+        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, decode, seq_idx)  # (b, d_in, L)
         x = _masked(x.transpose(1, 2), attention_mask)  # (b, L, d_inner)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); the bias is applied inside the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, n)
@@ -167,7 +184,7 @@ class HybridMambaMixer(nn.Module):
         out = kernels.selective_scan_fn(
             x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(), z=z.transpose(1, 2),
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=cache is not None, initial_state=initial_state,
+            return_last_state=cache is not None, initial_state=initial_state, seq_idx=seq_idx,
         )
         if cache is not None:
             out, last_state = out
@@ -220,17 +237,19 @@ class HybridMamba2Mixer(nn.Module):
         _reset_conv(self.conv1d)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
+        position_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (b, L, hidden) -> (b, L, hidden). `attention_mask` (b, L), the 2D padding mask, zeroes
-        padded positions."""
+        padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc)."""
         b, L, _ = hidden_states.shape
         h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
         decode = _is_decode_step(cache, self.layer_idx, L)
+        seq_idx = _document_index(position_ids, attention_mask, cache, b)  # (b, L) or None
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)  # x, B, C adjacent
         xBC = _masked(xBC, attention_mask)
-        xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, decode)  # (b, conv_dim, L)
+        xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, decode, seq_idx)  # (b, c, L)
         xBC = _masked(xBC.transpose(1, 2), attention_mask)  # (b, L, conv_dim)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         # KV head -> the query heads it serves (MIL's repeat_kv); the kernels need B and C with equal groups.
@@ -250,7 +269,7 @@ class HybridMamba2Mixer(nn.Module):
             initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
             out = kernels.mamba_chunk_scan_combined(
                 x, dt, A, B, C, self.chunk_size, D=self.D,
-                dt_bias=self.dt_bias, initial_states=initial_state, dt_softplus=True,
+                dt_bias=self.dt_bias, initial_states=initial_state, seq_idx=seq_idx, dt_softplus=True,
                 return_final_states=cache is not None,
             )
             if cache is not None:

@@ -19,6 +19,8 @@ layers and mask builders under the name the installed transformers reads (`compa
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -60,6 +62,8 @@ class HybridMixerDecoderLayer(GradientCheckpointingLayer):
         self.layer_type = kind.name
         self.mixer_name = kind.prefix
         self.add_module(kind.prefix, kind.build_mixer(config, layer_idx))
+        # mixers that take position ids read packed documents from them (suture's Mamba mixers); others never see them
+        self.mixer_reads_positions = "position_ids" in inspect.signature(getattr(self, kind.prefix).forward).parameters
         self.mlp = family.mlp_class(config)
         self.input_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
@@ -70,15 +74,19 @@ class HybridMixerDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """hidden_states (b, L, hidden) -> (b, L, hidden); `attention_mask` is the mask of the kind's `mask_key`.
-        Attention-only arguments (position embeddings, ...) are accepted and ignored, so every layer is called alike."""
+        """hidden_states (b, L, hidden) -> (b, L, hidden); `attention_mask` is the mask of the kind's `mask_key`;
+        `position_ids` tell the mixer where packed documents start. Attention-only arguments (position embeddings,
+        ...) are accepted and ignored, so every layer is called alike."""
         # gradient checkpointing nulls the cache under the installed name before it replays the layer
         cache = resolve_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states = getattr(self, self.mixer_name)(hidden_states, attention_mask=attention_mask, cache=cache)
+        positions = {"position_ids": position_ids} if self.mixer_reads_positions else {}
+        hidden_states = getattr(self, self.mixer_name)(hidden_states, attention_mask=attention_mask, cache=cache,
+                                                       **positions)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)

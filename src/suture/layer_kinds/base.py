@@ -51,7 +51,9 @@ class LayerKind:
 
     def build_mixer(self, config, layer_idx: int) -> nn.Module:
         """The token mixer of layer `layer_idx`: `forward(hidden_states, attention_mask=None, cache=None)` maps
-        (b, L, hidden) to (b, L, hidden), reading and writing its state in `cache` at `layer_idx`."""
+        (b, L, hidden) to (b, L, hidden), reading and writing its state in `cache` at `layer_idx`. A mixer whose
+        forward also takes `position_ids` (b or 1, L) gets them: in packed rows they restart at every document, where
+        a stateful mixer restarts its state (`suture.architectures.mixers`)."""
         raise NotImplementedError(f"Layer kind {self.name!r} builds its whole layer (build_layer), not a mixer.")
 
     def build_layer(self, config, layer_idx: int, family) -> nn.Module:

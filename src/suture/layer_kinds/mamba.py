@@ -10,6 +10,8 @@ import math
 from types import MappingProxyType
 from typing import NamedTuple
 
+import torch
+
 from .base import Footprint, LayerKind, Transfer, attention_sizes, config_value, register_layer_kind
 
 MIL_TRANSFER = MappingProxyType({
@@ -67,9 +69,17 @@ class MambaKind(LayerKind):
         return LinearAttentionLayer()
 
     def build_mask(self, **mask_kwargs):
-        from transformers.masking_utils import create_recurrent_attention_mask
+        from transformers.masking_utils import create_recurrent_attention_mask, find_packed_sequence_indices
 
-        return create_recurrent_attention_mask(**mask_kwargs)
+        mask = create_recurrent_attention_mask(**mask_kwargs)
+        given, position_ids = mask_kwargs["attention_mask"], mask_kwargs.get("position_ids")
+        length = mask_kwargs["inputs_embeds"].shape[1]
+        if (mask is None and isinstance(given, torch.Tensor) and given.ndim == 2 and length > 1
+                and position_ids is not None and find_packed_sequence_indices(position_ids) is not None):
+            # An all-ones padding mask, which transformers drops here. With a mask given, its attention layers do
+            # not split packed rows, so the mixers must not either (they split only without a mask): keep it.
+            return given[:, -length:]
+        return mask
 
     def init_weights(self, module) -> None:
         if isinstance(module, self.mixer_class()):
