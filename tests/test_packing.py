@@ -149,3 +149,25 @@ def test_packing_is_read_only_without_a_mask_and_a_cache():
                    use_cache=False).logits,
         mamba_only(input_ids=batch.input_ids, use_cache=False).logits, rtol=1e-5, atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("use_cache", [False, None], ids=["use_cache=False", "default-use_cache"])
+def test_gradient_checkpointing_splits_documents_as_a_plain_pass(use_cache):
+    """Gradient checkpointing drops the cache inside the layers; whether documents are split is still decided as for
+    attention (from the model's inputs), so the loss and gradients equal those of a plain pass."""
+    model = _model(LAYOUTS["mixed"]).train()  # no dropout in the tiny models: train() changes nothing else
+    batch = packed_batch(pack_sequences(_documents(), max_length=20), pad_id=0)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
+                     use_cache=use_cache).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain_loss, plain = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, plain_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], msg=lambda m: f"grad {name}: {m}")

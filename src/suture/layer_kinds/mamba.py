@@ -69,16 +69,21 @@ class MambaKind(LayerKind):
         return LinearAttentionLayer()
 
     def build_mask(self, **mask_kwargs):
+        """The 2D padding mask (None when there is no padding). Packed rows (position ids restarting inside a row) are
+        split into documents by transformers' attention masks only when there is neither a padding mask nor a cache;
+        the mixers split them under the same rule (`mixers._document_index`). When a mask or a cache stops attention
+        from splitting them, the mixers get an all-ones mask, which stops them too, even after gradient checkpointing
+        has dropped the cache."""
         from transformers.masking_utils import create_recurrent_attention_mask, find_packed_sequence_indices
 
+        from ..architectures.compat import CACHE_KWARG
+
         mask = create_recurrent_attention_mask(**mask_kwargs)
-        given, position_ids = mask_kwargs["attention_mask"], mask_kwargs.get("position_ids")
-        length = mask_kwargs["inputs_embeds"].shape[1]
-        if (mask is None and isinstance(given, torch.Tensor) and given.ndim == 2 and length > 1
-                and position_ids is not None and find_packed_sequence_indices(position_ids) is not None):
-            # An all-ones padding mask, which transformers drops here. With a mask given, its attention layers do
-            # not split packed rows, so the mixers must not either (they split only without a mask): keep it.
-            return given[:, -length:]
+        embeds, position_ids = mask_kwargs["inputs_embeds"], mask_kwargs.get("position_ids")
+        attention_splits = mask_kwargs["attention_mask"] is None and mask_kwargs.get(CACHE_KWARG) is None
+        if (mask is None and not attention_splits and embeds.shape[1] > 1 and position_ids is not None
+                and find_packed_sequence_indices(position_ids) is not None):
+            return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)  # (b, L)
         return mask
 
     def init_weights(self, module) -> None:
