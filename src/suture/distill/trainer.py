@@ -17,6 +17,10 @@ from .losses import IGNORE_INDEX
 COMPLETE = "suture-complete"  # written into a checkpoint directory once Trainer has saved all of it
 
 
+class NonFiniteLoss(ValueError):
+    """A stage's loss became NaN or inf; the checkpoints saved before stay in the work area."""
+
+
 class ExampleDataset(torch.utils.data.Dataset):
     """Items {input_ids (L,), labels (L,)}: labels[t] is input_ids[t + 1] where that token counts (a response token
     when `response_only` and the example has a mask; every token otherwise), -100 elsewhere and at the end."""
@@ -86,7 +90,7 @@ class StageTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, terms = self.objective(model, inputs)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteLoss(
                 f"Stage {self.stage_name}: the loss is {float(loss)} at step {self.state.global_step + 1}; training "
                 f"stopped. The last good checkpoint is in {self.args.output_dir} (resume from it with a lower "
                 "learning_rate or a smaller max_grad_norm).")
