@@ -125,3 +125,19 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(checkp
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert not work_dir(out).exists()
+
+
+def test_a_hybrid_with_another_tokenizer_is_refused(checkpoints, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher, hybrid = checkpoints
+    other = tmp_path / "hybrid"
+    shutil.copytree(hybrid, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other)
+    result = runner.invoke(app, ["distill", str(teacher), str(other), str(tmp_path / "o"), "--recipe", "m1",
+                                 "--data", "workload"])
+    assert result.exit_code == 1 and f"The tokenizer of {other} differs from the teacher's" in result.output

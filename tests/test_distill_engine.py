@@ -145,3 +145,17 @@ def test_a_student_of_another_teacher_is_refused(tmp_path):
         distill(teacher, tiny_source("llama"), _recipe({"stage": "align", "steps": 1, "learning_rate": 1e-3}),
                 _data(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_custom_recipe_from_components_as_in_the_readme(tmp_path):
+    from suture.distill import AlignStage, DistillRecipe, KDStage
+
+    recipe = DistillRecipe(name="align-then-kd", max_length=32, examples=8, stages=[
+        AlignStage(steps=2, learning_rate=1e-3, batch_size=4),
+        KDStage(steps=2, learning_rate=3e-4, kl="reverse", trainable="lora", lora_rank=4, batch_size=4),
+    ])
+    teacher, student = _pair()
+    result = distill(teacher, student, recipe, _data(), tmp_path / "distilled")
+    assert [(r.stage, len(r.log)) for r in result.stages] == [("align", 2), ("kd", 2)]
+    assert type(student).__name__ == "HybridForCausalLM"
+    assert (tmp_path / "distilled" / "model.safetensors").is_file()

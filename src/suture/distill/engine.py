@@ -106,6 +106,7 @@ def distill(
     if tokenizer is None and isinstance(teacher, (str, Path)):
         tokenizer = load_tokenizer(teacher)
     teacher_name, student_name = _name(teacher), _name(student)
+    _check_tokenizers(tokenizer, student, teacher_name)
     if isinstance(teacher, (str, Path)):
         teacher = load_for_scoring(teacher, dtype="float32", tokenizer=False)[0]
     if isinstance(student, (str, Path)):
@@ -179,6 +180,19 @@ def _check_work_area(work: Path, out: Path, resume: bool, force: bool) -> None:
             raise FileExistsError(f"An interrupted distillation into {out} left its checkpoints in {work}: pass "
                                   "--resume (resume=True) to continue it, or --force (force=True) to start over.")
         shutil.rmtree(work)
+
+
+def _check_tokenizers(tokenizer, student, teacher_name: str) -> None:
+    """A student directory that has its own tokenizer must share the teacher's vocabulary."""
+    from ..io.checkpoint import has_tokenizer
+    from ..io.loading import load_tokenizer
+
+    if tokenizer is None or not isinstance(student, (str, Path)) or not has_tokenizer(Path(student)):
+        return
+    if load_tokenizer(student).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"The tokenizer of {student} differs from the teacher's ({teacher_name}): distillation "
+                         "compares next-token distributions token by token, so both must share one vocabulary. "
+                         "Hybridize this teacher and distil that.")
 
 
 def _check_pair(teacher: nn.Module, student: nn.Module, recipe: DistillRecipe, teacher_name: str,
