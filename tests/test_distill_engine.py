@@ -104,6 +104,9 @@ def test_a_run_stopped_midway_and_resumed_ends_with_the_same_weights(tmp_path):
     assert not out.exists() and (work_dir(out) / "stage-1-kd" / "checkpoint-4").is_dir()
     with pytest.raises(FileExistsError, match="--resume"):
         distill(teacher, student, recipe, _data(), out, save_steps=2)
+    other = {**recipe, "seed": 1}
+    with pytest.raises(ValueError, match="used another recipe"):
+        distill(teacher, student, other, _data(), out, save_steps=2, resume=True)
     teacher, student = _pair()
     seen = []
     result = distill(teacher, student, recipe, _data(), out, save_steps=2, resume=True,

@@ -86,7 +86,8 @@ def test_cross_entropy_ignores_minus_100_and_matches_a_loop():
     logits = _logits(0)
     labels = torch.tensor([[3, -100, 4, 0, -100], [-100, 10, 1, 1, 2]])
     got = CrossEntropyLoss(chunk_size=2)(logits, labels)
-    terms = [-torch.log_softmax(logits[i, t], -1)[labels[i, t]] for i in range(2) for t in range(5) if labels[i, t] >= 0]
+    terms = [-torch.log_softmax(logits[i, t], -1)[labels[i, t]]
+             for i in range(2) for t in range(5) if labels[i, t] >= 0]
     torch.testing.assert_close(got, torch.stack(terms).mean())
 
 

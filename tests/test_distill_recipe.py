@@ -12,7 +12,8 @@ def test_presets_are_the_published_recipes_and_there_is_no_default_yet():
     mil = preset("mambainllama")
     first, second = mil.stages
     assert isinstance(first, KDStage) and (first.kl, first.kl_weight, first.ce_weight) == ("forward", 0.1, 1.0)
-    assert (first.trainable, first.learning_rate, first.betas, first.max_grad_norm) == ("mixers", 8e-5, (0.9, 0.98), 0.1)
+    assert (first.trainable, first.learning_rate) == ("mixers", 8e-5)
+    assert (first.betas, first.max_grad_norm) == ((0.9, 0.98), 0.1)
     assert (second.kl, second.ce_weight, second.trainable, second.learning_rate) == ("forward", 0.0, "all", 2e-5)
     m1 = preset("m1")
     assert [s.stage for s in m1.stages] == ["kd", "sft", "sft"]

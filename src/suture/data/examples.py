@@ -60,7 +60,8 @@ def _jsonl_examples(path: Path, tokenizer, n: int, max_length: int) -> list[Exam
                 ) from None
             if example.input_ids:  # an empty text is skipped, not an error
                 mask = example.response_mask
-                examples.append(Example(example.input_ids[:max_length], mask[:max_length] if mask is not None else None))
+                cut = mask[:max_length] if mask is not None else None
+                examples.append(Example(example.input_ids[:max_length], cut))
             if len(examples) == n:
                 break
     if not examples:

@@ -30,13 +30,13 @@ from .trainer import (ExampleDataset, MarkComplete, ReportLogs, StageTrainer, la
                       training_arguments)
 
 WORK = ".suture-distill"
-STAGE_WEIGHTS, STAGE_REPORT = "student.safetensors", "stage.json"
+STAGE_WEIGHTS, STAGE_REPORT, RUN = "student.safetensors", "stage.json", "run.json"
 
 
 @dataclass
 class StageReport:
-    """What one stage did: its `index` and `stage` name, optimizer `steps`, wall `seconds` (summed over resumed
-    runs: the time of the run that finished it) and the logged records (`log`: step, loss, lr, grad_norm, terms)."""
+    """What one stage did: its `index` and `stage` name, optimizer `steps`, wall `seconds` (of the run that finished
+    it: a resumed stage counts from the resume) and the logged records (`log`: step, loss, lr, grad_norm, terms)."""
 
     index: int
     stage: str
@@ -117,7 +117,7 @@ def distill(
     teacher.eval().requires_grad_(False)
 
     with atomic_output_dir(out, force, sources) as partial:
-        work.mkdir(parents=True, exist_ok=True)
+        _claim_work_area(work, recipe, data)
         reports = []
         for index, stage in enumerate(recipe.stages):
             stage_dir = work / f"stage-{index}-{stage.stage}"
@@ -169,6 +169,26 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
 
 def _response_only(stage) -> bool:
     return getattr(stage, "response_only", False)
+
+
+def _claim_work_area(work: Path, recipe: DistillRecipe, data) -> None:
+    """Create the work area recording what the run trains on, or check that a resumed run's record matches."""
+    run = {"recipe": recipe.model_dump(mode="json"), "data": _data_name(data)}
+    record = work / RUN
+    if record.is_file():
+        before = json.loads(record.read_text())
+        for key in ("recipe", "data"):
+            if before.get(key) != run[key]:
+                raise ValueError(f"--resume: the interrupted run in {work} used another {key} ({before.get(key)}); "
+                                 f"resume with the same {key}, or start over with --force.")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{RUN}.partial").write_text(json.dumps(run))
+    (work / f"{RUN}.partial").rename(record)
+
+
+def _data_name(data) -> str:
+    return str(data) if isinstance(data, (str, Path)) else "token id lists"
 
 
 def _check_work_area(work: Path, out: Path, resume: bool, force: bool) -> None:
@@ -226,15 +246,16 @@ def _name(model) -> str:
     return str(model) if isinstance(model, (str, Path)) else type(model).__name__
 
 
-def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports, teacher_name, student_name, data) -> None:
+def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports, teacher_name, student_name,
+                  data) -> None:
     student.save_pretrained(partial)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     surgery = Path(student_name) / "surgery.json"
     if surgery.is_file():
         shutil.copy(surgery, partial / "surgery.json")
-    summary = {"teacher": teacher_name, "student": student_name, "data": str(data) if isinstance(data, (str, Path))
-               else "token id lists", "recipe": recipe.model_dump(mode="json"),
+    summary = {"teacher": teacher_name, "student": student_name, "data": _data_name(data),
+               "recipe": recipe.model_dump(mode="json"),
                "stages": [{"index": r.index, "stage": r.stage, "steps": r.steps, "seconds": round(r.seconds, 3),
                            "first_loss": r.first_loss, "last_loss": r.last_loss} for r in reports]}
     (partial / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -245,7 +266,8 @@ def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports
     rows = "\n".join(f"| {r.index} | {r.stage} | {r.steps} | {_fmt(r.first_loss)} | {_fmt(r.last_loss)} | "
                      f"{r.seconds:.1f} |" for r in reports)
     body = (f"A hybrid distilled from `{teacher_name}` with suture's recipe `{recipe.name}`, starting from "
-            f"`{student_name}`.\n\n| stage | kind | steps | first loss | last loss | seconds |\n|---|---|---|---|---|---|\n"
+            f"`{student_name}`.\n\n| stage | kind | steps | first loss | last loss | seconds |\n"
+            "|---|---|---|---|---|---|\n"
             f"{rows}\n\nThe recipe, losses and times are in `distill.json`; every logged step in `metrics.jsonl`.\n\n"
             + load_section(title, hybrid=True))
     (partial / "README.md").write_text(render_card(title, body, tags=["suture", "hybrid", "distillation"],
