@@ -141,3 +141,18 @@ def test_a_hybrid_with_another_tokenizer_is_refused(checkpoints, tmp_path):
     result = runner.invoke(app, ["distill", str(teacher), str(other), str(tmp_path / "o"), "--recipe", "m1",
                                  "--data", "workload"])
     assert result.exit_code == 1 and f"The tokenizer of {other} differs from the teacher's" in result.output
+
+
+def test_cli_hybridizes_and_distills_in_one_command(checkpoints, tmp_path):
+    teacher, _ = checkpoints
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path / "r.yaml")
+    result = runner.invoke(app, ["distill", str(teacher), str(out), "--preset", "mil-50", "--recipe", str(recipe),
+                                 "--data", "workload", "--budget", "0.25"])
+    assert result.exit_code == 0, result.output
+    surgery = json.loads((out / "surgery.json").read_text())
+    assert [row["type"] for row in surgery["layers"]] == ["mamba", "full_attention"] * 2
+    assert [s["steps"] for s in json.loads((out / "distill.json").read_text())["stages"]] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]  # no hybrid or work area left
+    usage = runner.invoke(app, ["distill", str(teacher), str(out), "--recipe", "m1", "--data", "workload"])
+    assert usage.exit_code == 2 and "--preset" in usage.output

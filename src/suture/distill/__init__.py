@@ -8,12 +8,13 @@ recipe is a `DistillRecipe` of stages, and a new stage one registered objective.
 """
 
 from .engine import DistillResult, StageReport, distill, work_dir
+from .pipeline import hybridize_and_distill
 from .losses import AlignmentLoss, CrossEntropyLoss, DistillationLoss, ForwardKLLoss, ReverseKLLoss
 from .recipe import AlignStage, DistillRecipe, KDStage, SFTStage, load_recipe, preset, preset_names
 from .stages import register_stage, stage_objective
 
 __all__ = [
     "AlignStage", "AlignmentLoss", "CrossEntropyLoss", "DistillRecipe", "DistillResult", "DistillationLoss",
-    "ForwardKLLoss", "KDStage", "ReverseKLLoss", "SFTStage", "StageReport", "distill", "load_recipe", "preset",
+    "ForwardKLLoss", "KDStage", "hybridize_and_distill", "ReverseKLLoss", "SFTStage", "StageReport", "distill", "load_recipe", "preset",
     "preset_names", "register_stage", "stage_objective", "work_dir",
 ]

@@ -100,7 +100,7 @@ def distill(
     out, work = Path(out), work_dir(out)
     sources = [s for s in (teacher, student, data) if isinstance(s, (str, Path))]
     check_output_dir(out, force, sources)
-    _check_work_area(work, out, resume, force)
+    check_work_area(work, out, resume, force)
     if isinstance(data, (str, Path)):
         check_data(data)
     if tokenizer is None and isinstance(teacher, (str, Path)):
@@ -191,7 +191,8 @@ def _data_name(data) -> str:
     return str(data) if isinstance(data, (str, Path)) else "token id lists"
 
 
-def _check_work_area(work: Path, out: Path, resume: bool, force: bool) -> None:
+def check_work_area(work: Path, out: Path, resume: bool, force: bool) -> None:
+    """Refuse to resume without a work area, or to start over on one without `force` (which removes it)."""
     if resume and not work.is_dir():
         raise FileNotFoundError(f"There is no interrupted distillation into {out} to resume (no {work}); run "
                                 "without --resume (resume=False).")
