@@ -11,6 +11,7 @@ losses and times), `metrics.jsonl` (every logged step) and a model card; the wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -23,6 +24,7 @@ from torch import nn
 from ..data import check_data, load_examples
 from ..io import atomic_output_dir, check_output_dir
 from ..io.cards import load_section, render_card
+from .parallel import barrier, init_process_group, is_main_process
 from .recipe import DistillRecipe, load_recipe
 from .stages import mixer_layers, stage_objective
 from .trainable import apply_trainable, finish_trainable
@@ -99,8 +101,11 @@ def distill(
     recipe = load_recipe(recipe, budget)
     out, work = Path(out), work_dir(out)
     sources = [s for s in (teacher, student, data) if isinstance(s, (str, Path))]
+    init_process_group()  # under torchrun: every process trains, the main one alone writes files
     check_output_dir(out, force, sources)
-    check_work_area(work, out, resume, force)
+    if is_main_process():
+        check_work_area(work, out, resume, force)
+    barrier()
     if isinstance(data, (str, Path)):
         check_data(data)
     if tokenizer is None and isinstance(teacher, (str, Path)):
@@ -116,16 +121,22 @@ def distill(
     pad_id = _pad_id(tokenizer, teacher)
     teacher.eval().requires_grad_(False)
 
-    with atomic_output_dir(out, force, sources) as partial:
-        _claim_work_area(work, recipe, data)
+    main = is_main_process()
+    with atomic_output_dir(out, force, sources) if main else contextlib.nullcontext() as partial:
+        if main:
+            _claim_work_area(work, recipe, data)
+        barrier()
         reports = []
         for index, stage in enumerate(recipe.stages):
             stage_dir = work / f"stage-{index}-{stage.stage}"
             report, student = _run_stage(index, stage, stage_dir, teacher, student, examples, pad_id,
                                          seed=recipe.seed + index, save_steps=save_steps, on_log=on_log)
             reports.append(report)
-        _write_output(partial, out.name, student, tokenizer, recipe, reports, teacher_name, student_name, data)
-    shutil.rmtree(work, ignore_errors=True)
+        if main:
+            _write_output(partial, out.name, student, tokenizer, recipe, reports, teacher_name, student_name, data)
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
     return DistillResult(out, recipe, reports)
 
 
@@ -158,6 +169,8 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
     student = finish_trainable(trainer.model).eval()
     log = [{k: v for k, v in entry.items() if k != "epoch"} for entry in trainer.state.log_history if "loss" in entry]
     report = StageReport(index, stage.stage, stage.steps, time.perf_counter() - start, log)
+    if not is_main_process():
+        return report, student
     save_model(student, str(stage_dir / "student.partial"))
     (stage_dir / "student.partial").rename(stage_dir / STAGE_WEIGHTS)
     (stage_dir / "stage.partial").write_text(json.dumps(asdict(report)))

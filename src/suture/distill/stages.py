@@ -53,6 +53,10 @@ class AlignObjective:
     The layers are independent: no student layer feeds another."""
 
     def __init__(self, stage, student: nn.Module, teacher: nn.Module):
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError("The align stage runs in one process (its mixers are called outside the data-parallel "
+                             "wrapper, which would not average their gradients): run it without torchrun, then the "
+                             "kd / sft stages with it.")
         self.mixers = mixer_layers(student)
         if not self.mixers:
             raise ValueError("The align stage needs a hybrid student with new mixer layers; this student has none.")
