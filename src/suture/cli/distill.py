@@ -74,5 +74,5 @@ def _fmt(value: float | None) -> str:
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    transient=True)
+                    TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)

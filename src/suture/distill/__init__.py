@@ -15,6 +15,6 @@ from .stages import register_stage, stage_objective
 
 __all__ = [
     "AlignStage", "AlignmentLoss", "CrossEntropyLoss", "DistillRecipe", "DistillResult", "DistillationLoss",
-    "ForwardKLLoss", "KDStage", "hybridize_and_distill", "ReverseKLLoss", "SFTStage", "StageReport", "distill", "load_recipe", "preset",
-    "preset_names", "register_stage", "stage_objective", "work_dir",
+    "ForwardKLLoss", "KDStage", "ReverseKLLoss", "SFTStage", "StageReport", "distill", "hybridize_and_distill",
+    "load_recipe", "preset", "preset_names", "register_stage", "stage_objective", "work_dir",
 ]

@@ -70,7 +70,8 @@ def training_arguments(stage, output_dir: Path, seed: int, save_steps: int) -> T
         weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm, optim="adamw_torch",
         save_strategy="steps", save_steps=save_steps, save_total_limit=2, logging_steps=1, report_to="none",
         seed=seed, data_seed=seed, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
-        ddp_backend="gloo" if dist.is_initialized() and not cuda else None, remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        ddp_backend="gloo" if dist.is_initialized() and not cuda else None, remove_unused_columns=False,
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
     )
 
 
