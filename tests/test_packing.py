@@ -11,7 +11,7 @@ from conftest import tiny_source
 from transformers.masking_utils import find_packed_sequence_indices
 
 from suture.data import PackedRow, pack_sequences, packed_batch
-from suture.data.packing import IGNORE_INDEX
+from suture.data import IGNORE_INDEX
 from suture.surgery import hybridize_model
 
 LAYOUTS = {  # None: the llama teacher itself

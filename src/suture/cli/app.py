@@ -7,6 +7,7 @@ import typer
 
 from .. import __version__
 from .demo import demo_command
+from .distill import distill_command
 from .env import env_command
 from .errors import console
 from .export import export_command
@@ -29,6 +30,7 @@ app.add_typer(workload_app, name="workload")
 app.add_typer(merge_app, name="merge")
 app.command("hybridize")(hybridize_command)
 app.command("importance")(importance_command)
+app.command("distill")(distill_command)
 app.command("extract-lora")(extract_lora_command)
 app.command("publish")(publish_command)
 app.command("env")(env_command)

@@ -5,6 +5,7 @@ One data layer serves every job that reads text: layer importance, merge statist
     from suture.data import load_sequences, right_padded
     sequences = load_sequences("traces.jsonl", tokenizer, n=64, max_length=512)   # or a named source: "workload"
     batches = right_padded(sequences, batch_size=8, pad_id=tokenizer.pad_token_id, device="cpu")
+    examples = load_examples("traces.jsonl", tokenizer, n=64, max_length=512)    # + response masks (distillation)
 
 Packed rows (several whole documents per row, each starting from a fresh state; `suture.data.packing`):
 
@@ -16,12 +17,13 @@ Named sources are registered with `register_data_source` or, from an installed p
 """
 
 from .records import JSONL_FIELDS, check_data, encode_record, load_sequences
-from .batching import Batch, right_padded
+from .batching import IGNORE_INDEX, Batch, right_padded
+from .examples import Example, encode_example, load_examples
 from .packing import PackedBatch, PackedRow, pack_sequences, packed_batch
 from .sources import ENTRY_POINT_GROUP, DataSource, data_source_names, get_data_source, register_data_source
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "JSONL_FIELDS", "Batch", "DataSource", "PackedBatch", "PackedRow",
-    "check_data", "data_source_names", "encode_record", "get_data_source", "load_sequences", "pack_sequences",
-    "packed_batch", "register_data_source", "right_padded",
+    "ENTRY_POINT_GROUP", "IGNORE_INDEX", "JSONL_FIELDS", "Batch", "DataSource", "Example", "PackedBatch", "PackedRow", "check_data",
+    "data_source_names", "encode_example", "encode_record", "get_data_source", "load_examples", "load_sequences",
+    "pack_sequences", "packed_batch", "register_data_source", "right_padded",
 ]

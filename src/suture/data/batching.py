@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # right-padded (input_ids, attention_mask), both (b, L)
+IGNORE_INDEX = -100  # label of positions that carry no loss (transformers' default ignore_index)
 
 
 def right_padded(sequences: list[list[int]], batch_size: int, pad_id: int, device) -> list[Batch]:

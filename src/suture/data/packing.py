@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-IGNORE_INDEX = -100  # label of positions that carry no loss (transformers' default ignore_index)
+from .batching import IGNORE_INDEX
+
 
 
 @dataclass(frozen=True)

@@ -20,3 +20,13 @@ def workload_sequences(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     problems = generate("validation", n, seed=seed)  # level=None: k drawn from 1..8, i.e. mixed levels
     # one problem per call, so there is no padding to strip
     return [encode(tokenizer, [p], [p.long_answer()])[0][0].tolist() for p in problems]
+
+
+def workload_response_masks(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """The response mask of each of `workload_sequences(tokenizer, n, seed)`: 1 on the answer and <eos>, 0 on the
+    question (`suture.data.load_examples` reads it)."""
+    problems = generate("validation", n, seed=seed)
+    return [(encode(tokenizer, [p], [p.long_answer()])[1][0] != -100).int().tolist() for p in problems]
+
+
+workload_sequences.response_masks = workload_response_masks

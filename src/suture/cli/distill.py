@@ -1,0 +1,78 @@
+"""`suture distill TEACHER HYBRID OUT`: parse options, call `suture.distill.distill` with a progress bar, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import cli_errors, console
+
+
+def distill_command(
+    teacher: Path = typer.Argument(..., help="The source transformer's checkpoint directory (with its tokenizer)."),
+    hybrid: Path = typer.Argument(..., help="The hybrid to distil: a `suture hybridize` output of TEACHER (with "
+                                  "--preset: OUT, the hybrid is made first)."),
+    out: Path = typer.Argument(None, help="Directory to write the distilled hybrid to."),
+    recipe: str = typer.Option(..., "--recipe", help="A preset (mambainllama, m1, apriel-h1) or a recipe YAML file."),
+    data: str = typer.Option(..., "--data", help='"workload" or a .jsonl file of {"text"}, {"messages"} or '
+                             '{"prompt", "response"} records.'),
+    preset: str = typer.Option(None, "--preset", help="Hybridize TEACHER first with this layout (m1, mil-50, mil-75, "
+                               "mil-87.5); then give TEACHER OUT only."),
+    mixer: str = typer.Option("mamba", "--mixer", help="With --preset: mamba (Mamba-1) or mamba2."),
+    budget: float = typer.Option(None, "--budget", min=0, help="Multiply every stage's step count by this factor."),
+    save_steps: int = typer.Option(50, "--save-steps", min=1, help="Optimizer steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run into OUT exactly."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists; drop an interrupted run's "
+                               "checkpoints."),
+) -> None:
+    """Distil HYBRID from TEACHER by a recipe's stages (align, kd, sft); resumable. With --preset, TEACHER OUT:
+    hybridize TEACHER first."""
+    from ..distill import distill, hybridize_and_distill
+
+    if (preset is None) == (out is None):
+        raise typer.BadParameter("give TEACHER HYBRID OUT, or TEACHER OUT with --preset.")
+    if preset is not None:
+        out, hybrid = hybrid, None
+    with cli_errors(output=out, inputs=[p for p in (teacher, hybrid) if p is not None]):
+        with _progress() as progress:
+            tasks: dict[int, int] = {}
+
+            def on_log(record: dict) -> None:
+                index = record["index"]
+                if index not in tasks:
+                    tasks[index] = progress.add_task(f"stage {index} {record['stage']}", total=record["steps"],
+                                                     loss="", speed="")
+                progress.update(tasks[index], completed=record["step"], loss=f"loss {record['loss']:.4f}",
+                                speed=f"{record.get('tokens_per_second', 0):,.0f} tok/s")
+
+            options = dict(budget=budget, force=force, resume=resume, save_steps=save_steps, on_log=on_log)
+            if preset is None:
+                result = distill(teacher, hybrid, recipe, data, out, **options)
+            else:
+                from ..surgery import SelectionSpec
+
+                result = hybridize_and_distill(teacher, out, SelectionSpec(preset=preset), recipe, data, mixer=mixer,
+                                               **options)
+
+    table = Table(title=f"{out}: recipe {result.recipe.name}")
+    for column in ("stage", "kind", "steps", "first loss", "last loss", "seconds"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for report in result.stages:
+        table.add_row(str(report.index), report.stage, str(report.steps), _fmt(report.first_loss),
+                      _fmt(report.last_loss), f"{report.seconds:.1f}")
+    console.print(table)
+    console.print(f"wrote {out} (load with `suture.register()` + AutoModelForCausalLM.from_pretrained), "
+                  "distill.json, metrics.jsonl and README.md")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)

@@ -1,0 +1,293 @@
+"""`distill(teacher, student, recipe, data, out)`: run a recipe's stages and write the distilled student.
+
+Layout while running: the stages train in the work area, the hidden sibling `.OUT.suture-distill/` of OUT, one
+folder per stage (`stage-0-kd/`, ...) holding Trainer's checkpoints (every `save_steps` optimizer steps) and, once the
+stage is over, the student's weights and the stage's report. A run stopped at any point (error, Ctrl-C, SIGKILL)
+continues exactly with `resume=True`: finished stages are not rerun, the current one restarts from its last complete
+checkpoint (weights, optimizer, scheduler, RNG and data position). OUT itself appears only at the end, whole
+(`suture.io.atomic_output_dir`): the student checkpoint, the teacher's tokenizer, `distill.json` (recipe, per-stage
+losses and times), `metrics.jsonl` (every logged step) and a model card; the work area is then removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..data import check_data, load_examples
+from ..io import atomic_output_dir, check_output_dir
+from ..io.cards import load_section, render_card
+from .parallel import barrier, init_process_group, is_main_process
+from .recipe import DistillRecipe, load_recipe
+from .stages import mixer_layers, stage_objective
+from .trainable import apply_trainable, finish_trainable
+from .trainer import (ExampleDataset, MarkComplete, ReportLogs, StageTrainer, last_complete_checkpoint, pad_collator,
+                      training_arguments)
+
+WORK = ".suture-distill"
+STAGE_WEIGHTS, STAGE_REPORT, RUN = "student.safetensors", "stage.json", "run.json"
+
+
+@dataclass
+class StageReport:
+    """What one stage did: its `index` and `stage` name, optimizer `steps`, wall `seconds` (of the run that finished
+    it: a resumed stage counts from the resume) and the logged records (`log`: step, loss, lr, grad_norm, terms)."""
+
+    index: int
+    stage: str
+    steps: int
+    seconds: float
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.log[0]["loss"] if self.log else None
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.log[-1]["loss"] if self.log else None
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    recipe: DistillRecipe
+    stages: list[StageReport]
+
+
+def work_dir(out: str | Path) -> Path:
+    """The work area of a distillation into `out` (Trainer checkpoints, finished stages)."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}{WORK}"
+
+
+def distill(
+    teacher: str | Path | nn.Module,
+    student: str | Path | nn.Module,
+    recipe: str | Path | dict | DistillRecipe,
+    data,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    budget: float | None = None,
+    force: bool = False,
+    resume: bool = False,
+    save_steps: int = 50,
+    on_log: Callable[[dict], None] | None = None,
+) -> DistillResult:
+    """Distil `student` (a hybrid of `teacher`, e.g. a `suture hybridize` output) from `teacher` by `recipe`.
+
+    Args:
+        teacher, student: checkpoint directories or in-memory causal LMs (a model given is trained in place).
+        recipe: a preset name (`suture.distill.preset_names()`), a YAML file, a dict or a `DistillRecipe`.
+        data: "workload", a JSONL file (`text`, `prompt` + `response` or `messages` records) or token id lists;
+            `recipe.examples` sequences of at most `recipe.max_length` tokens are drawn from it.
+        out: the output directory (refused if it exists, unless `force`).
+        tokenizer: encodes `data` and is saved with the student (default: the teacher directory's).
+        budget: multiplies every stage's step count.
+        resume: continue the interrupted run into `out` from its work area.
+        save_steps: optimizer steps between checkpoints.
+        on_log: called with each logged record ({stage, index, step, steps, loss, ...}).
+    """
+    from ..io.loading import load_for_scoring, load_tokenizer
+
+    recipe = load_recipe(recipe, budget)
+    out, work = Path(out), work_dir(out)
+    sources = [s for s in (teacher, student, data) if isinstance(s, (str, Path))]
+    init_process_group()  # under torchrun: every process trains, the main one alone writes files
+    check_output_dir(out, force, sources)
+    if is_main_process():
+        check_work_area(work, out, resume, force)
+    barrier()
+    if isinstance(data, (str, Path)):
+        check_data(data)
+    if tokenizer is None and isinstance(teacher, (str, Path)):
+        tokenizer = load_tokenizer(teacher)
+    teacher_name, student_name = _name(teacher), _name(student)
+    _check_tokenizers(tokenizer, student, teacher_name)
+    if isinstance(teacher, (str, Path)):
+        teacher = load_for_scoring(teacher, dtype="float32", tokenizer=False)[0]
+    if isinstance(student, (str, Path)):
+        student = load_for_scoring(student, dtype="float32", tokenizer=False)[0]
+    _check_pair(teacher, student, recipe, teacher_name, student_name)
+    examples = load_examples(data, tokenizer, recipe.examples, recipe.max_length, recipe.seed)
+    pad_id = _pad_id(tokenizer, teacher)
+    teacher.eval().requires_grad_(False)
+
+    main = is_main_process()
+    with atomic_output_dir(out, force, sources) if main else contextlib.nullcontext() as partial:
+        if main:
+            _claim_work_area(work, recipe, data)
+        barrier()
+        reports = []
+        for index, stage in enumerate(recipe.stages):
+            stage_dir = work / f"stage-{index}-{stage.stage}"
+            report, student = _run_stage(index, stage, stage_dir, teacher, student, examples, pad_id,
+                                         seed=recipe.seed + index, save_steps=save_steps, on_log=on_log)
+            reports.append(report)
+        if main:
+            _write_output(partial, out.name, student, tokenizer, recipe, reports, teacher_name, student_name, data)
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
+    return DistillResult(out, recipe, reports)
+
+
+def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id, *, seed, save_steps, on_log):
+    """Run (or, when a resumed run finished it already, reload) one stage; returns its report and the student."""
+    from safetensors.torch import load_model, save_model
+    from transformers import PrinterCallback
+
+    from .._quiet import no_hf_progress_bars
+
+    if (stage_dir / STAGE_REPORT).is_file():
+        load_model(student, stage_dir / STAGE_WEIGHTS)
+        return StageReport(**json.loads((stage_dir / STAGE_REPORT).read_text())), student
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    student.train()
+    model = apply_trainable(student, stage)
+    objective = stage_objective(stage, model, teacher)
+    args = training_arguments(stage, stage_dir, seed, save_steps)
+    teacher.to(args.device)
+    callbacks = [MarkComplete()]
+    if on_log is not None:
+        callbacks.append(ReportLogs(lambda record: on_log({"index": index, "stage": stage.stage, **record})))
+    trainer = StageTrainer(model=model, args=args, train_dataset=ExampleDataset(examples, _response_only(stage)),
+                           data_collator=pad_collator(pad_id), callbacks=callbacks, objective=objective,
+                           stage_name=f"{index} ({stage.stage})")
+    trainer.remove_callback(PrinterCallback)  # progress goes to `on_log`
+    with no_hf_progress_bars():
+        trainer.train(resume_from_checkpoint=str(last_complete_checkpoint(stage_dir) or "") or None)
+    student = finish_trainable(trainer.model).eval()
+    log = [{k: v for k, v in entry.items() if k != "epoch"} for entry in trainer.state.log_history if "loss" in entry]
+    report = StageReport(index, stage.stage, stage.steps, time.perf_counter() - start, log)
+    if not is_main_process():
+        return report, student
+    save_model(student, str(stage_dir / "student.partial"))
+    (stage_dir / "student.partial").rename(stage_dir / STAGE_WEIGHTS)
+    (stage_dir / "stage.partial").write_text(json.dumps(asdict(report)))
+    (stage_dir / "stage.partial").rename(stage_dir / STAGE_REPORT)
+    for checkpoint in stage_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    return report, student
+
+
+def _response_only(stage) -> bool:
+    return getattr(stage, "response_only", False)
+
+
+def _claim_work_area(work: Path, recipe: DistillRecipe, data) -> None:
+    """Create the work area recording what the run trains on, or check that a resumed run's record matches."""
+    run = {"recipe": recipe.model_dump(mode="json"), "data": _data_name(data)}
+    record = work / RUN
+    if record.is_file():
+        before = json.loads(record.read_text())
+        for key in ("recipe", "data"):
+            if before.get(key) != run[key]:
+                raise ValueError(f"--resume: the interrupted run in {work} used another {key} ({before.get(key)}); "
+                                 f"resume with the same {key}, or start over with --force.")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{RUN}.partial").write_text(json.dumps(run))
+    (work / f"{RUN}.partial").rename(record)
+
+
+def _data_name(data) -> str:
+    return str(data) if isinstance(data, (str, Path)) else "token id lists"
+
+
+def check_work_area(work: Path, out: Path, resume: bool, force: bool) -> None:
+    """Refuse to resume without a work area, or to start over on one without `force` (which removes it)."""
+    if resume and not work.is_dir():
+        raise FileNotFoundError(f"There is no interrupted distillation into {out} to resume (no {work}); run "
+                                "without --resume (resume=False).")
+    if not resume and work.exists():
+        if not force:
+            raise FileExistsError(f"An interrupted distillation into {out} left its checkpoints in {work}: pass "
+                                  "--resume (resume=True) to continue it, or --force (force=True) to start over.")
+        shutil.rmtree(work)
+
+
+def _check_tokenizers(tokenizer, student, teacher_name: str) -> None:
+    """A student directory that has its own tokenizer must share the teacher's vocabulary."""
+    from ..io.checkpoint import has_tokenizer
+    from ..io.loading import load_tokenizer
+
+    if tokenizer is None or not isinstance(student, (str, Path)) or not has_tokenizer(Path(student)):
+        return
+    if load_tokenizer(student).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"The tokenizer of {student} differs from the teacher's ({teacher_name}): distillation "
+                         "compares next-token distributions token by token, so both must share one vocabulary. "
+                         "Hybridize this teacher and distil that.")
+
+
+def _check_pair(teacher: nn.Module, student: nn.Module, recipe: DistillRecipe, teacher_name: str,
+                student_name: str) -> None:
+    """The student must be a hybrid of the teacher: same vocabulary, width and depth; sequences within the limit."""
+    t, s = teacher.config, student.config
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(t, key, None) != getattr(s, key, None):
+            raise ValueError(f"The student {student_name} is not a hybrid of the teacher {teacher_name}: {key} "
+                             f"{getattr(s, key, None)} vs {getattr(t, key, None)}. Hybridize this teacher "
+                             "(`suture hybridize`) and distil that.")
+    if any(stage.stage == "align" or getattr(stage, "trainable", "all") != "all" for stage in recipe.stages):
+        if not mixer_layers(student):
+            raise ValueError(f"The student {student_name} has no new mixer layers, which recipe {recipe.name!r} "
+                             "trains: pass a hybrid (`suture hybridize`).")
+    limit = getattr(t, "max_position_embeddings", None)
+    if limit is not None and recipe.max_length > limit:
+        raise ValueError(f"Recipe {recipe.name!r}: max_length {recipe.max_length} exceeds the teacher's "
+                         f"max_position_embeddings {limit}; lower max_length.")
+
+
+def _pad_id(tokenizer, teacher: nn.Module) -> int:
+    for value in (getattr(tokenizer, "pad_token_id", None), teacher.config.pad_token_id,
+                  getattr(tokenizer, "eos_token_id", None), teacher.config.eos_token_id):
+        if isinstance(value, int):
+            return value
+    return 0  # padded positions are masked out of every loss and, being right padding, never attended to
+
+
+def _name(model) -> str:
+    return str(model) if isinstance(model, (str, Path)) else type(model).__name__
+
+
+def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports, teacher_name, student_name,
+                  data) -> None:
+    student.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    surgery = Path(student_name) / "surgery.json"
+    if surgery.is_file():
+        shutil.copy(surgery, partial / "surgery.json")
+    summary = {"teacher": teacher_name, "student": student_name, "data": _data_name(data),
+               "recipe": recipe.model_dump(mode="json"),
+               "stages": [{"index": r.index, "stage": r.stage, "steps": r.steps, "seconds": round(r.seconds, 3),
+                           "first_loss": r.first_loss, "last_loss": r.last_loss} for r in reports]}
+    (partial / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (partial / "metrics.jsonl").open("w") as metrics:
+        for report in reports:
+            for entry in report.log:
+                metrics.write(json.dumps({"index": report.index, "stage": report.stage, **entry}) + "\n")
+    rows = "\n".join(f"| {r.index} | {r.stage} | {r.steps} | {_fmt(r.first_loss)} | {_fmt(r.last_loss)} | "
+                     f"{r.seconds:.1f} |" for r in reports)
+    body = (f"A hybrid distilled from `{teacher_name}` with suture's recipe `{recipe.name}`, starting from "
+            f"`{student_name}`.\n\n| stage | kind | steps | first loss | last loss | seconds |\n"
+            "|---|---|---|---|---|---|\n"
+            f"{rows}\n\nThe recipe, losses and times are in `distill.json`; every logged step in `metrics.jsonl`.\n\n"
+            + load_section(title, hybrid=True))
+    (partial / "README.md").write_text(render_card(title, body, tags=["suture", "hybrid", "distillation"],
+                                                   base_model=[teacher_name]))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+

@@ -1,0 +1,205 @@
+"""The distillation recipe: an ordered list of stages, each with its optimiser, schedule, trainable set and loss.
+
+A recipe is a validated object (pydantic) read from YAML, a dict or one of the published presets::
+
+    name: my-recipe
+    max_length: 256          # tokens per sequence (longer ones are cut)
+    examples: 512            # sequences drawn from the data
+    seed: 0
+    stages:
+      - {stage: align, steps: 200, learning_rate: 1.0e-3}
+      - {stage: kd, steps: 400, learning_rate: 3.0e-4, kl: reverse, temperature: 1.0, trainable: all}
+      - {stage: sft, steps: 100, learning_rate: 1.0e-4, trainable: lora, lora_rank: 8}
+
+Stages:
+
+- `align`: each new mixer is trained to reproduce the teacher attention's output at its layer, fed the teacher's
+  hidden states (layer-local MSE); only the new mixers train.
+- `kd`: end-to-end distillation from the teacher's next-token distributions: `kl` forward (KL(teacher || student),
+  MambaInLlama) or reverse (KL(student || teacher), M1, Apriel-H1), `temperature`, `kl_weight`, an optional CE term
+  (`ce_weight`), counted on the response tokens only when `response_only` and the data has prompts.
+- `sft`: cross-entropy on the data's tokens (response tokens only when `response_only`).
+
+Every stage has `steps` (optimiser steps), `learning_rate`, `warmup_ratio` (linear warmup over that fraction of
+the steps), `schedule` (cosine, linear or constant after warmup), `batch_size` (sequences per step and process),
+`gradient_accumulation`, `max_grad_norm`, `betas` and `weight_decay` (AdamW). `trainable` (kd, sft) is `mixers`
+(the new mixers only), `all`, or `lora` (peft LoRA of rank `lora_rank` on the kept layers' linear modules, the new
+mixers trained in full).
+
+The published recipes are presets (`preset(name, budget)`, or `--recipe NAME`): `mambainllama`, `m1` and
+`apriel-h1`, with the losses, masks, learning rates and trainable sets of their reports. Their step counts are
+sized for small models; `budget` multiplies them. The RL / DPO stages of those recipes are not part of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Trainable = Literal["mixers", "all", "lora"]
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"{betas}: each beta must be in [0, 1).")
+        return betas
+
+
+class AlignStage(_Stage):
+    """Layer-local MSE between each new mixer and the teacher attention it replaces; the new mixers train."""
+
+    stage: Literal["align"] = "align"
+
+    @property
+    def trainable(self) -> Trainable:
+        return "mixers"
+
+
+class _TrainsModel(_Stage):
+    trainable: Trainable = "all"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    response_only: bool = True
+
+
+class KDStage(_TrainsModel):
+    """End-to-end distillation from the teacher's next-token distributions (KL, plus an optional CE term)."""
+
+    stage: Literal["kd"] = "kd"
+    kl: Literal["forward", "reverse"] = "reverse"
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0)
+
+
+class SFTStage(_TrainsModel):
+    """Cross-entropy on the data (the responses when `response_only` and the data has prompts)."""
+
+    stage: Literal["sft"] = "sft"
+
+
+Stage = Annotated[AlignStage | KDStage | SFTStage, Field(discriminator="stage")]
+
+
+class DistillRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    stages: list[Stage] = Field(min_length=1)
+    max_length: int = Field(256, ge=2)
+    examples: int = Field(512, ge=1)
+    seed: int = 0
+
+    def scaled(self, budget: float) -> DistillRecipe:
+        """This recipe with every stage's step count multiplied by `budget` (at least one step each)."""
+        if budget <= 0:
+            raise ValueError(f"budget must be > 0, got {budget}.")
+        stages = [stage.model_copy(update={"steps": max(1, round(stage.steps * budget))}) for stage in self.stages]
+        return self.model_copy(update={"stages": stages})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# The published recipes (see the reference table in README's Distillation section). Learning rates, betas, clipping,
+# losses, masks and trainable sets are theirs; step counts and batch sizes are sized for small models.
+_PRESETS: dict[str, dict] = {
+    "mambainllama": {  # stage 1: mixers only, KL 0.1 + CE 1; stage 2: everything, forward KL only
+        "stages": [
+            {"stage": "kd", "steps": 400, "learning_rate": 8e-5, "betas": (0.9, 0.98), "max_grad_norm": 0.1,
+             "warmup_ratio": 0.01, "kl": "forward", "kl_weight": 0.1, "ce_weight": 1.0, "trainable": "mixers",
+             "response_only": False},
+            {"stage": "kd", "steps": 400, "learning_rate": 2e-5, "betas": (0.9, 0.98), "max_grad_norm": 0.1,
+             "warmup_ratio": 0.01, "kl": "forward", "trainable": "all", "response_only": False},
+        ],
+    },
+    "m1": {  # reverse KL on the responses, then SFT on math, then on long traces; everything trains
+        "stages": [
+            {"stage": "kd", "steps": 400, "learning_rate": 1e-5, "warmup_ratio": 0.01, "kl": "reverse",
+             "trainable": "all", "response_only": True},
+            {"stage": "sft", "steps": 200, "learning_rate": 1e-5, "warmup_ratio": 0.01, "trainable": "all"},
+            {"stage": "sft", "steps": 200, "learning_rate": 6e-6, "warmup_ratio": 0.01, "trainable": "all"},
+        ],
+    },
+    "apriel-h1": {  # reverse KL at T = 1 on the teacher's reasoning traces, then SFT; everything trains
+        "stages": [
+            {"stage": "kd", "steps": 600, "learning_rate": 1e-5, "warmup_ratio": 0.01, "kl": "reverse",
+             "temperature": 1.0, "trainable": "all", "response_only": True},
+            {"stage": "sft", "steps": 200, "learning_rate": 1e-5, "warmup_ratio": 0.01, "trainable": "all"},
+        ],
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def preset(name: str, budget: float = 1.0) -> DistillRecipe:
+    """The published recipe `name` (`preset_names()`), its step counts multiplied by `budget`."""
+    if name not in _PRESETS:
+        raise ValueError(f"Unknown distillation recipe {name!r}; presets: {', '.join(preset_names())}, or a YAML file.")
+    return DistillRecipe.model_validate({"name": name, **_PRESETS[name]}).scaled(budget)
+
+
+def load_recipe(recipe: str | Path | dict | DistillRecipe, budget: float | None = None) -> DistillRecipe:
+    """A `DistillRecipe` from a preset name, a YAML file, a dict or a recipe, its steps scaled by `budget` if given;
+    errors name the file and the field at fault."""
+    if isinstance(recipe, DistillRecipe):
+        loaded = recipe
+    elif isinstance(recipe, str) and recipe in _PRESETS:
+        loaded = preset(recipe)
+    else:
+        loaded = _validated(recipe)
+    return loaded.scaled(budget) if budget is not None else loaded
+
+
+def _validated(recipe: str | Path | dict) -> DistillRecipe:
+    where = "recipe"
+    if not isinstance(recipe, dict):
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"Distillation recipe {path} not found: pass a YAML file or a preset "
+                                    f"({', '.join(preset_names())}).")
+        where = str(path)
+        try:
+            recipe = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{path} must hold a mapping (name, stages, ...).")
+    try:
+        return DistillRecipe.model_validate(recipe)
+    except ValidationError as err:
+        problems = "; ".join(f"{_location(e['loc']) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        raise ValueError(f"{where}: {problems}") from None
+
+
+def _location(loc: tuple) -> str:
+    """pydantic's error location as a path: ('stages', 1, 'kd', 'temperature') -> 'stages[1].temperature'."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts[-1] += f"[{part}]"
+        elif not (i > 0 and isinstance(loc[i - 1], int) and part in ("align", "kd", "sft")):
+            parts.append(str(part))
+    return ".".join(parts)

@@ -1,0 +1,142 @@
+"""What each stage computes on a batch: a registry from the recipe's `stage` name to its objective.
+
+An objective is built once per stage run, `objective(stage, student, teacher)`, and called on each batch,
+`objective(student, batch) -> (loss, {term: value})`, where `batch` holds `input_ids` and `attention_mask` (b, L),
+and `labels` (b, L): the next token at each position, -100 where it does not count. Adding a stage is one class
+here with `@register_stage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .losses import AlignmentLoss, DistillationLoss, ForwardKLLoss, ReverseKLLoss
+
+_STAGES: dict[str, type] = {}
+
+
+def register_stage(name: str) -> Callable[[type], type]:
+    def register(objective: type) -> type:
+        if name in _STAGES:
+            raise ValueError(f"A distillation stage named {name!r} is already registered.")
+        _STAGES[name] = objective
+        return objective
+
+    return register
+
+
+def stage_objective(stage, student: nn.Module, teacher: nn.Module):
+    """The objective of `stage` (a recipe stage) for these models."""
+    if stage.stage not in _STAGES:
+        raise ValueError(f"No objective for stage {stage.stage!r}; registered: {', '.join(sorted(_STAGES))}.")
+    return _STAGES[stage.stage](stage, student, teacher)
+
+
+def mixer_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: the new mixer module} of a hybrid (`HybridForCausalLM`, peft-wrapped or not)."""
+    layers = _decoder_layers(model)
+    return {i: getattr(layer, layer.mixer_name) for i, layer in enumerate(layers) if hasattr(layer, "mixer_name")}
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+@register_stage("align")
+class AlignObjective:
+    """Each new mixer, fed the input of the teacher attention it replaces (the teacher's hidden states after its
+    input norm), is trained to reproduce that attention's output; the mean of the per-layer MSEs over real tokens.
+    The layers are independent: no student layer feeds another."""
+
+    def __init__(self, stage, student: nn.Module, teacher: nn.Module):
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError("The align stage runs in one process (its mixers are called outside the data-parallel "
+                             "wrapper, which would not average their gradients): run it without torchrun, then the "
+                             "kd / sft stages with it.")
+        self.mixers = mixer_layers(student)
+        if not self.mixers:
+            raise ValueError("The align stage needs a hybrid student with new mixer layers; this student has none.")
+        teacher_layers = _decoder_layers(teacher)
+        self.attention = {i: teacher_layers[i].self_attn for i in self.mixers}
+        self.teacher = teacher
+        self.loss = AlignmentLoss()
+
+    def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def capture(i):
+            def hook(module, args, kwargs, output):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                captured[i] = (hidden, output[0] if isinstance(output, tuple) else output)  # (b, L, hidden) each
+            return hook
+
+        handles = [attention.register_forward_hook(capture(i), with_kwargs=True)
+                   for i, attention in self.attention.items()]
+        try:
+            with torch.no_grad():
+                _run_teacher(self.teacher, batch, up_to=max(self.mixers) + 1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        mask = batch["attention_mask"]  # (b, L)
+        losses = {i: self.loss(mixer(captured[i][0], attention_mask=mask), captured[i][1], mask)
+                  for i, mixer in self.mixers.items()}
+        loss = torch.stack(list(losses.values())).mean()
+        return loss, {f"mse_layer_{i}": float(value.detach()) for i, value in losses.items()}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the teacher's forward once every layer the align stage needs has run."""
+
+
+def _run_teacher(teacher: nn.Module, batch: dict, up_to: int) -> None:
+    """The teacher's forward pass through its first `up_to` layers (the rest would be computed for nothing)."""
+    layers = _decoder_layers(teacher)
+    handle = None
+    if up_to < len(layers):
+        def stop(module, args, output):
+            raise _Stop
+        handle = layers[up_to - 1].register_forward_hook(stop)
+    try:
+        teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+class _LogitsObjective:
+    def __init__(self, loss: DistillationLoss, teacher: nn.Module | None):
+        self.loss = loss
+        self.teacher = teacher
+
+    def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits  # (b, L, V)
+        student_logits = student(**inputs).logits  # (b, L, V)
+        return self.loss(student_logits, teacher_logits, batch["labels"])
+
+
+@register_stage("kd")
+class KDObjective(_LogitsObjective):
+    """kl_weight * KL(teacher, student) + ce_weight * CE on the student's logits, over the counted positions."""
+
+    def __init__(self, stage, student: nn.Module, teacher: nn.Module):
+        kl = (ReverseKLLoss if stage.kl == "reverse" else ForwardKLLoss)(temperature=stage.temperature)
+        super().__init__(DistillationLoss(kl, kl_weight=stage.kl_weight, ce_weight=stage.ce_weight), teacher)
+
+
+@register_stage("sft")
+class SFTObjective(_LogitsObjective):
+    """Cross-entropy of the student on the counted positions; the teacher is not run."""
+
+    def __init__(self, stage, student: nn.Module, teacher: nn.Module):
+        super().__init__(DistillationLoss(None, ce_weight=1.0), None)
