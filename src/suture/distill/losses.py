@@ -20,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 from ..data import IGNORE_INDEX
 
 
-
 def _chunked_sum(fn: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """sum(fn(chunk...)) over `chunk_size`-row chunks of the (N, ...) tensors `rows`; each chunk's fp32
     temporaries are recomputed in the backward pass instead of kept."""
