@@ -9,11 +9,10 @@ A named source offers masks by carrying a `response_masks(tokenizer, n, seed)` f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import JSONL_FIELDS, Data, check_data, encode_record, load_sequences
+from .records import Data, check_data, encode_record, load_sequences, read_jsonl
 from .sources import get_data_source
 
 
@@ -45,25 +44,10 @@ def load_examples(data: Data, tokenizer=None, n: int = 64, max_length: int = 512
 
 
 def _jsonl_examples(path: Path, tokenizer, n: int, max_length: int) -> list[Example]:
-    if tokenizer is None:
-        raise ValueError(f"A tokenizer is needed to encode {path}.")
-    examples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = encode_example(json.loads(line), tokenizer)
-            except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
-                raise ValueError(
-                    f"{path}, line {number}: {err}. Each line must be a JSON object: {JSONL_FIELDS}."
-                ) from None
-            if example.input_ids:  # an empty text is skipped, not an error
-                mask = example.response_mask
-                cut = mask[:max_length] if mask is not None else None
-                examples.append(Example(example.input_ids[:max_length], cut))
-            if len(examples) == n:
-                break
+    encoded = read_jsonl(path, lambda record: encode_example(record, tokenizer), n, tokenizer,
+                         usable=lambda example: bool(example.input_ids))
+    examples = [Example(e.input_ids[:max_length], None if e.response_mask is None else e.response_mask[:max_length])
+                for e in encoded]
     if not examples:
         raise ValueError(f"No usable records in {path}: every record tokenized to nothing.")
     return examples

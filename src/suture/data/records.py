@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from .sources import data_source_names, get_data_source
 
 JSONL_FIELDS = '{"text": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "response": ...}'
 
 Data = str | Path | Sequence[Sequence[int]]
+T = TypeVar("T")
 
 
 def check_data(data: Data) -> None:
@@ -49,24 +51,32 @@ def load_sequences(data: Data, tokenizer=None, n: int = 64, max_length: int = 51
 
 
 def _jsonl_sequences(path: Path, tokenizer, n: int) -> list[list[int]]:
+    return read_jsonl(path, lambda record: encode_record(record, tokenizer), n, tokenizer)
+
+
+def read_jsonl(
+    path: Path, encode: Callable[[dict], T], n: int, tokenizer, usable: Callable[[T], bool] = bool
+) -> list[T]:
+    """`encode(record)` of the JSON lines of `path`, in order, until `n` are `usable` (an empty text is skipped, not
+    an error; blank lines too). A bad line is an error naming the file and the line."""
     if tokenizer is None:
         raise ValueError(f"A tokenizer is needed to encode {path}.")
-    sequences = []
+    encoded = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                ids = encode_record(json.loads(line), tokenizer)
+                item = encode(json.loads(line))
             except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
                 raise ValueError(
                     f"{path}, line {number}: {err}. Each line must be a JSON object: {JSONL_FIELDS}."
                 ) from None
-            if ids:  # an empty text is skipped, not an error
-                sequences.append(ids)
-            if len(sequences) == n:
+            if usable(item):
+                encoded.append(item)
+            if len(encoded) == n:
                 break
-    return sequences
+    return encoded
 
 
 def encode_record(record, tokenizer) -> list[int]:
