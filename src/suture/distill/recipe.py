@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..io.parse import validated_recipe
 
 Trainable = Literal["mixers", "all", "lora"]
 
@@ -173,25 +175,8 @@ def load_recipe(recipe: str | Path | dict | DistillRecipe, budget: float | None 
 
 
 def _validated(recipe: str | Path | dict) -> DistillRecipe:
-    where = "recipe"
-    if not isinstance(recipe, dict):
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"Distillation recipe {path} not found: pass a YAML file or a preset "
-                                    f"({', '.join(preset_names())}).")
-        where = str(path)
-        try:
-            recipe = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{path} must hold a mapping (name, stages, ...).")
-    try:
-        return DistillRecipe.model_validate(recipe)
-    except ValidationError as err:
-        problems = "; ".join(f"{_location(e['loc']) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in err.errors())
-        raise ValueError(f"{where}: {problems}") from None
+    missing = f": pass a YAML file or a preset ({', '.join(preset_names())})"
+    return validated_recipe(DistillRecipe, recipe, "Distillation recipe", "name, stages", missing, _location)[0]
 
 
 def _location(loc: tuple) -> str:

@@ -8,8 +8,11 @@ layer lists ("0,2,5-7"), one tensor-name -> decoder-layer rule. Importing this m
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+M = TypeVar("M")
 
 if TYPE_CHECKING:
     import torch
@@ -100,3 +103,40 @@ def parse_layer_list(text: str) -> list[int]:
                              f"'{hi}-{lo}'.")
         out.extend(range(lo, hi + 1))
     return out
+
+
+def validated_recipe(
+    model: type[M],
+    recipe: str | Path | dict,
+    what: str,
+    fields: str,
+    missing: str = "",
+    location: Callable[[tuple], str] = lambda loc: ".".join(map(str, loc)),
+) -> tuple[M, Path | None]:
+    """A pydantic `model` from a YAML file or a dict, and the file it came from (None for a dict).
+
+    Errors name the file (or "recipe") and every field at fault: `what` (e.g. "Merge recipe") names a missing file,
+    followed by `missing` (what to pass instead); `fields` lists the keys a mapping should hold; `location` renders
+    pydantic's error locations.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    where, path = "recipe", None
+    if not isinstance(recipe, dict):
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path} not found{missing}.")
+        where = str(path)
+        try:
+            recipe = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{path} must hold a mapping ({fields}, ...).")
+    try:
+        return model.model_validate(recipe), path
+    except ValidationError as err:
+        problems = "; ".join(f"{location(e['loc']) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        raise ValueError(f"{where}: {problems}") from None

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from ..io.parse import parse_dtype
+from ..io.parse import parse_dtype, validated_recipe
 from .chat_templates import chat_template_problem
 from .methods import get_method
 
@@ -226,23 +226,6 @@ def load_recipe(recipe: str | Path | dict | MergeRecipe) -> MergeRecipe:
     """A `MergeRecipe` from a YAML file, a dict or a recipe; errors name the file and the field."""
     if isinstance(recipe, MergeRecipe):
         return recipe
-    where = "recipe"
-    if not isinstance(recipe, dict):
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"Merge recipe {path} not found.")
-        where = str(path)
-        try:
-            recipe = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{path} must hold a mapping (merge_method, models, ...).")
-    try:
-        loaded = MergeRecipe.model_validate(recipe)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in err.errors())
-        raise ValueError(f"{where}: {problems}") from None
-    loaded._file = None if where == "recipe" else Path(where)
+    loaded, path = validated_recipe(MergeRecipe, recipe, "Merge recipe", "merge_method, models")
+    loaded._file = path
     return loaded
