@@ -28,8 +28,8 @@ from .parallel import barrier, init_process_group, is_main_process
 from .recipe import DistillRecipe, load_recipe
 from .stages import mixer_layers, stage_objective
 from .trainable import apply_trainable, finish_trainable
-from .trainer import (ExampleDataset, MarkComplete, ReportLogs, StageTrainer, last_complete_checkpoint, pad_collator,
-                      training_arguments)
+from .trainer import (MarkComplete, ReportLogs, StageTrainer, last_complete_checkpoint, training_arguments,
+                      training_data)
 
 WORK = ".suture-distill"
 STAGE_WEIGHTS, STAGE_REPORT, RUN = "student.safetensors", "stage.json", "run.json"
@@ -130,7 +130,8 @@ def distill(
         for index, stage in enumerate(recipe.stages):
             stage_dir = work / f"stage-{index}-{stage.stage}"
             report, student = _run_stage(index, stage, stage_dir, teacher, student, examples, pad_id,
-                                         seed=recipe.seed + index, save_steps=save_steps, on_log=on_log)
+                                         seed=recipe.seed + index, save_steps=save_steps, on_log=on_log,
+                                         packed_length=recipe.max_length if recipe.packing else None)
             reports.append(report)
         if main:
             _write_output(partial, out.name, student, tokenizer, recipe, reports, teacher_name, student_name, data)
@@ -140,7 +141,8 @@ def distill(
     return DistillResult(out, recipe, reports)
 
 
-def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id, *, seed, save_steps, on_log):
+def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id, *, seed, save_steps, on_log,
+               packed_length=None):
     """Run (or, when a resumed run finished it already, reload) one stage; returns its report and the student."""
     from safetensors.torch import load_model, save_model
     from transformers import PrinterCallback
@@ -160,9 +162,9 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
     callbacks = [MarkComplete()]
     if on_log is not None:
         callbacks.append(ReportLogs(lambda record: on_log({"index": index, "stage": stage.stage, **record})))
-    trainer = StageTrainer(model=model, args=args, train_dataset=ExampleDataset(examples, _response_only(stage)),
-                           data_collator=pad_collator(pad_id), callbacks=callbacks, objective=objective,
-                           stage_name=f"{index} ({stage.stage})")
+    dataset, collator = training_data(examples, _response_only(stage), pad_id, packed_length)
+    trainer = StageTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks,
+                           objective=objective, stage_name=f"{index} ({stage.stage})")
     trainer.remove_callback(PrinterCallback)  # progress goes to `on_log`
     with no_hf_progress_bars():
         trainer.train(resume_from_checkpoint=str(last_complete_checkpoint(stage_dir) or "") or None)

@@ -3,7 +3,8 @@
 A recipe is a validated object (pydantic) read from YAML, a dict or one of the published presets::
 
     name: my-recipe
-    max_length: 256          # tokens per sequence (longer ones are cut)
+    max_length: 256          # tokens per sequence (longer ones are cut); per packed row with `packing`
+    packing: false           # true: whole sequences packed into rows of max_length tokens, each from a fresh state
     examples: 512            # sequences drawn from the data
     seed: 0
     stages:
@@ -108,6 +109,10 @@ class DistillRecipe(BaseModel):
     stages: list[Stage] = Field(min_length=1)
     max_length: int = Field(256, ge=2)
     examples: int = Field(512, ge=1)
+    # packed rows (several whole sequences per row, each attending to itself and starting from a fresh Mamba state)
+    # instead of one right-padded sequence per row; `batch_size` then counts rows. Off by default: it changes what a
+    # step sees (more tokens, other batch mixes), and on short sequences of similar length padding costs little.
+    packing: bool = False
     seed: int = 0
 
     def scaled(self, budget: float) -> DistillRecipe:

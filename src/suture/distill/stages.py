@@ -1,19 +1,22 @@
 """What each stage computes on a batch: a registry from the recipe's `stage` name to its objective.
 
 An objective is built once per stage run, `objective(stage, student, teacher)`, and called on each batch,
-`objective(student, batch) -> (loss, {term: value})`, where `batch` holds `input_ids` and `attention_mask` (b, L),
-and `labels` (b, L): the next token at each position, -100 where it does not count. Adding a stage is one class
-here with `@register_stage`.
+`objective(student, batch) -> (loss, {term: value})`, where `batch` holds `input_ids` and `labels` (b, L): the next
+token at each position, -100 where it does not count; and either `attention_mask` (b, L) (right-padded rows) or
+`position_ids` and `token_mask` (b, L) (packed rows, `suture.distill.trainer.packed_collator`): the models are called
+with `model_inputs(batch)`. Adding a stage is one class here with `@register_stage`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .losses import AlignmentLoss, DistillationLoss, ForwardKLLoss, ReverseKLLoss
+from .trainer import model_inputs, token_mask
 
 _STAGES: dict[str, type] = {}
 
@@ -82,11 +85,23 @@ class AlignObjective:
         finally:
             for handle in handles:
                 handle.remove()
-        mask = batch["attention_mask"]  # (b, L)
-        losses = {i: self.loss(mixer(captured[i][0], attention_mask=mask), captured[i][1], mask)
+        mask = token_mask(batch)  # (b, L)
+        losses = {i: self.loss(mixer(captured[i][0], **_mixer_inputs(mixer, batch)), captured[i][1], mask)
                   for i, mixer in self.mixers.items()}
         loss = torch.stack(list(losses.values())).mean()
         return loss, {f"mse_layer_{i}": float(value.detach()) for i, value in losses.items()}
+
+
+def _mixer_inputs(mixer: nn.Module, batch: dict) -> dict:
+    """A mixer's keyword arguments for a batch, as the decoder layer passes them: packed rows give the position ids,
+    from which the mixer reads where each document starts (and resets its state there); padded rows their mask."""
+    if "position_ids" not in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    if "position_ids" not in inspect.signature(mixer.forward).parameters:
+        raise ValueError(f"The align stage cannot train {type(mixer).__name__} on packed rows: its forward takes no "
+                         "position_ids, so it cannot reset its state at document starts. Set the recipe's "
+                         "`packing: false`.")
+    return {"position_ids": batch["position_ids"]}
 
 
 class _Stop(Exception):
@@ -102,7 +117,7 @@ def _run_teacher(teacher: nn.Module, batch: dict, up_to: int) -> None:
             raise _Stop
         handle = layers[up_to - 1].register_forward_hook(stop)
     try:
-        teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        teacher.model(**model_inputs(batch))
     except _Stop:
         pass
     finally:
@@ -116,7 +131,7 @@ class _LogitsObjective:
         self.teacher = teacher
 
     def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        inputs = model_inputs(batch)
         teacher_logits = None
         if self.teacher is not None:
             with torch.no_grad():

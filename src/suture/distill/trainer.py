@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..data import IGNORE_INDEX, Example
+from ..data import IGNORE_INDEX, Example, pack_sequences, packed_batch
 
 COMPLETE = "suture-complete"  # written into a checkpoint directory once Trainer has saved all of it
 
@@ -34,10 +34,32 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         example = self.examples[i]
-        ids = example.input_ids
-        counts = example.response_mask if self.response_only and example.response_mask is not None else [1] * len(ids)
-        labels = [ids[t + 1] if counts[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": example.input_ids, "labels": _next_token_labels(example, self.response_only)}
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Items {row: a `PackedRow` of whole examples (at most `max_length` tokens, `pack_sequences`), labels (L,)}:
+    each document's labels as `ExampleDataset` gives them, so a document's last position predicts nothing and no label
+    crosses into the next document."""
+
+    def __init__(self, examples: list[Example], response_only: bool, max_length: int):
+        self.examples = examples
+        self.response_only = response_only
+        self.rows = pack_sequences([example.input_ids for example in examples], max_length)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        labels = [label for k in row.documents for label in _next_token_labels(self.examples[k], self.response_only)]
+        return {"row": row, "labels": labels}
+
+
+def _next_token_labels(example: Example, response_only: bool) -> list[int]:
+    ids = example.input_ids
+    counts = example.response_mask if response_only and example.response_mask is not None else [1] * len(ids)
+    return [ids[t + 1] if counts[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
 
 
 def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
@@ -56,6 +78,45 @@ def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
+
+
+def packed_collator(pad_id: int) -> Callable[[list[dict]], dict]:
+    """Stacks `PackedDataset` items into input_ids, position_ids (restarting at every document; the right padding a
+    document of its own, `packed_batch`), labels and token_mask (1 on real tokens), each (b, L)."""
+
+    def collate(items: list[dict]) -> dict:
+        batch = packed_batch([item["row"] for item in items], pad_id)
+        labels = torch.full_like(batch.input_ids, IGNORE_INDEX)  # (b, L)
+        mask = torch.zeros_like(batch.input_ids)  # (b, L)
+        for row, item in enumerate(items):
+            n = len(item["labels"])
+            labels[row, :n] = torch.tensor(item["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "labels": labels, "token_mask": mask}
+
+    return collate
+
+
+def training_data(examples: list[Example], response_only: bool, pad_id: int,
+                  packed_length: int | None) -> tuple[torch.utils.data.Dataset, Callable[[list[dict]], dict]]:
+    """A stage's dataset and collator: packed rows of at most `packed_length` tokens, or one right-padded example
+    per row when `packed_length` is None."""
+    if packed_length is None:
+        return ExampleDataset(examples, response_only), pad_collator(pad_id)
+    return PackedDataset(examples, response_only, packed_length), packed_collator(pad_id)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments for a batch: packed rows give their position ids and no attention mask (so each
+    document attends only to itself and the Mamba mixers reset their state at its start), padded rows their mask."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def token_mask(batch: dict) -> torch.Tensor:
+    """(b, L) 1 on the batch's real tokens, 0 on padding."""
+    return batch["token_mask"] if "position_ids" in batch else batch["attention_mask"]
 
 
 def training_arguments(stage, output_dir: Path, seed: int, save_steps: int) -> TrainingArguments:
@@ -97,7 +158,7 @@ class StageTrainer(Trainer):
                 "learning_rate or a smaller max_grad_norm).")
         for name, value in terms.items():
             self._terms.setdefault(name, []).append(value)
-        self._tokens += int(inputs["attention_mask"].sum())
+        self._tokens += int(token_mask(inputs).sum())
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
