@@ -17,8 +17,9 @@ def distill_command(
                                   "--preset: OUT, the hybrid is made first)."),
     out: Path = typer.Argument(None, help="Directory to write the distilled hybrid to."),
     recipe: str = typer.Option(..., "--recipe", help="A preset (mambainllama, m1, apriel-h1) or a recipe YAML file."),
-    data: str = typer.Option(..., "--data", help='"workload" or a .jsonl file of {"text"}, {"messages"} or '
-                             '{"prompt", "response"} records.'),
+    data: str = typer.Option(..., "--data", help='"workload", a .jsonl file of {"text"}, {"messages"} or '
+                             '{"prompt", "response"} records, or a directory written by datasets\' save_to_disk '
+                             'with those columns (a DatasetDict: its train split).'),
     preset: str = typer.Option(None, "--preset", help="Hybridize TEACHER first with this layout (m1, mil-50, mil-75, "
                                "mil-87.5); then give TEACHER OUT only."),
     mixer: str = typer.Option("mamba", "--mixer", help="With --preset: mamba (Mamba-1) or mamba2."),

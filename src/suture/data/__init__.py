@@ -1,9 +1,10 @@
-"""Calibration and training data: named sources, JSONL records, token sequences and padded batches.
+"""Calibration and training data: named sources, JSONL records or saved datasets, token sequences and padded batches.
 
 One data layer serves every job that reads text: layer importance, merge statistics (AIM, RCP) and distillation.
 
     from suture.data import load_sequences, right_padded
     sequences = load_sequences("traces.jsonl", tokenizer, n=64, max_length=512)   # or a named source: "workload"
+    sequences = load_sequences("traces/", tokenizer)   # a directory written by datasets' Dataset.save_to_disk
     batches = right_padded(sequences, batch_size=8, pad_id=tokenizer.pad_token_id, device="cpu")
     examples = load_examples("traces.jsonl", tokenizer, n=64, max_length=512)    # + response masks (distillation)
 

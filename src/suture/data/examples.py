@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import Data, check_data, encode_record, load_sequences, read_jsonl
+from .records import Data, check_data, encode_record, load_sequences, read_records
 from .sources import get_data_source
 
 
@@ -31,7 +31,7 @@ def load_examples(data: Data, tokenizer=None, n: int = 64, max_length: int = 512
         check_data(data)
         source = get_data_source(str(data))
         if source is None:
-            return _jsonl_examples(Path(data), tokenizer, n, max_length)
+            return _file_examples(Path(data), tokenizer, n, max_length)
         masks_of = getattr(source, "response_masks", None)
         if masks_of is not None:
             sequences = source(tokenizer, n, seed)
@@ -43,8 +43,8 @@ def load_examples(data: Data, tokenizer=None, n: int = 64, max_length: int = 512
     return [Example(ids) for ids in load_sequences(data, tokenizer, n, max_length, seed)]
 
 
-def _jsonl_examples(path: Path, tokenizer, n: int, max_length: int) -> list[Example]:
-    encoded = read_jsonl(path, lambda record: encode_example(record, tokenizer), n, tokenizer,
+def _file_examples(path: Path, tokenizer, n: int, max_length: int) -> list[Example]:
+    encoded = read_records(path, lambda record: encode_example(record, tokenizer), n, tokenizer,
                          usable=lambda example: bool(example.input_ids))
     examples = [Example(e.input_ids[:max_length], None if e.response_mask is None else e.response_mask[:max_length])
                 for e in encoded]
@@ -54,7 +54,8 @@ def _jsonl_examples(path: Path, tokenizer, n: int, max_length: int) -> list[Exam
 
 
 def encode_example(record, tokenizer) -> Example:
-    """The tokens of one JSONL record (encoded by `encode_record`) and its response mask.
+    """The tokens of one record (a JSONL line or a saved dataset's row, encoded by `encode_record`) and its
+    response mask.
 
     A response starts where the encoding of the conversation so far (the prompt, with the template's generation
     prompt) stops being a prefix of the whole record's encoding, and ends where the encoding through that response
