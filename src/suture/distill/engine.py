@@ -87,8 +87,9 @@ def distill(
     Args:
         teacher, student: checkpoint directories or in-memory causal LMs (a model given is trained in place).
         recipe: a preset name (`suture.distill.preset_names()`), a YAML file, a dict or a `DistillRecipe`.
-        data: "workload", a JSONL file (`text`, `prompt` + `response` or `messages` records) or token id lists;
-            `recipe.examples` sequences of at most `recipe.max_length` tokens are drawn from it.
+        data: "workload", a JSONL file (`text`, `prompt` + `response` or `messages` records), a `datasets`
+            save_to_disk directory with those columns or token id lists; `recipe.examples` sequences of at most
+            `recipe.max_length` tokens are drawn from it (packed into rows of that many with `recipe.packing`).
         out: the output directory (refused if it exists, unless `force`).
         tokenizer: encodes `data` and is saved with the student (default: the teacher directory's).
         budget: multiplies every stage's step count.

@@ -110,8 +110,8 @@ class DistillRecipe(BaseModel):
     max_length: int = Field(256, ge=2)
     examples: int = Field(512, ge=1)
     # packed rows (several whole sequences per row, each attending to itself and starting from a fresh Mamba state)
-    # instead of one right-padded sequence per row; `batch_size` then counts rows. Off by default: it changes what a
-    # step sees (more tokens, other batch mixes), and on short sequences of similar length padding costs little.
+    # instead of one right-padded sequence per row; `batch_size` then counts rows. Off by default so that a recipe
+    # trains as it always did: packing changes the tokens per step, which a recipe's learning rates are tuned for.
     packing: bool = False
     seed: int = 0
 
