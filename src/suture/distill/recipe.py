@@ -18,6 +18,9 @@ Stages:
 - `kd`: end-to-end distillation from the teacher's next-token distributions: `kl` forward (KL(teacher || student),
   MambaInLlama) or reverse (KL(student || teacher), M1, Apriel-H1), `temperature`, `kl_weight`, an optional CE term
   (`ce_weight`), counted on the response tokens only when `response_only` and the data has prompts.
+  `teacher_top_k: k` trains on the teacher's top-k log-probabilities, computed once per example and cached in the
+  work area (`suture.distill.teacher_cache`), instead of running the teacher on every batch; reverse KL then needs
+  temperature 1.
 - `sft`: cross-entropy on the data's tokens (response tokens only when `response_only`).
 
 Every stage has `steps` (optimiser steps), `learning_rate`, `warmup_ratio` (linear warmup over that fraction of
@@ -90,6 +93,15 @@ class KDStage(_TrainsModel):
     temperature: float = Field(1.0, gt=0)
     kl_weight: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
+    teacher_top_k: int | None = Field(None, ge=1)
+
+    @field_validator("teacher_top_k")
+    @classmethod
+    def _top_k(cls, k: int | None, info) -> int | None:
+        if k is not None and info.data.get("kl") == "reverse" and info.data.get("temperature") != 1.0:
+            raise ValueError(f"reverse KL on the teacher's top {k} needs temperature 1 (the tempered teacher's mass "
+                             "outside its top k is unknown): set temperature 1, kl forward, or no teacher_top_k.")
+        return k
 
 
 class SFTStage(_TrainsModel):

@@ -22,8 +22,9 @@ class NonFiniteLoss(ValueError):
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    """Items {input_ids (L,), labels (L,)}: labels[t] is input_ids[t + 1] where that token counts (a response token
-    when `response_only` and the example has a mask; every token otherwise), -100 elsewhere and at the end."""
+    """Items {input_ids (L,), labels (L,), index}: labels[t] is input_ids[t + 1] where that token counts (a response
+    token when `response_only` and the example has a mask; every token otherwise), -100 elsewhere and at the end;
+    `index` is the example's position in `examples` (the key of the teacher cache)."""
 
     def __init__(self, examples: list[Example], response_only: bool):
         self.examples = examples
@@ -37,11 +38,12 @@ class ExampleDataset(torch.utils.data.Dataset):
         ids = example.input_ids
         counts = example.response_mask if self.response_only and example.response_mask is not None else [1] * len(ids)
         labels = [ids[t + 1] if counts[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "index": i}
 
 
 def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
-    """Right-pads a list of `ExampleDataset` items into input_ids, attention_mask, labels, each (b, L)."""
+    """Right-pads a list of `ExampleDataset` items into input_ids, attention_mask, labels, each (b, L), and their
+    example `index` (b,)."""
 
     def collate(items: list[dict]) -> dict:
         width = max(len(item["input_ids"]) for item in items)
@@ -53,7 +55,8 @@ def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
             ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        index = torch.tensor([item["index"] for item in items])  # (b,)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": index}
 
     return collate
 
