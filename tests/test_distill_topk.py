@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from suture.data import Example
-from suture.distill import KDStage, distill, load_recipe, work_dir
+from suture.distill import KDStage, distill, load_recipe, stage_objective, work_dir
 from suture.distill import teacher_cache
 from suture.distill.losses import DistillationLoss, ForwardKLLoss, ReverseKLLoss, TeacherTopK
 from suture.distill.teacher_cache import CachedTeacher, build_cache
@@ -169,6 +169,15 @@ def _recipe(*stages: dict) -> dict:
     return {"examples": 8, "max_length": 32, "stages": [{"batch_size": 4, **stage} for stage in stages]}
 
 
+def test_a_cached_kd_stage_refuses_the_teacher_model_and_a_plain_one_the_cache(tmp_path):
+    teacher, student = _pair()
+    cache = build_cache(teacher, _examples(2), 4, tmp_path / "top4", pad_id=0, batch_size=2)
+    with pytest.raises(TypeError, match="teacher_top_k 4 needs a CachedTeacher"):
+        stage_objective(KDStage(steps=1, learning_rate=1e-3, teacher_top_k=4), student, teacher)
+    with pytest.raises(TypeError, match="teacher_top_k None needs the teacher model"):
+        stage_objective(KDStage(steps=1, learning_rate=1e-3), student, cache)
+
+
 class _Crash(Exception):
     pass
 
@@ -187,13 +196,13 @@ def test_two_cached_stages_and_a_resume_run_the_teacher_only_to_build_the_cache(
             raise _Crash
 
     with pytest.raises(_Crash):
-        distill(teacher, student, recipe, _data(), out, save_steps=1, on_log=crash)
+        distill(teacher, student, recipe, _data(), out, on_log=crash)
     assert {c[3] for c in calls} == {2}  # 8 examples in batches of 4, before the first step; never while training
     assert [p.name for p in (work_dir(out) / "teacher-top16").iterdir()] == ["shard-000000.safetensors"]
 
     teacher, student = _pair()
     counter = _Counting(teacher)
-    result = distill(teacher, student, recipe, _data(), out, save_steps=1, resume=True)
+    result = distill(teacher, student, recipe, _data(), out, resume=True)
     assert counter.calls == 0  # the resumed run read the cache
     losses = [entry["loss"] for entry in result.stages[0].log]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses

@@ -98,7 +98,7 @@ class KDStage(_TrainsModel):
     @field_validator("teacher_top_k")
     @classmethod
     def _top_k(cls, k: int | None, info) -> int | None:
-        if k is not None and info.data.get("kl") == "reverse" and info.data.get("temperature") != 1.0:
+        if k is not None and info.data.get("kl") == "reverse" and info.data.get("temperature", 1.0) != 1.0:
             raise ValueError(f"reverse KL on the teacher's top {k} needs temperature 1 (the tempered teacher's mass "
                              "outside its top k is unknown): set temperature 1, kl forward, or no teacher_top_k.")
         return k

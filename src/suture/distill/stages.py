@@ -29,7 +29,7 @@ def register_stage(name: str) -> Callable[[type], type]:
     return register
 
 
-def stage_objective(stage, student: nn.Module, teacher):
+def stage_objective(stage, student: nn.Module, teacher: nn.Module | CachedTeacher):
     """The objective of `stage` (a recipe stage) for these models; `teacher` is the teacher model, or for a kd stage
     with `teacher_top_k` its `CachedTeacher` (`suture.distill.teacher_cache.cached_teacher_for`)."""
     if stage.stage not in _STAGES:
