@@ -145,6 +145,9 @@ def test_the_cache_returns_each_examples_teacher_top_k_by_index(tmp_path, monkey
     assert torch.equal(got.ids[real], want.ids[real])
     torch.testing.assert_close(got.rest[real], want.rest[real], rtol=1e-5, atol=1e-5)
     assert isinstance(cache, CachedTeacher)
+    batch["attention_mask"][0, -1] = 1 - batch["attention_mask"][0, -1]  # example 6 one token longer or shorter
+    with pytest.raises(ValueError, match="example 6, which has"):
+        again.top_k(batch)
     with pytest.raises(ValueError, match="teacher_top_k 1000"):
         build_cache(teacher, examples, 1000, tmp_path / "top1000", pad_id=0, batch_size=2)
     (tmp_path / "top5" / "shard-000003.safetensors").unlink()

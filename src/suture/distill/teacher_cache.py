@@ -51,6 +51,7 @@ class CachedTeacher:
         from safetensors import safe_open
 
         index, ids = batch["index"].tolist(), batch["input_ids"]  # (b,), (b, L)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()  # (b,)
         b, width = ids.shape
         log_probs = torch.zeros(b, width, self.k)  # (b, L, k)
         top_ids = torch.zeros(b, width, self.k, dtype=torch.long)  # (b, L, k)
@@ -61,6 +62,10 @@ class CachedTeacher:
                     if i - i % SHARD == first:
                         values = shard.get_tensor(f"{i}.log_probs")  # (n, k)
                         n = values.shape[0]
+                        if n != lengths[row]:
+                            raise ValueError(f"The teacher cache {self.directory} holds {n} positions for example "
+                                             f"{i}, which has {lengths[row]} tokens: it was built for other data. "
+                                             "Start the run over (--force).")
                         log_probs[row, :n] = values
                         top_ids[row, :n] = shard.get_tensor(f"{i}.ids").long()
                         rest[row, :n] = shard.get_tensor(f"{i}.rest")
