@@ -7,6 +7,9 @@ continues exactly with `resume=True`: finished stages are not rerun, the current
 checkpoint (weights, optimizer, scheduler, RNG and data position). OUT itself appears only at the end, whole
 (`suture.io.atomic_output_dir`): the student checkpoint, the teacher's tokenizer, `distill.json` (recipe, per-stage
 losses and times), `metrics.jsonl` (every logged step) and a model card; the work area is then removed.
+
+For kd stages with `teacher_top_k`, the work area also holds `teacher-top{k}/`: the teacher's top k of every example
+(`suture.distill.teacher_cache`), reused by later stages and by a resumed run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..io.cards import load_section, render_card
 from .parallel import barrier, init_process_group, is_main_process
 from .recipe import DistillRecipe, load_recipe
 from .stages import mixer_layers, stage_objective
+from .teacher_cache import cached_teacher_for
 from .trainable import apply_trainable, finish_trainable
 from .trainer import (MarkComplete, ReportLogs, StageTrainer, last_complete_checkpoint, training_arguments,
                       training_data)
@@ -157,9 +161,9 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
     start = time.perf_counter()
     student.train()
     model = apply_trainable(student, stage)
-    objective = stage_objective(stage, model, teacher)
     args = training_arguments(stage, stage_dir, seed, save_steps)
     teacher.to(args.device)
+    objective = stage_objective(stage, model, cached_teacher_for(stage, teacher, examples, stage_dir.parent, pad_id))
     callbacks = [MarkComplete()]
     if on_log is not None:
         callbacks.append(ReportLogs(lambda record: on_log({"index": index, "stage": stage.stage, **record})))

@@ -19,6 +19,9 @@ Stages:
 - `kd`: end-to-end distillation from the teacher's next-token distributions: `kl` forward (KL(teacher || student),
   MambaInLlama) or reverse (KL(student || teacher), M1, Apriel-H1), `temperature`, `kl_weight`, an optional CE term
   (`ce_weight`), counted on the response tokens only when `response_only` and the data has prompts.
+  `teacher_top_k: k` trains on the teacher's top-k log-probabilities, computed once per example and cached in the
+  work area (`suture.distill.teacher_cache`), instead of running the teacher on every batch; reverse KL then needs
+  temperature 1.
 - `sft`: cross-entropy on the data's tokens (response tokens only when `response_only`).
 
 Every stage has `steps` (optimiser steps), `learning_rate`, `warmup_ratio` (linear warmup over that fraction of
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..io.parse import validated_recipe
 
@@ -91,6 +94,15 @@ class KDStage(_TrainsModel):
     temperature: float = Field(1.0, gt=0)
     kl_weight: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
+    teacher_top_k: int | None = Field(None, ge=1)
+
+    @field_validator("teacher_top_k")
+    @classmethod
+    def _top_k(cls, k: int | None, info) -> int | None:
+        if k is not None and info.data.get("kl") == "reverse" and info.data.get("temperature", 1.0) != 1.0:
+            raise ValueError(f"reverse KL on the teacher's top {k} needs temperature 1 (the tempered teacher's mass "
+                             "outside its top k is unknown): set temperature 1, kl forward, or no teacher_top_k.")
+        return k
 
 
 class SFTStage(_TrainsModel):
@@ -114,6 +126,14 @@ class DistillRecipe(BaseModel):
     # trains as it always did: packing changes the tokens per step, which a recipe's learning rates are tuned for.
     packing: bool = False
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _cache_needs_padded_rows(self) -> DistillRecipe:
+        for i, stage in enumerate(self.stages):
+            if self.packing and getattr(stage, "teacher_top_k", None) is not None:
+                raise ValueError(f"stages[{i}].teacher_top_k: the teacher cache is kept per example and read on "
+                                 "padded rows; set packing: false, or drop teacher_top_k.")
+        return self
 
     def scaled(self, budget: float) -> DistillRecipe:
         """This recipe with every stage's step count multiplied by `budget` (at least one step each)."""

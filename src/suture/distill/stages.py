@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .losses import AlignmentLoss, DistillationLoss, ForwardKLLoss, ReverseKLLoss
+from .teacher_cache import CachedTeacher
 from .trainer import model_inputs, token_mask
 
 _STAGES: dict[str, type] = {}
@@ -31,8 +32,9 @@ def register_stage(name: str) -> Callable[[type], type]:
     return register
 
 
-def stage_objective(stage, student: nn.Module, teacher: nn.Module):
-    """The objective of `stage` (a recipe stage) for these models."""
+def stage_objective(stage, student: nn.Module, teacher: nn.Module | CachedTeacher):
+    """The objective of `stage` (a recipe stage) for these models; `teacher` is the teacher model, or for a kd stage
+    with `teacher_top_k` its `CachedTeacher` (`suture.distill.teacher_cache.cached_teacher_for`)."""
     if stage.stage not in _STAGES:
         raise ValueError(f"No objective for stage {stage.stage!r}; registered: {', '.join(sorted(_STAGES))}.")
     return _STAGES[stage.stage](stage, student, teacher)
@@ -126,14 +128,16 @@ def _run_teacher(teacher: nn.Module, batch: dict, up_to: int) -> None:
 
 
 class _LogitsObjective:
-    def __init__(self, loss: DistillationLoss, teacher: nn.Module | None):
+    def __init__(self, loss: DistillationLoss, teacher: nn.Module | CachedTeacher | None):
         self.loss = loss
         self.teacher = teacher
 
     def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = model_inputs(batch)
         teacher_logits = None
-        if self.teacher is not None:
+        if isinstance(self.teacher, CachedTeacher):
+            teacher_logits = self.teacher.top_k(batch)  # TeacherTopK (b, L, k)
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(**inputs).logits  # (b, L, V)
         student_logits = student(**inputs).logits  # (b, L, V)
@@ -142,9 +146,16 @@ class _LogitsObjective:
 
 @register_stage("kd")
 class KDObjective(_LogitsObjective):
-    """kl_weight * KL(teacher, student) + ce_weight * CE on the student's logits, over the counted positions."""
+    """kl_weight * KL(teacher, student) + ce_weight * CE on the student's logits, over the counted positions.
 
-    def __init__(self, stage, student: nn.Module, teacher: nn.Module):
+    With `teacher_top_k`, the KL is on the teacher's cached top k (`CachedTeacher`, the losses say exactly what is
+    computed there) and the teacher is not run."""
+
+    def __init__(self, stage, student: nn.Module, teacher: nn.Module | CachedTeacher):
+        if (stage.teacher_top_k is not None) != isinstance(teacher, CachedTeacher):
+            raise TypeError(f"A kd stage with teacher_top_k {stage.teacher_top_k} needs "
+                            f"{'a CachedTeacher' if stage.teacher_top_k else 'the teacher model'} as its teacher, got "
+                            f"{type(teacher).__name__} (suture.distill.teacher_cache.cached_teacher_for builds it).")
         kl = (ReverseKLLoss if stage.kl == "reverse" else ForwardKLLoss)(temperature=stage.temperature)
         super().__init__(DistillationLoss(kl, kl_weight=stage.kl_weight, ce_weight=stage.ce_weight), teacher)
 

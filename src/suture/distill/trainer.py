@@ -22,8 +22,9 @@ class NonFiniteLoss(ValueError):
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    """Items {input_ids (L,), labels (L,)}: labels[t] is input_ids[t + 1] where that token counts (a response token
-    when `response_only` and the example has a mask; every token otherwise), -100 elsewhere and at the end."""
+    """Items {input_ids (L,), labels (L,), index}: labels[t] is input_ids[t + 1] where that token counts (a response
+    token when `response_only` and the example has a mask; every token otherwise), -100 elsewhere and at the end;
+    `index` is the example's position in `examples` (the key of the teacher cache)."""
 
     def __init__(self, examples: list[Example], response_only: bool):
         self.examples = examples
@@ -34,7 +35,7 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         example = self.examples[i]
-        return {"input_ids": example.input_ids, "labels": _next_token_labels(example, self.response_only)}
+        return {"input_ids": example.input_ids, "labels": _next_token_labels(example, self.response_only), "index": i}
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -63,7 +64,8 @@ def _next_token_labels(example: Example, response_only: bool) -> list[int]:
 
 
 def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
-    """Right-pads a list of `ExampleDataset` items into input_ids, attention_mask, labels, each (b, L)."""
+    """Right-pads a list of `ExampleDataset` items into input_ids, attention_mask, labels, each (b, L), and their
+    example `index` (b,)."""
 
     def collate(items: list[dict]) -> dict:
         width = max(len(item["input_ids"]) for item in items)
@@ -75,7 +77,8 @@ def pad_collator(pad_id: int) -> Callable[[list[dict]], dict]:
             ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        index = torch.tensor([item["index"] for item in items])  # (b,)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": index}
 
     return collate
 
