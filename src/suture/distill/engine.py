@@ -155,18 +155,23 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
     student.train()
     model = apply_trainable(student, stage)
     objective = stage_objective(stage, model, teacher)
+    trained = getattr(objective, "module", model)  # what Trainer optimizes, checkpoints and wraps for data parallelism
     args = training_arguments(stage, stage_dir, seed, save_steps)
     teacher.to(args.device)
+    student.to(args.device)  # Trainer moves `trained`, which may be a part of the student
     callbacks = [MarkComplete()]
     if on_log is not None:
         callbacks.append(ReportLogs(lambda record: on_log({"index": index, "stage": stage.stage, **record})))
-    trainer = StageTrainer(model=model, args=args, train_dataset=ExampleDataset(examples, _response_only(stage)),
+    trainer = StageTrainer(model=trained, args=args, train_dataset=ExampleDataset(examples, _response_only(stage)),
                            data_collator=pad_collator(pad_id), callbacks=callbacks, objective=objective,
                            stage_name=f"{index} ({stage.stage})")
     trainer.remove_callback(PrinterCallback)  # progress goes to `on_log`
     with no_hf_progress_bars():
         trainer.train(resume_from_checkpoint=str(last_complete_checkpoint(stage_dir) or "") or None)
-    student = finish_trainable(trainer.model).eval()
+    student = finish_trainable(model).eval()
+    if student.is_activation_checkpointing:  # Trainer turned it on for this stage (`gradient_checkpointing`) only
+        student.activation_checkpointing_disable()
+        student.disable_input_require_grads()
     log = [{k: v for k, v in entry.items() if k != "epoch"} for entry in trainer.state.log_history if "loss" in entry]
     report = StageReport(index, stage.stage, stage.steps, time.perf_counter() - start, log)
     if not is_main_process():

@@ -2,8 +2,9 @@
 
 An objective is built once per stage run, `objective(stage, student, teacher)`, and called on each batch,
 `objective(student, batch) -> (loss, {term: value})`, where `batch` holds `input_ids` and `attention_mask` (b, L),
-and `labels` (b, L): the next token at each position, -100 where it does not count. Adding a stage is one class
-here with `@register_stage`.
+and `labels` (b, L): the next token at each position, -100 where it does not count. An objective that trains a
+module other than the student (align: its mixers alone) names it `objective.module`; Trainer then trains and wraps
+that module and passes it in place of the student. Adding a stage is one class here with `@register_stage`.
 """
 
 from __future__ import annotations
@@ -50,22 +51,42 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 class AlignObjective:
     """Each new mixer, fed the input of the teacher attention it replaces (the teacher's hidden states after its
     input norm), is trained to reproduce that attention's output; the mean of the per-layer MSEs over real tokens.
-    The layers are independent: no student layer feeds another."""
+    The layers are independent: no student layer feeds another.
+
+    Trainer trains `self.module` (an `AlignModule`: the mixers alone) instead of the student, so that under torchrun
+    the data-parallel wrapper it builds averages the mixers' gradients."""
 
     def __init__(self, stage, student: nn.Module, teacher: nn.Module):
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError("The align stage runs in one process (its mixers are called outside the data-parallel "
-                             "wrapper, which would not average their gradients): run it without torchrun, then the "
-                             "kd / sft stages with it.")
-        self.mixers = mixer_layers(student)
-        if not self.mixers:
+        self.module = AlignModule(student, teacher)
+
+    def __call__(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        losses = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (n mixers,)
+        terms = {f"mse_layer_{i}": float(value) for i, value in zip(self.module.layers, losses.detach())}
+        return losses.mean(), terms
+
+
+class AlignModule(nn.Module):
+    """What the align stage trains: the student's new mixers (its own modules: training them trains the student) and,
+    outside this module's parameters, the frozen teacher that feeds them.
+
+    forward(input_ids, attention_mask (b, L)) -> the MSE of each mixer (`layers` order) against the teacher attention
+    it replaces, over the real tokens: (n mixers,)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        mixers = mixer_layers(student)
+        if not mixers:
             raise ValueError("The align stage needs a hybrid student with new mixer layers; this student has none.")
+        self.layers = list(mixers)
+        self.mixers = nn.ModuleDict({str(i): mixer for i, mixer in mixers.items()})
         teacher_layers = _decoder_layers(teacher)
-        self.attention = {i: teacher_layers[i].self_attn for i in self.mixers}
-        self.teacher = teacher
+        # in a tuple, not as submodules: the optimizer, the data-parallel gradient averaging, `.to()` and the
+        # checkpoints see the mixers only
+        self._teacher = (teacher, {i: teacher_layers[i].self_attn for i in self.layers})
         self.loss = AlignmentLoss()
 
-    def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        teacher, attention = self._teacher
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def capture(i):
@@ -74,26 +95,22 @@ class AlignObjective:
                 captured[i] = (hidden, output[0] if isinstance(output, tuple) else output)  # (b, L, hidden) each
             return hook
 
-        handles = [attention.register_forward_hook(capture(i), with_kwargs=True)
-                   for i, attention in self.attention.items()]
+        handles = [module.register_forward_hook(capture(i), with_kwargs=True) for i, module in attention.items()]
         try:
             with torch.no_grad():
-                _run_teacher(self.teacher, batch, up_to=max(self.mixers) + 1)
+                _run_teacher(teacher, input_ids, attention_mask, up_to=max(self.layers) + 1)
         finally:
             for handle in handles:
                 handle.remove()
-        mask = batch["attention_mask"]  # (b, L)
-        losses = {i: self.loss(mixer(captured[i][0], attention_mask=mask), captured[i][1], mask)
-                  for i, mixer in self.mixers.items()}
-        loss = torch.stack(list(losses.values())).mean()
-        return loss, {f"mse_layer_{i}": float(value.detach()) for i, value in losses.items()}
+        return torch.stack([self.loss(self.mixers[str(i)](captured[i][0], attention_mask=attention_mask),
+                                      captured[i][1], attention_mask) for i in self.layers])  # (n mixers,)
 
 
 class _Stop(Exception):
     """Raised by a hook to end the teacher's forward once every layer the align stage needs has run."""
 
 
-def _run_teacher(teacher: nn.Module, batch: dict, up_to: int) -> None:
+def _run_teacher(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, up_to: int) -> None:
     """The teacher's forward pass through its first `up_to` layers (the rest would be computed for nothing)."""
     layers = _decoder_layers(teacher)
     handle = None
@@ -102,7 +119,7 @@ def _run_teacher(teacher: nn.Module, batch: dict, up_to: int) -> None:
             raise _Stop
         handle = layers[up_to - 1].register_forward_hook(stop)
     try:
-        teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
         pass
     finally:
