@@ -162,3 +162,60 @@ def test_a_custom_recipe_from_components_as_in_the_readme(tmp_path):
     assert [(r.stage, len(r.log)) for r in result.stages] == [("align", 2), ("kd", 2)]
     assert type(student).__name__ == "HybridForCausalLM"
     assert (tmp_path / "distilled" / "model.safetensors").is_file()
+
+
+def test_a_run_stopped_in_the_align_stage_and_resumed_ends_with_the_same_weights(tmp_path):
+    recipe = _recipe({"stage": "align", "steps": 5, "learning_rate": 1e-2, "warmup_ratio": 0.2})
+    teacher, student = _pair()
+    before = _state(student)
+    distill(teacher, student, recipe, _data(), tmp_path / "straight", save_steps=2)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    mixers = mixer_parameter_names(student)
+    assert {name for name in straight if not torch.equal(straight[name], before[name])} == mixers
+
+    def crash(record):
+        if record["step"] == 3:
+            raise _Crash
+
+    out = tmp_path / "resumed"
+    teacher, student = _pair()
+    with pytest.raises(_Crash):
+        distill(teacher, student, recipe, _data(), out, save_steps=2, on_log=crash)
+    teacher, student = _pair()
+    seen = []
+    distill(teacher, student, recipe, _data(), out, save_steps=2, resume=True,
+            on_log=lambda record: seen.append(record["step"]))
+    assert seen == [3, 4, 5]  # from the step-2 checkpoint of the mixers
+    resumed = load_file(out / "model.safetensors")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.parametrize("trainable", ["all", "mixers", "lora"])
+def test_gradient_checkpointing_reaches_the_weights_of_a_plain_backward(trainable, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    checkpointed = []
+    checkpoint = transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs))
+    weights = {}
+    for checkpointing in (False, True):
+        teacher, student = _pair()
+        stage = {"stage": "kd", "steps": 3, "learning_rate": 2e-3, "trainable": trainable, "lora_rank": 4,
+                 "gradient_checkpointing": checkpointing}
+        checkpointed.clear()
+        distill(teacher, student, _recipe(stage), _data(), tmp_path / f"out-{checkpointing}")
+        assert len(checkpointed) == (3 * len(LAYOUT) if checkpointing else 0)  # every decoder layer at every step
+        assert not student.is_activation_checkpointing  # on for that stage only
+        weights[checkpointing] = load_file(tmp_path / f"out-{checkpointing}" / "model.safetensors")
+    assert weights[True].keys() == weights[False].keys()
+    for name in weights[False]:
+        torch.testing.assert_close(weights[True][name], weights[False][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_is_refused_on_the_align_stage(tmp_path):
+    teacher, student = _pair()
+    with pytest.raises(ValueError, match=r"stages\[0\]\.gradient_checkpointing"):
+        distill(teacher, student, _recipe({"stage": "align", "steps": 1, "learning_rate": 1e-3,
+                                           "gradient_checkpointing": True}), _data(), tmp_path / "out")

@@ -115,8 +115,8 @@ def test_align_on_packed_rows_resets_each_mixer_at_document_starts():
     objective = stage_objective(load_recipe({"stages": [{"stage": "align", "steps": 1, "learning_rate": 1e-3}]})
                                 .stages[0], student, teacher)
     with torch.no_grad():
-        packed_loss, packed_terms = objective(student, packed)
-        padded_loss, padded_terms = objective(student, padded)
+        packed_loss, packed_terms = objective(objective.module, packed)
+        padded_loss, padded_terms = objective(objective.module, padded)
     # every layer's MSE is a mean over all real tokens, whichever way the documents are laid out
     assert packed_terms == pytest.approx(padded_terms, rel=1e-4)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-4, atol=1e-7)

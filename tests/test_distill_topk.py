@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from suture.data import Example
-from suture.distill import KDStage, distill, load_recipe, stage_objective, work_dir
+from suture.distill import DistillRecipe, KDStage, distill, load_recipe, stage_objective, work_dir
 from suture.distill import teacher_cache
 from suture.distill.losses import DistillationLoss, ForwardKLLoss, ReverseKLLoss, TeacherTopK
 from suture.distill.teacher_cache import CachedTeacher, build_cache

@@ -163,17 +163,22 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
     model = apply_trainable(student, stage)
     args = training_arguments(stage, stage_dir, seed, save_steps)
     teacher.to(args.device)
+    student.to(args.device)  # Trainer moves what it trains, which may be a part of the student
     objective = stage_objective(stage, model, cached_teacher_for(stage, teacher, examples, stage_dir.parent, pad_id))
+    trained = getattr(objective, "module", model)  # what Trainer optimizes, checkpoints and wraps for data parallelism
     callbacks = [MarkComplete()]
     if on_log is not None:
         callbacks.append(ReportLogs(lambda record: on_log({"index": index, "stage": stage.stage, **record})))
     dataset, collator = training_data(examples, _response_only(stage), pad_id, packed_length)
-    trainer = StageTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks,
+    trainer = StageTrainer(model=trained, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks,
                            objective=objective, stage_name=f"{index} ({stage.stage})")
     trainer.remove_callback(PrinterCallback)  # progress goes to `on_log`
     with no_hf_progress_bars():
         trainer.train(resume_from_checkpoint=str(last_complete_checkpoint(stage_dir) or "") or None)
-    student = finish_trainable(trainer.model).eval()
+    student = finish_trainable(model).eval()
+    if student.is_activation_checkpointing:  # Trainer turned it on for this stage (`gradient_checkpointing`) only
+        student.activation_checkpointing_disable()
+        student.disable_input_require_grads()
     log = [{k: v for k, v in entry.items() if k != "epoch"} for entry in trainer.state.log_history if "loss" in entry]
     report = StageReport(index, stage.stage, stage.steps, time.perf_counter() - start, log)
     if not is_main_process():

@@ -28,7 +28,8 @@ Every stage has `steps` (optimiser steps), `learning_rate`, `warmup_ratio` (line
 the steps), `schedule` (cosine, linear or constant after warmup), `batch_size` (sequences per step and process),
 `gradient_accumulation`, `max_grad_norm`, `betas` and `weight_decay` (AdamW). `trainable` (kd, sft) is `mixers`
 (the new mixers only), `all`, or `lora` (peft LoRA of rank `lora_rank` on the kept layers' linear modules, the new
-mixers trained in full).
+mixers trained in full). `gradient_checkpointing` (kd, sft) recomputes each decoder layer's activations in the
+backward pass instead of keeping them: less memory, the same gradients, one more forward pass per step.
 
 The published recipes are presets (`preset(name, budget)`, or `--recipe NAME`): `mambainllama`, `m1` and
 `apriel-h1`, with the losses, masks, learning rates and trainable sets of their reports. Their step counts are
@@ -78,12 +79,17 @@ class AlignStage(_Stage):
     def trainable(self) -> Trainable:
         return "mixers"
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return False  # the mixers run one at a time outside the decoder layers that transformers checkpoints
+
 
 class _TrainsModel(_Stage):
     trainable: Trainable = "all"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     response_only: bool = True
+    gradient_checkpointing: bool = False
 
 
 class KDStage(_TrainsModel):

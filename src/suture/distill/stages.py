@@ -4,7 +4,9 @@ An objective is built once per stage run, `objective(stage, student, teacher)`, 
 `objective(student, batch) -> (loss, {term: value})`, where `batch` holds `input_ids` and `labels` (b, L): the next
 token at each position, -100 where it does not count; and either `attention_mask` (b, L) (right-padded rows) or
 `position_ids` and `token_mask` (b, L) (packed rows, `suture.distill.trainer.packed_collator`): the models are called
-with `model_inputs(batch)`. Adding a stage is one class here with `@register_stage`.
+with `model_inputs(batch)`. An objective that trains a module other than the student (align: its
+mixers alone) names it `objective.module`; Trainer then trains and wraps that module and passes it in place of the
+student. Adding a stage is one class here with `@register_stage`.
 """
 
 from __future__ import annotations
@@ -55,22 +57,43 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 class AlignObjective:
     """Each new mixer, fed the input of the teacher attention it replaces (the teacher's hidden states after its
     input norm), is trained to reproduce that attention's output; the mean of the per-layer MSEs over real tokens.
-    The layers are independent: no student layer feeds another."""
+    The layers are independent: no student layer feeds another.
+
+    Trainer trains `self.module` (an `AlignModule`: the mixers alone) instead of the student, so that under torchrun
+    the data-parallel wrapper it builds averages the mixers' gradients."""
 
     def __init__(self, stage, student: nn.Module, teacher: nn.Module):
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError("The align stage runs in one process (its mixers are called outside the data-parallel "
-                             "wrapper, which would not average their gradients): run it without torchrun, then the "
-                             "kd / sft stages with it.")
-        self.mixers = mixer_layers(student)
-        if not self.mixers:
+        self.module = AlignModule(student, teacher)
+
+    def __call__(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        losses = module({key: value for key, value in batch.items() if key != "labels"})  # (n mixers,)
+        terms = {f"mse_layer_{i}": float(value) for i, value in zip(self.module.layers, losses.detach())}
+        return losses.mean(), terms
+
+
+class AlignModule(nn.Module):
+    """What the align stage trains: the student's new mixers (its own modules: training them trains the student) and,
+    outside this module's parameters, the frozen teacher that feeds them.
+
+    forward(batch) -> the MSE of each mixer (`layers` order) against the teacher attention
+    it replaces, over the real tokens: (n mixers,)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        mixers = mixer_layers(student)
+        if not mixers:
             raise ValueError("The align stage needs a hybrid student with new mixer layers; this student has none.")
+        self.layers = list(mixers)
+        self.mixers = nn.ModuleDict({str(i): mixer for i, mixer in mixers.items()})
         teacher_layers = _decoder_layers(teacher)
-        self.attention = {i: teacher_layers[i].self_attn for i in self.mixers}
-        self.teacher = teacher
+        # in a tuple, not as submodules: the optimizer, the data-parallel gradient averaging, `.to()` and the
+        # checkpoints see the mixers only
+        self._teacher = (teacher, {i: teacher_layers[i].self_attn for i in self.layers})
         self.loss = AlignmentLoss()
 
-    def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> torch.Tensor:
+        """`batch`: input_ids and attention_mask (b, L) (padded rows) or position_ids and token_mask (packed rows)."""
+        teacher, attention = self._teacher
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def capture(i):
@@ -79,19 +102,20 @@ class AlignObjective:
                 captured[i] = (hidden, output[0] if isinstance(output, tuple) else output)  # (b, L, hidden) each
             return hook
 
-        handles = [attention.register_forward_hook(capture(i), with_kwargs=True)
-                   for i, attention in self.attention.items()]
+        handles = [module.register_forward_hook(capture(i), with_kwargs=True) for i, module in attention.items()]
         try:
             with torch.no_grad():
-                _run_teacher(self.teacher, batch, up_to=max(self.mixers) + 1)
+                _run_teacher(teacher, batch, up_to=max(self.layers) + 1)
         finally:
             for handle in handles:
                 handle.remove()
         mask = token_mask(batch)  # (b, L)
-        losses = {i: self.loss(mixer(captured[i][0], **_mixer_inputs(mixer, batch)), captured[i][1], mask)
-                  for i, mixer in self.mixers.items()}
-        loss = torch.stack(list(losses.values())).mean()
-        return loss, {f"mse_layer_{i}": float(value.detach()) for i, value in losses.items()}
+        losses = []
+        for i in self.layers:
+            mixer = self.mixers[str(i)]
+            hidden, target = captured[i]
+            losses.append(self.loss(mixer(hidden, **_mixer_inputs(mixer, batch)), target, mask))
+        return torch.stack(losses)  # (n mixers,)
 
 
 def _mixer_inputs(mixer: nn.Module, batch: dict) -> dict:

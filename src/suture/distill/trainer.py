@@ -131,6 +131,7 @@ def training_arguments(stage, output_dir: Path, seed: int, save_steps: int) -> T
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(stage.schedule, stage.schedule),
         warmup_steps=stage.warmup_ratio, adam_beta1=stage.betas[0], adam_beta2=stage.betas[1],
         weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm, optim="adamw_torch",
+        activation_checkpointing=stage.gradient_checkpointing,
         save_strategy="steps", save_steps=save_steps, save_total_limit=2, logging_steps=1, report_to="none",
         seed=seed, data_seed=seed, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
         ddp_backend="gloo" if dist.is_initialized() and not cuda else None, remove_unused_columns=False,
