@@ -97,7 +97,7 @@ def register_probe(name: str, options: type | None = None) -> Callable[[Probe], 
     return decorate
 
 
-def probe_settings(methods: list[str], probe_options: dict[str, dict] | None) -> dict[str, Any]:
+def _probe_settings(methods: list[str], probe_options: dict[str, dict] | None) -> dict[str, Any]:
     """{method: its settings object} for the `methods` that take settings, filled from `probe_options`
     ({method: {field: value}}; a missing field keeps its default). Errors name the method or field at fault."""
     probe_options = probe_options or {}
@@ -196,7 +196,7 @@ def layer_importance(
         raise ValueError(f"mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    settings = probe_settings(methods, probe_options)
+    settings = _probe_settings(methods, probe_options)
     check_data(data)  # before loading a large model
     model, tokenizer, name = _load_source(source, tokenizer)
     sequences = load_sequences(data, tokenizer, n=n, max_length=max_length, seed=seed)
