@@ -23,8 +23,10 @@ def hybridize_command(
                                "or --importance)."),
     data: str = typer.Option(None, "--data", help="Calibration data for --select importance: a JSONL file or 'workload'."),
     importance_json: Path = typer.Option(None, "--importance", help="A saved `suture importance --json` report to select by."),
-    probe: str = typer.Option(None, "--probe", help="With --select importance: the probe that ranks the layers, loo "
-                              "or mil (default: loo, or the saved report's first method)."),
+    probe: str = typer.Option(None, "--probe", help="With --select importance: the probe that ranks the layers, loo, "
+                              "mil or mmr (default: loo, or the saved report's first method). mmr runs with its "
+                              "default settings; for others, score with `suture importance --method mmr --mmr-steps "
+                              "N --json F` and pass --importance F."),
     mixer: str = typer.Option("mamba", "--mixer", help="mamba (Mamba-1, M1 / Apriel-H1) or mamba2 (MambaInLlama)."),
     seed: int = typer.Option(0, help="Seed of the fresh mixer init."),
     dtype: str = typer.Option(None, callback=dtype_option(), help="Cast floating tensors to this dtype: bfloat16 "

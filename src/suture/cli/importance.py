@@ -19,11 +19,20 @@ def importance_command(
         help='Calibration data: "workload" (built-in task; workload models only) or a .jsonl file of {"text"}, '
              '{"messages"} or {"prompt", "response"} records.',
     ),
-    method: list[str] = typer.Option(["loo"], "--method", help="Probe: loo or mil (repeat for several)."),
+    method: list[str] = typer.Option(
+        ["loo"], "--method",
+        help="Probe (repeat for several): loo (layer left out), mil (MIL-initialised mixer) or mmr (the MIL mixer "
+             "distilled briefly from the source, Apriel-H1's probe; slower).",
+    ),
     n: int = typer.Option(64, "--n", min=1, help="Calibration sequences."),
     max_length: int = typer.Option(512, "--max-length", min=1, help="Truncate sequences to this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass."),
-    mixer: str = typer.Option("mamba", "--mixer", help="Mixer of the mil probe: mamba or mamba2."),
+    mixer: str = typer.Option("mamba", "--mixer", help="Mixer of the mil and mmr probes: mamba or mamba2."),
+    mmr_steps: int | None = typer.Option(
+        None, "--mmr-steps", min=0, help="Training steps of the mmr probe per layer, one calibration batch each "
+                                         "(default 50, sized for the built-in workload's models)."),
+    mmr_lr: float | None = typer.Option(
+        None, "--mmr-lr", help="AdamW learning rate of the mmr probe (default 1e-3)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the workload problems and of the MIL mixers' fresh init."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
     png: Path | None = typer.Option(None, "--png", help="Write a bar chart (PNG) here."),
@@ -38,6 +47,9 @@ def importance_command(
     if mixer not in mixer_kind_names():
         raise typer.BadParameter(f"--mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     methods = list(dict.fromkeys(method))  # a repeated --method is scored once
+    mmr = {name: value for name, value in (("steps", mmr_steps), ("lr", mmr_lr)) if value is not None}
+    if mmr and "mmr" not in methods:
+        raise typer.BadParameter("--mmr-steps / --mmr-lr set the mmr probe: add --method mmr.")
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -45,7 +57,7 @@ def importance_command(
         task = progress.add_task(f"scoring {src.name} ({', '.join(methods)})", total=None)
         report = layer_importance(
             src, data=data, methods=methods, n=n, max_length=max_length, batch_size=batch_size, mixer=mixer,
-            seed=seed, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            seed=seed, probe_options={"mmr": mmr} if mmr else None, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
 
     table = Table(title=f"layer importance of {src} (mean KL per token, least important first)")

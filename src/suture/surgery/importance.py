@@ -9,26 +9,21 @@ Built-in probes:
 - ``loo``: leave-one-out; layer i's attention output is replaced by zeros (the attention becomes the identity on
   the residual stream, its MLP stays), Apriel-H1's first, static ranking;
 - ``mil``: layer i's attention is replaced by its MIL-initialised mixer (``mixer="mamba"`` or ``"mamba2"``), the
-  exact mixer `hybridize_model` would build for that layer with the same seed.
+  exact mixer `hybridize_model` would build for that layer with the same seed;
+- ``mmr``: Apriel-H1's "MIL-Mamba-Replacement" probe (`suture.surgery.mmr`): the ``mil`` mixer, then distilled
+  briefly from the unpatched model on the calibration batches (only the mixer trains); the score is the KL left.
 
 Probe interface. A probe is a function registered with `register_probe(name)`; it gets a `ProbeContext` (the
-model, the candidate layer, the mixer kind, the seed and the calibration batches) and returns a *re-enterable*
-context manager that modifies the model while active. `layer_importance` calls each probe once per (method,
-layer), then enters the returned patch once per calibration batch, so anything expensive (building a mixer)
-happens once. `AttentionReplacement(attention, fn)` is the usual patch: inside ``with``, the attention's output is
-``fn(hidden_states)``. Apriel-H1's MMR probe (a short distillation per candidate) plugs in as one more probe:
+model, the candidate layer, the mixer kind, the seed, the calibration batches and the probe's settings) and returns
+a *re-enterable* context manager that modifies the model while active. `layer_importance` calls each probe once per
+(method, layer), then enters the returned patch once per calibration batch, so anything expensive (building or
+training a mixer) happens once. `AttentionReplacement(attention, fn)` is the usual patch: inside ``with``, the
+attention's output is ``fn(hidden_states)``. A probe with settings registers them as a dataclass,
+``register_probe("mmr", options=MMRSettings)``; ``layer_importance(..., probe_options={"mmr": {"steps": 20}})``
+fills it (an unknown field is an error naming it), the probe reads it as ``ctx.options`` and the report records it.
 
-    @register_probe("mmr")
-    def mmr_probe(ctx: ProbeContext) -> AttentionReplacement:
-        mixer = mil_probe_mixer(ctx)                       # the MIL init, as the "mil" probe builds it
-        with torch.enable_grad():
-            distill(ctx.model, ctx.layer, mixer, ctx.batches, steps=100)   # train only `mixer` (hypothetical helper)
-        return AttentionReplacement(ctx.attention, mixer)
-
-and `layer_importance(src, methods=("mmr",))` then scores the KL left after the probe's distillation.
-
-Memory: one batch of teacher log-probs (b, L, vocab) at a time, plus every prepared patch (the "mil" probe holds
-one mixer per candidate, about the size of the attention it stands in for).
+Memory: one batch of teacher log-probs (b, L, vocab) at a time, plus every prepared patch (the "mil" and "mmr"
+probes hold one mixer per candidate, about the size of the attention it stands in for).
 """
 
 from __future__ import annotations
@@ -37,8 +32,9 @@ import copy
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +59,7 @@ class ProbeContext:
     mixer: str  # the layer kind a replaced layer would get ("mamba", "mamba2", ...)
     seed: int
     batches: list[Batch]  # the calibration batches (a training probe, e.g. MMR, distills on them)
+    options: Any = None  # the probe's settings: an instance of its registered options dataclass, or None
 
     @property
     def attention(self) -> nn.Module:
@@ -80,18 +77,46 @@ class ProbeContext:
 
 Probe = Callable[[ProbeContext], AbstractContextManager]
 PROBES: dict[str, Probe] = {}
+PROBE_OPTIONS: dict[str, type] = {}  # probe name -> the dataclass of its settings (probes that take some)
 
 
-def register_probe(name: str) -> Callable[[Probe], Probe]:
-    """Decorator: register `probe` under `name` (a method of `layer_importance`)."""
+def register_probe(name: str, options: type | None = None) -> Callable[[Probe], Probe]:
+    """Decorator: register `probe` under `name` (a method of `layer_importance`).
+
+    `options`: a dataclass whose fields all have defaults, the probe's settings (validated in its __post_init__).
+    """
 
     def decorate(probe: Probe) -> Probe:
         if name in PROBES:
             raise ValueError(f"A probe named {name!r} is already registered.")
         PROBES[name] = probe
+        if options is not None:
+            PROBE_OPTIONS[name] = options
         return probe
 
     return decorate
+
+
+def _probe_settings(methods: list[str], probe_options: dict[str, dict] | None) -> dict[str, Any]:
+    """{method: its settings object} for the `methods` that take settings, filled from `probe_options`
+    ({method: {field: value}}; a missing field keeps its default). Errors name the method or field at fault."""
+    probe_options = probe_options or {}
+    stray = [m for m in probe_options if m not in methods]
+    if stray:
+        raise ValueError(f"probe_options given for {stray}, which are not among the methods scored ({methods}).")
+    settings = {}
+    for method in methods:
+        given = probe_options.get(method) or {}
+        if method not in PROBE_OPTIONS:
+            if given:
+                raise ValueError(f"The {method!r} probe takes no options, got {sorted(given)}.")
+            continue
+        names = [f.name for f in fields(PROBE_OPTIONS[method])]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown option(s) {unknown} of the {method!r} probe; it takes {names}.")
+        settings[method] = PROBE_OPTIONS[method](**given)
+    return settings
 
 
 class AttentionReplacement:
@@ -149,6 +174,7 @@ def layer_importance(
     batch_size: int = 8,
     mixer: str = "mamba",
     seed: int = 0,
+    probe_options: dict[str, dict] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ImportanceReport:
     """Score every attention layer of `source` with each probe in `methods` (see the module docstring).
@@ -158,6 +184,8 @@ def layer_importance(
             the candidates), or a checkpoint directory of one (loaded in fp32 with its tokenizer).
         data, n, max_length, seed: the calibration set (`suture.data.load_sequences`); `seed` also seeds the MIL mixers.
         tokenizer: required for an in-memory model.
+        probe_options: {method: {setting: value}} for the probes that take settings, e.g.
+            ``{"mmr": {"steps": 20, "lr": 1e-3}}`` (see `suture.surgery.mmr.MMRSettings`); recorded in the report.
         on_progress: called as `on_progress(done, total)`; one unit per probe preparation and per forward pass.
     """
     methods = list(dict.fromkeys(methods))  # a repeated method is scored once
@@ -168,6 +196,7 @@ def layer_importance(
         raise ValueError(f"mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    settings = _probe_settings(methods, probe_options)
     check_data(data)  # before loading a large model
     model, tokenizer, name = _load_source(source, tokenizer)
     sequences = load_sequences(data, tokenizer, n=n, max_length=max_length, seed=seed)
@@ -196,7 +225,8 @@ def layer_importance(
         patches = {}
         for method in methods:
             for layer in candidates:
-                patches[method, layer] = PROBES[method](ProbeContext(model, layer, mixer, seed, batches))
+                context = ProbeContext(model, layer, mixer, seed, batches, settings.get(method))
+                patches[method, layer] = PROBES[method](context)
                 tick()
         kl_sums = _kl_sums(model, batches, patches, tick)
     finally:
@@ -205,7 +235,8 @@ def layer_importance(
     layers = [
         LayerScore(i, kind, {m: kl_sums[m, i] / n_tokens for m in methods}) for i, kind in candidates.items()
     ]
-    return ImportanceReport(name, str(data), methods, len(sequences), n_tokens, mixer, layers)
+    options = {method: asdict(value) for method, value in settings.items()}
+    return ImportanceReport(name, str(data), methods, len(sequences), n_tokens, mixer, layers, options)
 
 
 def candidate_layers(model: PreTrainedModel) -> dict[int, str]:
@@ -268,6 +299,7 @@ class ImportanceReport:
     n_tokens: int
     mixer: str
     layers: list[LayerScore] = field(default_factory=list)
+    probe_options: dict[str, dict] = field(default_factory=dict)  # the settings of the probes that take some
 
     def _method(self, method: str | None) -> str:
         method = method or self.methods[0]
@@ -336,3 +368,8 @@ class ImportanceReport:
                      f"{self.n_tokens} tokens", fontsize=9)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
         fig.savefig(path, format="png", dpi=120)
+
+
+# The MMR probe lives in its own module and registers itself when imported; importing it here makes it available
+# wherever `PROBES` is read. It loads the distillation package only when it runs, so this import stays cheap.
+from . import mmr  # noqa: E402,F401
