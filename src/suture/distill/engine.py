@@ -159,7 +159,11 @@ def distill(
         if main:
             _claim_work_area(work, recipe, data)
         barrier()
-        baseline = _baseline(work, score, teacher, student, held_out=len(held), eval_n=problems) if main else []
+        baseline = []
+        if main:
+            device = training_arguments(recipe.stages[0], work, recipe.seed, save_steps).device  # where stages run
+            baseline = _baseline(work, score, teacher.to(device), student.to(device), held_out=len(held),
+                                 eval_n=problems)
         reports = []
         for index, stage in enumerate(recipe.stages):
             stage_dir = work / f"stage-{index}-{stage.stage}"
