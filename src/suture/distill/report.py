@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,12 +60,13 @@ def workload_accuracy(model: nn.Module, tokenizer, n_per_level: int) -> dict[str
 def mean_kl(teacher: nn.Module, model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 8,
             chunk_size: int = 1024) -> tuple[float, int]:
     """(mean KL(teacher || model) in nats per token, the number of tokens) over `examples`: every next-token
-    prediction of a response token (of every token for an example without a response mask), as the kd stage counts
-    them. Both models run in eval mode on right-padded batches, each on its own device."""
+    prediction of a response token (of every token for an example without a response mask), as a kd stage with
+    `response_only` counts them. Both models run in eval mode on right-padded batches, each on its own device."""
     dataset, collate = ExampleDataset(list(examples), response_only=True), pad_collator(pad_id)
     kl = ForwardKLLoss(chunk_size=chunk_size)
     modes = teacher.training, model.training
-    teacher.eval(), model.eval()
+    teacher.eval()
+    model.eval()
     total, count = 0.0, 0
     try:
         for start in range(0, len(dataset), batch_size):
@@ -78,7 +80,8 @@ def mean_kl(teacher: nn.Module, model: nn.Module, examples: Sequence[Example], p
             total += float(kl(_logits(model, batch), teacher_logits, mask.to(device))) * n
             count += n
     finally:
-        teacher.train(modes[0]), model.train(modes[1])
+        teacher.train(modes[0])
+        model.train(modes[1])
     return (total / count if count else float("nan")), count
 
 
@@ -101,8 +104,8 @@ def _device(model: nn.Module) -> torch.device:
 @dataclass
 class Evaluation:
     """The final summary of a distillation: for each model (`rows`: {"model", "kl", "accuracy", "accuracy_<level>"}),
-    the mean KL(teacher || model) over `held_out_tokens` tokens of `held_out_sequences` held-out sequences (None when
-    there were none) and, when the workload was evaluated (`problems_per_level` > 0), its accuracy."""
+    the mean KL(teacher || model) over `held_out_tokens` tokens of `held_out_sequences` held-out sequences (no "kl"
+    when there were none) and, when the workload was evaluated (`problems_per_level` > 0), its accuracy."""
 
     held_out_sequences: int
     held_out_tokens: int
@@ -119,7 +122,7 @@ class Evaluation:
         kl = (f"KL: mean KL(teacher || model), nats per token, over the {self.held_out_tokens} response tokens "
               f"(every token when the data has no prompts) of {self.held_out_sequences} held-out sequences, the "
               "data's records after those trained on." if self.held_out_sequences else
-              "KL: not measured (no records of the data beyond those trained on).")
+              "KL: not measured (no held-out records: held_out=0, or the data has none beyond those trained on).")
         accuracy = (f" Accuracy: greedy answers to {self.problems_per_level} workload test problems per level."
                     if self.problems_per_level else "")
         return kl + accuracy
@@ -183,7 +186,7 @@ def loss_figure(reports):
                 curves[name] = values
         for name, values in curves.items():
             ax.plot(steps, values, label=name, linewidth=1.5 if name == "loss" else 1.0)
-        values = [v for curve in curves.values() for v in curve if v == v]
+        values = [v for curve in curves.values() for v in curve if math.isfinite(v)]
         if values and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
         ax.set_title(f"stage {report.index}: {report.stage}", fontsize=9)
