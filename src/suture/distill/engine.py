@@ -43,6 +43,7 @@ from .trainer import (EvaluateEvery, ExampleDataset, MarkComplete, ReportLogs, S
 
 WORK = ".suture-distill"
 STAGE_WEIGHTS, STAGE_REPORT, RUN, BASELINE = "student.safetensors", "stage.json", "run.json", "baseline.json"
+KL_TOKENS = 4096  # tokens per batch of the held-out KL (the logits of both models are held at once)
 
 
 @dataclass
@@ -149,7 +150,7 @@ def distill(
     def score(model: nn.Module, name: str) -> dict:
         row = {"model": name}
         if held:
-            row["kl"] = mean_kl(teacher, model, held, pad_id)[0]
+            row["kl"] = mean_kl(teacher, model, held, pad_id, batch_size=max(1, KL_TOKENS // recipe.max_length))[0]
         if problems:
             row.update(workload_accuracy(model, tokenizer, problems))
         return row
