@@ -47,7 +47,7 @@ def test_cli_distills_on_the_workload_and_the_loss_goes_down(checkpoints, tmp_pa
     teacher, hybrid = checkpoints
     out = tmp_path / "out"
     args = ["distill", str(teacher), str(hybrid), str(out), "--recipe", str(_recipe(tmp_path / "r.yaml")),
-            "--data", "workload"]
+            "--data", "workload", "--eval-n", "0"]  # greedy evaluation: tests/test_distill_report.py
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "distill.json").read_text())
@@ -91,7 +91,8 @@ def test_cli_errors_name_the_culprit(checkpoints, tmp_path):
 _RUN = """
 import sys
 from suture.distill import distill
-distill(sys.argv[1], sys.argv[2], sys.argv[3], "workload", sys.argv[4], save_steps=2, resume=sys.argv[5] == "1")
+distill(sys.argv[1], sys.argv[2], sys.argv[3], "workload", sys.argv[4], save_steps=2, resume=sys.argv[5] == "1",
+        eval_n=0)
 """
 
 
@@ -148,7 +149,7 @@ def test_cli_hybridizes_and_distills_in_one_command(checkpoints, tmp_path):
     out = tmp_path / "out"
     recipe = _recipe(tmp_path / "r.yaml")
     result = runner.invoke(app, ["distill", str(teacher), str(out), "--preset", "mil-50", "--recipe", str(recipe),
-                                 "--data", "workload", "--budget", "0.25"])
+                                 "--data", "workload", "--budget", "0.25", "--eval-n", "0"])
     assert result.exit_code == 0, result.output
     surgery = json.loads((out / "surgery.json").read_text())
     assert [row["type"] for row in surgery["layers"]] == ["mamba", "full_attention"] * 2

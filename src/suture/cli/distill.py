@@ -28,10 +28,18 @@ def distill_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run into OUT exactly."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists; drop an interrupted run's "
                                "checkpoints."),
+    eval_steps: int = typer.Option(None, "--eval-steps", min=0, help="Evaluate on the workload every N optimizer "
+                                   "steps of a stage (0: never; default: at the end of each stage when --data is "
+                                   "workload, never otherwise)."),
+    eval_n: int = typer.Option(50, "--eval-n", min=0, help="Workload test problems per level of each evaluation "
+                               "(0: no workload evaluation)."),
+    held_out: int = typer.Option(256, "--held-out", min=0, help="Records of the data after the trained ones on "
+                                 "which the final summary measures KL(teacher || model) (0: none)."),
 ) -> None:
     """Distil HYBRID from TEACHER by a recipe's stages (align, kd, sft); resumable. With --preset, TEACHER OUT:
     hybridize TEACHER first."""
     from ..distill import distill, hybridize_and_distill
+    from ..distill.report import format_cell, header
 
     if (preset is None) == (out is None):
         raise typer.BadParameter("give TEACHER HYBRID OUT, or TEACHER OUT with --preset.")
@@ -43,13 +51,18 @@ def distill_command(
 
             def on_log(record: dict) -> None:
                 index = record["index"]
+                if "loss" not in record:  # a workload evaluation
+                    progress.console.print(f"stage {index} {record['stage']} step {record['step']}: workload "
+                                           f"{_accuracy(record)}")
+                    return
                 if index not in tasks:
                     tasks[index] = progress.add_task(f"stage {index} {record['stage']}", total=record["steps"],
                                                      loss="", speed="")
                 progress.update(tasks[index], completed=record["step"], loss=f"loss {record['loss']:.4f}",
                                 speed=f"{record.get('tokens_per_second', 0):,.0f} tok/s")
 
-            options = dict(budget=budget, force=force, resume=resume, save_steps=save_steps, on_log=on_log)
+            options = dict(budget=budget, force=force, resume=resume, save_steps=save_steps, on_log=on_log,
+                           eval_steps=eval_steps, eval_n=eval_n, held_out=held_out)
             if preset is None:
                 result = distill(teacher, hybrid, recipe, data, out, **options)
             else:
@@ -65,12 +78,26 @@ def distill_command(
         table.add_row(str(report.index), report.stage, str(report.steps), _fmt(report.first_loss),
                       _fmt(report.last_loss), f"{report.seconds:.1f}")
     console.print(table)
+    evaluation = result.evaluation
+    summary = Table(title="evaluation")
+    for column in evaluation.columns:
+        summary.add_column(header(column), justify="left" if column == "model" else "right")
+    for row in evaluation.rows:
+        summary.add_row(*(format_cell(row.get(column)) for column in evaluation.columns))
+    console.print(summary)
+    console.print(evaluation.describe())
     console.print(f"wrote {out} (load with `suture.register()` + AutoModelForCausalLM.from_pretrained), "
-                  "distill.json, metrics.jsonl and README.md")
+                  "distill.json, metrics.jsonl, loss.png and README.md")
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _accuracy(record: dict) -> str:
+    levels = ", ".join(f"{key.removeprefix('accuracy_')} {value:.3f}" for key, value in record.items()
+                       if key.startswith("accuracy_"))
+    return f"accuracy {record['accuracy']:.3f} ({levels})"
 
 
 def _progress() -> Progress:

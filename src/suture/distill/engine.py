@@ -6,7 +6,15 @@ stage is over, the student's weights and the stage's report. A run stopped at an
 continues exactly with `resume=True`: finished stages are not rerun, the current one restarts from its last complete
 checkpoint (weights, optimizer, scheduler, RNG and data position). OUT itself appears only at the end, whole
 (`suture.io.atomic_output_dir`): the student checkpoint, the teacher's tokenizer, `distill.json` (recipe, per-stage
-losses and times), `metrics.jsonl` (every logged step) and a model card; the work area is then removed.
+losses and times, the final evaluation), `metrics.jsonl` (every logged step and every evaluation), `loss.png` (the loss
+curves) and a model card; the work area is then removed.
+
+Evaluation (`suture.distill.report`): before the first stage the teacher and the student as given are scored (kept in
+the work area, so a resumed run does not score them again), after the last one the distilled student: the mean
+KL(teacher || model) on `held_out` records of the data that follow those trained on and, when the data is the
+workload (or `eval_steps` asks for it), the accuracy of greedy answers to `eval_n` workload test problems per level.
+The workload evaluation also runs at the end of every stage but the last (which the final evaluation covers) and,
+with `eval_steps`, every `eval_steps` optimizer steps, from a Trainer callback whose records checkpoints keep.
 
 For kd stages with `teacher_top_k`, the work area also holds `teacher-top{k}/`: the teacher's top k of every example
 (`suture.distill.teacher_cache`), reused by later stages and by a resumed run.
@@ -29,26 +37,31 @@ from ..io import atomic_output_dir, check_output_dir
 from ..io.cards import load_section, render_card
 from .parallel import barrier, init_process_group, is_main_process
 from .recipe import DistillRecipe, load_recipe
+from .report import (Evaluation, check_workload_tokenizer, counted_tokens, is_workload, mean_kl, metrics_records,
+                     plot_losses, workload_accuracy)
 from .stages import mixer_layers, stage_objective
 from .teacher_cache import cached_teacher_for
 from .trainable import apply_trainable, finish_trainable
-from .trainer import (MarkComplete, ReportLogs, StageTrainer, last_complete_checkpoint, training_arguments,
-                      training_data)
+from .trainer import (EvaluateEvery, MarkComplete, ReportLogs, StageTrainer, last_complete_checkpoint,
+                      training_arguments, training_data)
 
 WORK = ".suture-distill"
-STAGE_WEIGHTS, STAGE_REPORT, RUN = "student.safetensors", "stage.json", "run.json"
+STAGE_WEIGHTS, STAGE_REPORT, RUN, BASELINE = "student.safetensors", "stage.json", "run.json", "baseline.json"
+KL_TOKENS = 4096  # tokens per batch of the held-out KL (the logits of both models are held at once)
 
 
 @dataclass
 class StageReport:
     """What one stage did: its `index` and `stage` name, optimizer `steps`, wall `seconds` (of the run that finished
-    it: a resumed stage counts from the resume) and the logged records (`log`: step, loss, lr, grad_norm, terms)."""
+    it: a resumed stage counts from the resume), the logged records (`log`: step, loss, lr, grad_norm, terms) and the
+    workload evaluations made during the stage (`evaluations`: step, accuracy, accuracy_<level>)."""
 
     index: int
     stage: str
     steps: int
     seconds: float
     log: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
 
     @property
     def first_loss(self) -> float | None:
@@ -64,6 +77,7 @@ class DistillResult:
     out: Path
     recipe: DistillRecipe
     stages: list[StageReport]
+    evaluation: Evaluation | None = None  # None on every process but the main one
 
 
 def work_dir(out: str | Path) -> Path:
@@ -85,6 +99,9 @@ def distill(
     resume: bool = False,
     save_steps: int = 50,
     on_log: Callable[[dict], None] | None = None,
+    eval_steps: int | None = None,
+    eval_n: int = 50,
+    held_out: int = 256,
 ) -> DistillResult:
     """Distil `student` (a hybrid of `teacher`, e.g. a `suture hybridize` output) from `teacher` by `recipe`.
 
@@ -99,7 +116,12 @@ def distill(
         budget: multiplies every stage's step count.
         resume: continue the interrupted run into `out` from its work area.
         save_steps: optimizer steps between checkpoints.
-        on_log: called with each logged record ({stage, index, step, steps, loss, ...}).
+        on_log: called with each logged record ({stage, index, step, steps, loss, ...}) and each workload
+            evaluation during a stage ({stage, index, step, steps, accuracy, accuracy_<level>...}).
+        eval_steps: optimizer steps between workload evaluations within a stage (0: none; default: none, but the
+            end of each stage when `data` is "workload"); see the module's docstring.
+        eval_n: workload test problems per level of each workload evaluation (0: no workload evaluation).
+        held_out: records of `data` after the trained ones on which the final evaluation measures the KL (0: none).
     """
     from ..io.loading import load_for_scoring, load_tokenizer
 
@@ -113,6 +135,8 @@ def distill(
     barrier()
     if isinstance(data, (str, Path)):
         check_data(data)
+    else:
+        data = list(data)  # read twice: the training records, then the held-out ones
     if tokenizer is None and isinstance(teacher, (str, Path)):
         tokenizer = load_tokenizer(teacher)
     teacher_name, student_name = _name(teacher), _name(student)
@@ -125,29 +149,91 @@ def distill(
     examples = load_examples(data, tokenizer, recipe.examples, recipe.max_length, recipe.seed)
     pad_id = _pad_id(tokenizer, teacher)
     teacher.eval().requires_grad_(False)
+    problems, every, at_end = _evaluation_plan(data, tokenizer, eval_steps, eval_n)
+    held = _held_out(data, tokenizer, recipe, len(examples), held_out)
+
+    def score(model: nn.Module, name: str) -> dict:
+        row = {"model": name}
+        if held:
+            row["kl"] = mean_kl(teacher, model, held, pad_id, batch_size=max(1, KL_TOKENS // recipe.max_length))[0]
+        if problems:
+            row.update(workload_accuracy(model, tokenizer, problems))
+        return row
 
     main = is_main_process()
     with atomic_output_dir(out, force, sources) if main else contextlib.nullcontext() as partial:
         if main:
             _claim_work_area(work, recipe, data)
         barrier()
+        baseline = []
+        if main:
+            device = training_arguments(recipe.stages[0], work, recipe.seed, save_steps).device  # where stages run
+            baseline = _baseline(work, score, teacher.to(device), student.to(device), held_out=len(held),
+                                 eval_n=problems)
         reports = []
         for index, stage in enumerate(recipe.stages):
             stage_dir = work / f"stage-{index}-{stage.stage}"
+            last = index == len(recipe.stages) - 1
+            evaluate = EvaluateEvery(lambda model: workload_accuracy(model, tokenizer, problems), every,
+                                     at_end and not last, _tagged(on_log, index, stage.stage))
             report, student = _run_stage(index, stage, stage_dir, teacher, student, examples, pad_id,
                                          seed=recipe.seed + index, save_steps=save_steps, on_log=on_log,
-                                         packed_length=recipe.max_length if recipe.packing else None)
+                                         packed_length=recipe.max_length if recipe.packing else None,
+                                         extra_callbacks=[evaluate] if problems else [])
             reports.append(report)
+        evaluation = None
         if main:
-            _write_output(partial, out.name, student, tokenizer, recipe, reports, teacher_name, student_name, data)
+            evaluation = Evaluation(len(held), counted_tokens(held), problems, [*baseline, score(student, "student")])
+            _write_output(partial, out.name, student, tokenizer, recipe, reports, teacher_name, student_name, data,
+                          evaluation)
     if main:
         shutil.rmtree(work, ignore_errors=True)
     barrier()
-    return DistillResult(out, recipe, reports)
+    return DistillResult(out, recipe, reports, evaluation)
+
+
+def _evaluation_plan(data, tokenizer, eval_steps: int | None, eval_n: int) -> tuple[int, int, bool]:
+    """(workload problems per level, 0 for no workload evaluation; steps between evaluations in a stage; whether
+    to evaluate at the end of each stage)."""
+    if eval_n < 0 or (eval_steps is not None and eval_steps < 0):
+        raise ValueError(f"eval_n and eval_steps must be >= 0, got eval_n={eval_n}, eval_steps={eval_steps}.")
+    if eval_steps and not eval_n:
+        raise ValueError(f"eval_steps={eval_steps} asks for workload evaluations of eval_n=0 problems per level: "
+                         "give eval_n > 0 (--eval-n), or eval_steps=0.")
+    if not eval_n or not (is_workload(data) or eval_steps):
+        return 0, 0, False
+    check_workload_tokenizer(tokenizer, f"eval_steps={eval_steps}" if eval_steps else "data='workload'")
+    return eval_n, eval_steps or 0, eval_steps != 0
+
+
+def _held_out(data, tokenizer, recipe: DistillRecipe, trained: int, n: int) -> list:
+    """The `n` records of `data` after the `trained` ones (fewer, or none, when the data runs out)."""
+    if n < 0:
+        raise ValueError(f"held_out must be >= 0, got {n}.")
+    if n == 0:
+        return []
+    return load_examples(data, tokenizer, trained + n, recipe.max_length, recipe.seed)[trained:]
+
+
+def _baseline(work: Path, score, teacher, student, **settings) -> list[dict]:
+    """The evaluation rows of the teacher and of the student as given, made once per run (kept in the work area)."""
+    path = work / BASELINE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings:
+            return saved["rows"]
+    rows = [score(teacher, "teacher"), score(student, "student before")]
+    (work / f"{BASELINE}.partial").write_text(json.dumps({"settings": settings, "rows": rows}))
+    (work / f"{BASELINE}.partial").rename(path)
+    return rows
+
+
+def _tagged(on_log, index: int, stage: str):
+    return None if on_log is None else lambda record: on_log({"index": index, "stage": stage, **record})
 
 
 def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id, *, seed, save_steps, on_log,
-               packed_length=None):
+               packed_length=None, extra_callbacks=()):
     """Run (or, when a resumed run finished it already, reload) one stage; returns its report and the student."""
     from safetensors.torch import load_model, save_model
     from transformers import PrinterCallback
@@ -166,7 +252,7 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
     student.to(args.device)  # Trainer moves what it trains, which may be a part of the student
     objective = stage_objective(stage, model, cached_teacher_for(stage, teacher, examples, stage_dir.parent, pad_id))
     trained = getattr(objective, "module", model)  # what Trainer optimizes, checkpoints and wraps for data parallelism
-    callbacks = [MarkComplete()]
+    callbacks = [MarkComplete(), *extra_callbacks]
     if on_log is not None:
         callbacks.append(ReportLogs(lambda record: on_log({"index": index, "stage": stage.stage, **record})))
     dataset, collator = training_data(examples, _response_only(stage), pad_id, packed_length)
@@ -180,7 +266,8 @@ def _run_stage(index, stage, stage_dir: Path, teacher, student, examples, pad_id
         student.activation_checkpointing_disable()
         student.disable_input_require_grads()
     log = [{k: v for k, v in entry.items() if k != "epoch"} for entry in trainer.state.log_history if "loss" in entry]
-    report = StageReport(index, stage.stage, stage.steps, time.perf_counter() - start, log)
+    evaluations = [entry for entry in trainer.state.log_history if "accuracy" in entry]
+    report = StageReport(index, stage.stage, stage.steps, time.perf_counter() - start, log, evaluations)
     if not is_main_process():
         return report, student
     save_model(student, str(stage_dir / "student.partial"))
@@ -273,7 +360,7 @@ def _name(model) -> str:
 
 
 def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports, teacher_name, student_name,
-                  data) -> None:
+                  data, evaluation: Evaluation) -> None:
     student.save_pretrained(partial)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
@@ -283,19 +370,21 @@ def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports
     summary = {"teacher": teacher_name, "student": student_name, "data": _data_name(data),
                "recipe": recipe.model_dump(mode="json"),
                "stages": [{"index": r.index, "stage": r.stage, "steps": r.steps, "seconds": round(r.seconds, 3),
-                           "first_loss": r.first_loss, "last_loss": r.last_loss} for r in reports]}
+                           "first_loss": r.first_loss, "last_loss": r.last_loss} for r in reports],
+               "evaluation": evaluation.to_dict()}
     (partial / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
     with (partial / "metrics.jsonl").open("w") as metrics:
-        for report in reports:
-            for entry in report.log:
-                metrics.write(json.dumps({"index": report.index, "stage": report.stage, **entry}) + "\n")
+        for record in metrics_records(reports, evaluation):
+            metrics.write(json.dumps(record) + "\n")
+    plot_losses(reports, partial / "loss.png")
     rows = "\n".join(f"| {r.index} | {r.stage} | {r.steps} | {_fmt(r.first_loss)} | {_fmt(r.last_loss)} | "
                      f"{r.seconds:.1f} |" for r in reports)
     body = (f"A hybrid distilled from `{teacher_name}` with suture's recipe `{recipe.name}`, starting from "
             f"`{student_name}`.\n\n| stage | kind | steps | first loss | last loss | seconds |\n"
             "|---|---|---|---|---|---|\n"
-            f"{rows}\n\nThe recipe, losses and times are in `distill.json`; every logged step in `metrics.jsonl`.\n\n"
-            + load_section(title, hybrid=True))
+            f"{rows}\n\n![loss curves](loss.png)\n\n## Evaluation\n\n{evaluation.markdown()}\n\n"
+            "The recipe, losses, times and evaluation are in `distill.json`; every logged step and evaluation in "
+            "`metrics.jsonl`.\n\n" + load_section(title, hybrid=True))
     (partial / "README.md").write_text(render_card(title, body, tags=["suture", "hybrid", "distillation"],
                                                    base_model=[teacher_name]))
 

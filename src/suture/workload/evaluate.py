@@ -104,6 +104,8 @@ def evaluate(
         for i in range(0, len(problems), batch_size):
             chunk = problems[i : i + batch_size]
             batch = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
+            if hasattr(model, "device"):  # a transformers model, maybe on CUDA
+                batch = batch.to(model.device)
             out = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
