@@ -17,9 +17,9 @@ from conftest import tiny_source
 LAYOUT = ["mamba", None, "mamba", None]
 
 
-def _pair():
+def _pair(layout=LAYOUT):
     teacher = tiny_source("llama")
-    return teacher, hybridize_model(teacher, LAYOUT)
+    return teacher, hybridize_model(teacher, layout)
 
 
 def _data(n: int = 8, length: int = 20) -> list[list[int]]:
@@ -86,10 +86,11 @@ class _Crash(Exception):
     pass
 
 
-def test_a_run_stopped_midway_and_resumed_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("layout", [LAYOUT, ["mamba2", None, "mamba", None]], ids=["mamba", "mamba2-mamba"])
+def test_a_run_stopped_midway_and_resumed_ends_with_the_same_weights(layout, tmp_path):
     recipe = _recipe({"stage": "align", "steps": 3, "learning_rate": 1e-2},
                      {"stage": "kd", "steps": 7, "learning_rate": 2e-3, "trainable": "all", "warmup_ratio": 0.2})
-    teacher, student = _pair()
+    teacher, student = _pair(layout)
     distill(teacher, student, recipe, _data(), tmp_path / "straight", save_steps=2)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
 
@@ -98,7 +99,7 @@ def test_a_run_stopped_midway_and_resumed_ends_with_the_same_weights(tmp_path):
             raise _Crash
 
     out = tmp_path / "resumed"
-    teacher, student = _pair()
+    teacher, student = _pair(layout)
     with pytest.raises(_Crash):
         distill(teacher, student, recipe, _data(), out, save_steps=2, on_log=crash)
     assert not out.exists() and (work_dir(out) / "stage-1-kd" / "checkpoint-4").is_dir()
@@ -107,7 +108,7 @@ def test_a_run_stopped_midway_and_resumed_ends_with_the_same_weights(tmp_path):
     other = {**recipe, "seed": 1}
     with pytest.raises(ValueError, match="used another recipe"):
         distill(teacher, student, other, _data(), out, save_steps=2, resume=True)
-    teacher, student = _pair()
+    teacher, student = _pair(layout)
     seen = []
     result = distill(teacher, student, recipe, _data(), out, save_steps=2, resume=True,
                      on_log=lambda record: seen.append((record["stage"], record["step"])))

@@ -180,7 +180,11 @@ class MarkComplete(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE).touch()
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # A resume reloads the weights into the model in memory; Trainer would only read the config to compare
+            # versions, through the base config class, which refuses layer kinds it does not know (`mamba2`).
+            (checkpoint / "config.json").unlink(missing_ok=True)
+            (checkpoint / COMPLETE).touch()
 
 
 class ReportLogs(TrainerCallback):
