@@ -97,3 +97,33 @@ def test_the_installed_command_registers_the_hybrid_where_a_subcommand_loads_one
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "easy" in result.stdout
+
+
+def test_demo_distils_the_hybrid_and_compares_all_three(tmp_path):
+    from conftest import tiny_source
+
+    from suture.workload import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tiny_source("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps({"name": "tiny", "examples": 8, "max_length": 64, "stages": [
+        {"stage": "align", "steps": 2, "learning_rate": 1e-2, "batch_size": 4},
+        {"stage": "kd", "steps": 2, "learning_rate": 1e-3, "batch_size": 4}]}))
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", str(out), "--teacher", str(tmp_path / "teacher"), "--context", "8",
+                                 "--eval-n", "2", "--distill", str(recipe), "--distill-budget", "1.5"])
+    assert result.exit_code == 0, result.output
+    assert "distilled" in result.output and "recipe 'tiny'" in result.output
+    report = json.loads((out / "demo.json").read_text())
+    assert list(report["workload"]) == ["teacher", "hybrid", "distilled"]
+    assert [(s["stage"], s["steps"]) for s in report["distillation"]["stages"]] == [("align", 3), ("kd", 3)]
+    assert (out / "distilled" / "model.safetensors").is_file() and (out / "distilled" / "distill.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the distillation's work area is gone
+
+
+def test_demo_refuses_to_distil_without_a_workload_teacher(tmp_path):
+    result = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--context", "8", "--distill", "default"])
+    assert result.exit_code == 1 and "workload teacher" in result.output
+    assert not (tmp_path / "demo").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class DemoReport:
     teacher: str = "random tiny llama"
     workload: dict[str, dict] = field(default_factory=dict)  # model -> evaluation report (workload teachers)
     layout: dict = field(default_factory=dict)  # the preset, its description, kept and replaced layers
+    distillation: dict = field(default_factory=dict)  # recipe, budget, per-stage steps / losses / seconds
 
 
 def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:
@@ -97,14 +99,24 @@ def run_demo(
     teacher: str | Path | None = None,
     eval_n: int = 100,
     preset: str = "m1",
+    distill_recipe: str | None = None,
+    distill_budget: float | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> DemoReport:
     """Hybridize `teacher` with the layout of `preset` (one of `suture.surgery.PRESETS`; `m1` keeps attention at
     every 5th layer from layer 3 plus the last: layers 3 and 7 of the 8-layer tiny teacher, layer 3 of the 4-layer
     workload zoo models), write teacher and hybrid under `out_dir` atomically, reload the hybrid through
     `AutoModelForCausalLM`, generate a left-padded batch, time decoding and, for a workload teacher, evaluate both
-    models on the workload test split (`eval_n` problems per level)."""
+    models on the workload test split (`eval_n` problems per level).
+
+    With `distill_recipe` (a workload teacher only: the data is the workload), the hybrid is then distilled from the
+    teacher by that recipe (`suture.distill.distill`, steps scaled by `distill_budget`), written to `distilled/`
+    and evaluated like the others; `on_log` gets the distillation's progress records."""
     out_dir = check_output_dir(out_dir, force, [teacher])
     source, tokenizer = _load_teacher(teacher)
+    if distill_recipe is not None and not _is_workload_tokenizer(tokenizer):
+        raise ValueError("The demo distils on the built-in workload, so it needs a workload teacher (--teacher "
+                         "demo-output/zoo/long, from `suture workload build`); without one, leave --distill off.")
     n = source.config.num_hidden_layers
     selection = select_layers(n, preset=preset)
     layer_types = [mixer if i in selection.replace else None for i in range(n)]
@@ -144,6 +156,11 @@ def run_demo(
 
             workload = {name: evaluate(model, tokenizer, n_per_level=eval_n, name=name).to_dict()
                         for name, model in (("teacher", source), ("hybrid", reloaded))}
+        distillation = {}
+        if distill_recipe is not None:
+            distilled, distillation = _distill(source, reloaded, tokenizer, distill_recipe, distill_budget,
+                                               tmp / "distilled", on_log)
+            workload["distilled"] = evaluate(distilled, tokenizer, n_per_level=eval_n, name="distilled").to_dict()
         report = DemoReport(
             out_dir=str(out_dir),
             layer_types=list(hybrid.config.layer_types),
@@ -157,6 +174,19 @@ def run_demo(
             teacher=str(teacher) if teacher is not None else "random tiny llama",
             workload=workload,
             layout=layout,
+            distillation=distillation,
         )
         (tmp / "demo.json").write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+def _distill(teacher, hybrid, tokenizer, recipe: str, budget: float | None, out: Path, on_log) -> tuple:
+    """`hybrid` (trained in place) distilled from `teacher` on the workload into `out`; the model and a summary."""
+    from .distill import distill
+
+    result = distill(teacher, hybrid, recipe, "workload", out, tokenizer=tokenizer, budget=budget, eval_n=0,
+                     held_out=0, on_log=on_log)
+    summary = {"recipe": result.recipe.name, "budget": budget,
+               "stages": [{"stage": r.stage, "steps": r.steps, "seconds": r.seconds, "first_loss": r.first_loss,
+                           "last_loss": r.last_loss} for r in result.stages]}
+    return hybrid.eval(), summary

@@ -17,6 +17,11 @@ def demo_command(
     contexts: list[int] = typer.Option([128, 512, 2048], "--context", help="Context lengths for decode timing."),
     teacher: Path = typer.Option(None, help="Teacher checkpoint directory (default: a random tiny Llama)."),
     eval_n: int = typer.Option(100, help="Workload test problems per level (workload teachers only)."),
+    distill: str = typer.Option(None, "--distill", help="Then distil the hybrid on the workload with this recipe "
+                                "(a preset such as default, or a YAML file) and compare it too (workload teachers "
+                                "only)."),
+    distill_budget: float = typer.Option(None, "--distill-budget", min=0, help="Multiply the distillation "
+                                         "recipe's step counts by this factor."),
 ) -> None:
     """Hybridize a teacher with the m1 preset layout (attention kept at every 5th layer from layer 3 plus the last:
     layers 3 and 7 of the default 8-layer teacher), save, reload through AutoModelForCausalLM, generate and compare."""
@@ -26,8 +31,15 @@ def demo_command(
     if mixer not in mixer_kind_names():
         raise typer.BadParameter(f"--mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     with (cli_errors(output=out, inputs=[teacher] if teacher else []),
-          console.status("building teacher and hybrid, saving, reloading, generating ...")):
-        report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n)
+          console.status("building teacher and hybrid, saving, reloading, generating ...") as status):
+
+        def on_log(record: dict) -> None:
+            if "loss" in record:
+                status.update(f"distilling: stage {record['index']} ({record['stage']}), step {record['step']} / "
+                              f"{record['steps']}, loss {record['loss']:.4f}")
+
+        report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n,
+                          distill_recipe=distill, distill_budget=distill_budget, on_log=on_log)
 
     layers = Table(title=f"hybrid layers ({out}/hybrid)")
     layers.add_column("layer", justify="right")
@@ -36,28 +48,38 @@ def demo_command(
         layers.add_row(str(i), kind)
     console.print(layers)
 
-    summary = Table(title="teacher vs hybrid")
+    distilled = "distilled" in report.workload
+    summary = Table(title="teacher vs hybrid" + (" vs distilled hybrid" if distilled else ""))
     summary.add_column("")
     summary.add_column("teacher", justify="right")
     summary.add_column("hybrid", justify="right")
-    summary.add_row("parameters", f"{report.teacher_params:,}", f"{report.hybrid_params:,}")
+    if distilled:
+        summary.add_column("distilled", justify="right")
+    same = [""] if distilled else []  # the distilled hybrid has the hybrid's architecture
+    summary.add_row("parameters", f"{report.teacher_params:,}", f"{report.hybrid_params:,}", *same)
     kv = report.kv_bytes_per_token
-    summary.add_row("KV cache bytes / token", f"{kv['teacher']:,}", f"{kv['hybrid']:,}")
-    summary.add_row("fixed SSM state bytes / sequence", "0", f"{report.ssm_state_bytes_per_sequence:,}")
+    summary.add_row("KV cache bytes / token", f"{kv['teacher']:,}", f"{kv['hybrid']:,}", *same)
+    summary.add_row("fixed SSM state bytes / sequence", "0", f"{report.ssm_state_bytes_per_sequence:,}", *same)
     for ctx in report.decode_ms_per_token["teacher"]:
         summary.add_row(
             f"decode ms/token @ {ctx} context",
             f"{report.decode_ms_per_token['teacher'][ctx]:.2f}",
-            f"{report.decode_ms_per_token['hybrid'][ctx]:.2f}",
+            f"{report.decode_ms_per_token['hybrid'][ctx]:.2f}", *same,
         )
     if report.workload:
         for level in report.workload["teacher"]["levels"]:
-            t, h = report.workload["teacher"]["levels"][level], report.workload["hybrid"]["levels"][level]
-            summary.add_row(f"workload {level}: accuracy / length", f"{t['accuracy']:.2f} / {t['mean_response_tokens']:.0f}",
-                            f"{h['accuracy']:.2f} / {h['mean_response_tokens']:.0f}")
+            cells = [report.workload[name]["levels"][level] for name in report.workload]
+            summary.add_row(f"workload {level}: accuracy / length",
+                            *(f"{c['accuracy']:.2f} / {c['mean_response_tokens']:.0f}" for c in cells))
     console.print(summary)
-    if report.workload:
-        console.print("The hybrid is MIL-initialised but not yet distilled, so its workload accuracy starts low.")
+    if distilled:
+        stages = report.distillation["stages"]
+        console.print(f"distilled with recipe {report.distillation['recipe']!r}: " + ", ".join(
+            f"{s['stage']} {s['steps']} steps" for s in stages) + f" in {sum(s['seconds'] for s in stages):.0f} s "
+            f"of training ({out}/distilled)")
+    elif report.workload:
+        console.print("The hybrid is MIL-initialised but not yet distilled, so its workload accuracy starts low "
+                      "(--distill default trains it back).")
     console.print(f"reloaded through AutoModelForCausalLM: max |logit diff| = {report.reload_max_abs_diff:.1e}")
     console.print(f"teacher: {report.teacher}")
     console.print(f"hybrid greedy output (batch of 2, left padded): {report.generated}")
