@@ -7,8 +7,8 @@ import pytest
 from suture.distill.recipe import AlignStage, DistillRecipe, KDStage, SFTStage, load_recipe, preset, preset_names
 
 
-def test_presets_are_the_published_recipes_and_there_is_no_default_yet():
-    assert preset_names() == ["apriel-h1", "m1", "mambainllama"]
+def test_presets_are_the_published_recipes_and_the_default():
+    assert preset_names() == ["apriel-h1", "default", "m1", "mambainllama"]
     mil = preset("mambainllama")
     first, second = mil.stages
     assert isinstance(first, KDStage) and (first.kl, first.kl_weight, first.ce_weight) == ("forward", 0.1, 1.0)
@@ -22,8 +22,12 @@ def test_presets_are_the_published_recipes_and_there_is_no_default_yet():
     apriel = preset("apriel-h1")
     assert (apriel.stages[0].kl, apriel.stages[0].temperature, apriel.stages[0].trainable) == ("reverse", 1.0, "all")
     assert isinstance(apriel.stages[1], SFTStage)
-    with pytest.raises(ValueError, match="Unknown distillation recipe 'default'"):
-        preset("default")
+    default = preset("default")  # the recipe benchmarks/bench_distill.py measures: align, then reverse KL
+    assert [s.stage for s in default.stages] == ["align", "kd"]
+    assert (default.stages[1].kl, default.stages[1].trainable, default.stages[1].response_only) == ("reverse", "all",
+                                                                                                   True)
+    with pytest.raises(ValueError, match="Unknown distillation recipe 'mohawk'.*default"):
+        preset("mohawk")
 
 
 def test_budget_scales_every_stage_and_keeps_one_step():

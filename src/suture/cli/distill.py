@@ -16,7 +16,7 @@ def distill_command(
     hybrid: Path = typer.Argument(..., help="The hybrid to distil: a `suture hybridize` output of TEACHER (with "
                                   "--preset: OUT, the hybrid is made first)."),
     out: Path = typer.Argument(None, help="Directory to write the distilled hybrid to."),
-    recipe: str = typer.Option(..., "--recipe", help="A preset (mambainllama, m1, apriel-h1) or a recipe YAML file."),
+    recipe: str = typer.Option(..., "--recipe", help="A preset (default, mambainllama, m1, apriel-h1) or a recipe YAML file."),
     data: str = typer.Option(..., "--data", help='"workload", a .jsonl file of {"text"}, {"messages"} or '
                              '{"prompt", "response"} records, or a directory written by datasets\' save_to_disk '
                              'with those columns (a DatasetDict: its train split).'),

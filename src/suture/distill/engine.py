@@ -361,7 +361,10 @@ def _name(model) -> str:
 
 def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports, teacher_name, student_name,
                   data, evaluation: Evaluation) -> None:
-    student.save_pretrained(partial)
+    from .._quiet import no_hf_progress_bars
+
+    with no_hf_progress_bars():
+        student.save_pretrained(partial)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     surgery = Path(student_name) / "surgery.json"

@@ -155,6 +155,14 @@ class DistillRecipe(BaseModel):
 # The published recipes (see the reference table in README's Distillation section). Learning rates, betas, clipping,
 # losses, masks and trainable sets are theirs; step counts and batch sizes are sized for small models.
 _PRESETS: dict[str, dict] = {
+    "default": {  # chosen by benchmarks/bench_distill.py: align the new mixers, then reverse KL with everything trainable
+        "max_length": 128, "examples": 32768,
+        "stages": [
+            {"stage": "align", "steps": 200, "learning_rate": 2e-3, "warmup_ratio": 0.05, "batch_size": 16},
+            {"stage": "kd", "steps": 1800, "learning_rate": 3e-3, "warmup_ratio": 0.05, "kl": "reverse",
+             "trainable": "all", "response_only": True, "batch_size": 16},
+        ],
+    },
     "mambainllama": {  # stage 1: mixers only, KL 0.1 + CE 1; stage 2: everything, forward KL only
         "stages": [
             {"stage": "kd", "steps": 400, "learning_rate": 8e-5, "betas": (0.9, 0.98), "max_grad_norm": 0.1,
