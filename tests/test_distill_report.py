@@ -156,3 +156,16 @@ def test_cli_prints_the_evaluations_and_the_summary_table(tmp_path):
                  "3 held-out sequences", "1 workload test problems per level"):
         assert text in summary, text
     assert (tmp_path / "out" / "loss.png").is_file()
+
+
+def test_the_evaluation_after_an_align_stage_scores_the_whole_student(tmp_path):
+    teacher, _, tokenizer = _workload_pair()
+    student = hybridize_model(teacher, LAYOUT)
+    recipe = {**_recipe({"stage": "align", "steps": 2, "learning_rate": 1e-2}, {"stage": "kd", "steps": 1}),
+              "max_length": 64}
+    seen = []
+    result = distill(teacher, student, recipe, "workload", tmp_path / "out", tokenizer=tokenizer, eval_n=1,
+                     held_out=0, on_log=lambda record: seen.append(record) if "accuracy" in record else None)
+    # Trainer trains the mixers alone in the align stage; the evaluation at its end still generates with the student
+    assert [(r["stage"], r["step"]) for r in seen] == [("align", 2)]
+    assert [len(r.evaluations) for r in result.stages] == [1, 0]

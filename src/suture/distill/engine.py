@@ -23,6 +23,7 @@ For kd stages with `teacher_top_k`, the work area also holds `teacher-top{k}/`: 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -174,7 +175,8 @@ def distill(
         for index, stage in enumerate(recipe.stages):
             stage_dir = work / f"stage-{index}-{stage.stage}"
             last = index == len(recipe.stages) - 1
-            evaluate = EvaluateEvery(lambda model: workload_accuracy(model, tokenizer, problems), every,
+            # the whole student, whatever Trainer trains (align: its mixers alone; lora: a peft wrapper around it)
+            evaluate = EvaluateEvery(functools.partial(workload_accuracy, student, tokenizer, problems), every,
                                      at_end and not last, _tagged(on_log, index, stage.stage))
             report, student = _run_stage(index, stage, stage_dir, teacher, student, examples, pad_id,
                                          seed=recipe.seed + index, save_steps=save_steps, on_log=on_log,

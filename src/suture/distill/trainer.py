@@ -205,24 +205,24 @@ def last_complete_checkpoint(stage_dir: Path) -> Path | None:
 
 
 class EvaluateEvery(TrainerCallback):
-    """Calls `evaluate(model) -> {"accuracy": ..., ...}` on the main process every `every` optimizer steps (0: never)
+    """Calls `evaluate() -> {"accuracy": ..., ...}` on the main process every `every` optimizer steps (0: never)
     and at the stage's last step when `at_end`. Each record, with its step, joins Trainer's log history before the
     step's checkpoint is saved, so a checkpoint keeps the evaluations made up to it and a resumed run neither repeats
     nor loses one; it also goes to `on_log`."""
 
-    def __init__(self, evaluate: Callable[[torch.nn.Module], dict], every: int, at_end: bool,
+    def __init__(self, evaluate: Callable[[], dict], every: int, at_end: bool,
                  on_log: Callable[[dict], None] | None = None):
         self.evaluate = evaluate
         self.every = every
         self.at_end = at_end
         self.report = on_log
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         due = self.at_end if step == state.max_steps else bool(self.every) and step % self.every == 0
         if not due or not state.is_world_process_zero:
             return
-        record = {"step": step, **self.evaluate(model)}
+        record = {"step": step, **self.evaluate()}
         state.log_history.append(record)
         if self.report is not None:
             self.report({"steps": state.max_steps, **record})
