@@ -1,0 +1,171 @@
+"""Distillation on the built-in workload: how much of its teacher a freshly hybridized model gets back, and what for.
+
+Teacher: the zoo's long chain-of-thought model (4 layers). Each run hybridizes it in memory (`hybridize_model`, MIL
+init), distills with `suture.distill.distill` (the library's engine, as `suture distill` runs it) on the workload and
+reports, from the engine's own summary: greedy accuracy per level on the test split and the mean KL(teacher ||
+model) on held-out workload sequences, for the teacher, the hybrid right after surgery and the distilled hybrid,
+with the training time (the stages' wall time, evaluation excluded).
+
+- `main`: 50% Mamba (the two layers `suture importance` ranks least important, leave-one-out), `mamba` and
+  `mamba2` mixers, the `default` recipe. Bar: >= 95% of the teacher's accuracy on every level, <= 15 min of
+  training on 2 CPU cores.
+- `ablation` (50% Mamba, `mamba`): the default recipe's budget (same optimizer steps in total) spent as kd only /
+  align + kd / align + kd + sft; forward vs reverse KL; mixers-only vs all parameters trainable.
+- `m1`: 25% attention (3 of 4 layers Mamba, the M1 ratio), the default recipe.
+
+    python benchmarks/bench_distill.py --zoo demo-output/zoo               # every run (about 1.5 h on 2 cores)
+    python benchmarks/bench_distill.py --zoo demo-output/zoo --runs main   # the bar only
+    python benchmarks/bench_distill.py --zoo demo-output/zoo --runs ablation,m1 --budget 0.25   # quicker, 1/4 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from suture.distill import DistillRecipe, distill, preset
+from suture.io.loading import load_for_scoring
+from suture.surgery import hybridize_model, layer_importance
+from suture.workload import LEVELS, build_zoo
+
+BAR_FRACTION, BAR_SECONDS = 0.95, 15 * 60
+
+
+def ablations(default: DistillRecipe) -> dict[str, DistillRecipe]:
+    """The default recipe's total optimizer steps spent in other ways (each variant changes one thing)."""
+    stages = {stage.stage: stage for stage in default.stages}
+    align, kd = stages["align"], stages["kd"]
+    total = sum(stage.steps for stage in default.stages)
+    sft_steps = kd.steps // 4
+
+    def variant(name: str, *new_stages) -> DistillRecipe:
+        return default.model_copy(update={"name": name, "stages": list(new_stages)})
+
+    return {
+        "kd only": variant("kd only", kd.model_copy(update={"steps": total})),
+        "align + kd (default)": default,
+        "align + kd + sft": variant("align + kd + sft", align, kd.model_copy(update={"steps": kd.steps - sft_steps}),
+                                    _sft(kd, sft_steps)),
+        "forward KL": variant("forward KL", align, kd.model_copy(update={"kl": "forward"})),
+        "mixers only": variant("mixers only", align, kd.model_copy(update={"trainable": "mixers"})),
+    }
+
+
+def _sft(kd, steps: int):
+    from suture.distill import SFTStage
+
+    settings = kd.model_dump(include={"learning_rate", "warmup_ratio", "schedule", "batch_size", "trainable"})
+    return SFTStage(steps=steps, **settings)
+
+
+def least_important(teacher_dir: Path, k: int) -> list[int]:
+    """The `k` attention layers whose removal changes the teacher's next-token distributions least (loo probe)."""
+    return sorted(layer_importance(teacher_dir, "workload", methods=("loo",), n=64).select(k=k))
+
+
+def run(name: str, teacher_dir: Path, layers: list[int], mixer: str, recipe: DistillRecipe, work: Path, n: int,
+        console: Console) -> dict:
+    teacher, tokenizer = load_for_scoring(teacher_dir, dtype="float32")
+    n_layers = teacher.config.num_hidden_layers
+    hybrid = hybridize_model(teacher, [mixer if i in layers else None for i in range(n_layers)])
+    out = work / name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
+    start = time.perf_counter()
+    result = distill(teacher, hybrid, recipe, "workload", out, tokenizer=tokenizer, force=True, save_steps=10**6,
+                     eval_n=n, eval_steps=0, held_out=256)
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    rows = {row["model"]: row for row in result.evaluation.rows}
+    train_s = sum(stage.seconds for stage in result.stages)
+    record = {"name": name, "mixer": mixer, "mamba_layers": layers, "recipe": recipe.model_dump(mode="json"),
+              "train_seconds": train_s, "wall_seconds": wall,
+              "stages": [{"stage": s.stage, "steps": s.steps, "seconds": s.seconds, "first_loss": s.first_loss,
+                          "last_loss": s.last_loss} for s in result.stages],
+              "teacher": rows["teacher"], "fresh": rows["student before"], "distilled": rows["student"],
+              "evaluation": result.evaluation.describe()}
+    kept = {level: _ratio(rows["student"], rows["teacher"], level) for level in LEVELS}
+    record["kept"] = kept
+    record["bar"] = all(value >= BAR_FRACTION for value in kept.values()) and train_s <= BAR_SECONDS
+    console.print(f"{name}: trained {train_s:.0f} s, accuracy " + " ".join(
+        f"{level} {rows['student'][f'accuracy_{level}']:.3f}" for level in LEVELS) + f", KL {rows['student']['kl']:.4f}")
+    return record
+
+
+def _ratio(row: dict, teacher: dict, level: str) -> float:
+    return row[f"accuracy_{level}"] / max(teacher[f"accuracy_{level}"], 1e-9)
+
+
+def table(title: str, records: list[dict], with_fresh: bool) -> Table:
+    out = Table(title=title)
+    for column in ("run", "model", *LEVELS, "KL", "train s", ">= 95% / 15 min"):
+        out.add_column(column, justify="left" if column in ("run", "model") else "right")
+    for record in records:
+        models = [("teacher", record["teacher"])] if with_fresh else []
+        models += [("after surgery", record["fresh"])] if with_fresh else []
+        models.append(("distilled", record["distilled"]))
+        for model, row in models:
+            distilled = model == "distilled"
+            out.add_row(record["name"], model, *(f"{row[f'accuracy_{level}']:.3f}" for level in LEVELS),
+                        f"{row['kl']:.4f}", f"{record['train_seconds']:.0f}" if distilled else "",
+                        ("yes" if record["bar"] else "no") if distilled else "")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=None, help="an existing zoo (default: build one, ~10 min)")
+    parser.add_argument("--runs", default="main,ablation,m1", help="comma-separated: main, ablation, m1")
+    parser.add_argument("--n", type=int, default=200, help="test problems per level")
+    parser.add_argument("--budget", type=float, default=1.0, help="multiply the default recipe's steps (the bar "
+                        "is for budget 1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/distill.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = set(args.runs.split(","))
+    if runs - {"main", "ablation", "m1"}:
+        parser.error(f"unknown runs {sorted(runs - {'main', 'ablation', 'm1'})}; choose from main, ablation, m1")
+    console = Console(width=120)
+    work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
+    default = preset("default", budget=args.budget)
+    results: dict = {"threads": args.threads, "problems_per_level": args.n, "budget": args.budget,
+                     "default_recipe": default.model_dump(mode="json")}
+    try:
+        zoo = args.zoo
+        if zoo is None:
+            zoo = work / "zoo"
+            build_zoo(zoo)
+        teacher = zoo / "long"
+        half = least_important(teacher, 2)
+        results["mamba_layers_50"] = half
+        console.print(f"50% Mamba: layers {half} (least important by leave-one-out)")
+        if "main" in runs:
+            results["main"] = [run(f"50% {mixer}", teacher, half, mixer, default, work, args.n, console)
+                               for mixer in ("mamba", "mamba2")]
+            console.print(table("50% Mamba, default recipe", results["main"], with_fresh=True))
+        if "ablation" in runs:
+            results["ablation"] = [run(name, teacher, half, "mamba", recipe, work, args.n, console)
+                                   for name, recipe in ablations(default).items()]
+            console.print(table("ablation: 50% mamba, the default recipe's steps spent otherwise",
+                                results["ablation"], with_fresh=False))
+        if "m1" in runs:
+            quarter = least_important(teacher, 3)
+            results["m1"] = [run("25% attention", teacher, quarter, "mamba", default, work, args.n, console)]
+            console.print(table(f"25% attention (Mamba layers {quarter}), default recipe", results["m1"],
+                                with_fresh=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
