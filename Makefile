@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 
 # The main job on the built-in workload: train the model zoo once (~10 min on 2 cores, cached in demo-output/zoo),
 # then hybridize its long chain-of-thought model, distil the hybrid with the default recipe cut to DEMO_BUDGET of
-# its steps (~4 min), and compare teacher, fresh hybrid and distilled hybrid.
+# its steps (a few minutes), and compare teacher, fresh hybrid and distilled hybrid.
 DEMO_BUDGET ?= 0.3
 demo: setup
 	test -f demo-output/zoo/zoo.json || $(VENV)/bin/suture workload build demo-output/zoo --force
