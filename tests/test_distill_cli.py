@@ -74,9 +74,9 @@ def test_cli_distills_prompt_response_jsonl_with_a_preset(checkpoints, tmp_path)
 
 def test_cli_errors_name_the_culprit(checkpoints, tmp_path):
     teacher, hybrid = checkpoints
-    result = runner.invoke(app, ["distill", str(teacher), str(hybrid), str(tmp_path / "o"), "--recipe", "default",
+    result = runner.invoke(app, ["distill", str(teacher), str(hybrid), str(tmp_path / "o"), "--recipe", "mohawk",
                                  "--data", "workload"])
-    assert result.exit_code == 1 and "recipe default not found" in result.output
+    assert result.exit_code == 1 and "recipe mohawk not found" in result.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [{stage: kd, steps: 1, learning_rate: 0}]")
     result = runner.invoke(app, ["distill", str(teacher), str(hybrid), str(tmp_path / "o"), "--recipe", str(bad),
