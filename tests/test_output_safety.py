@@ -312,8 +312,11 @@ def test_a_merge_stopped_midway_exits_cleanly_and_leaves_nothing(ckpts, tmp_path
     process (SIGABRT, "terminate called without an active exception") and leaves the partial output behind."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "slow_copy", "models": [{"model": str(ckpts.ft)}]}))
+    # A shell starts a background job with SIGINT ignored and a child inherits that (Python then installs no
+    # KeyboardInterrupt handler): give the merge the default disposition, as a command run from a terminal has.
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(tmp_path / "out"),
-                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "merging", proc.communicate()[1]
     os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
