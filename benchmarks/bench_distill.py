@@ -6,8 +6,9 @@ reports, from the engine's own summary: greedy accuracy per level on the test sp
 model) on held-out workload sequences, for the teacher, the hybrid right after surgery and the distilled hybrid,
 with the training time (the stages' wall time, evaluation excluded).
 
-- `main`: 50% Mamba (the two layers `suture importance` ranks least important, leave-one-out), `mamba` and
-  `mamba2` mixers, the `default` recipe. Bar: >= 95% of the teacher's accuracy on every level, <= 15 min of
+- `main`: 50% Mamba (the two layers `suture importance --method mmr` ranks most replaceable: Apriel-H1's probe, each
+  layer MIL-replaced alone and briefly distilled; `--probe loo` for leave-one-out's pick, `--layers` to name them),
+  `mamba` and `mamba2` mixers, the `default` recipe. Bar: >= 95% of the teacher's accuracy on every level, <= 15 min of
   training on 2 CPU cores.
 - `ablation` (50% Mamba, `mamba`): the default recipe's budget (same optimizer steps in total) spent as kd only /
   align + kd / align + kd + sft; forward vs reverse KL; mixers-only vs all parameters trainable.
@@ -66,9 +67,21 @@ def _sft(kd, steps: int):
     return SFTStage(steps=steps, **settings)
 
 
-def least_important(teacher_dir: Path, k: int) -> list[int]:
-    """The `k` attention layers whose removal changes the teacher's next-token distributions least (loo probe)."""
-    return sorted(layer_importance(teacher_dir, "workload", methods=("loo",), n=64).select(k=k))
+PROBE_WORDS = {"mmr": "most replaceable by MMR", "loo": "least important by leave-one-out"}
+
+
+def least_important(teacher_dir: Path, k: int, probe: str) -> list[int]:
+    """The `k` attention layers `probe` ranks first: for `mmr`, those whose MIL-initialised Mamba, briefly distilled
+    in place of that layer alone, ends nearest the teacher; for `loo`, those whose removal changes the teacher's
+    next-token distributions least."""
+    return sorted(layer_importance(teacher_dir, "workload", methods=(probe,), n=64).select(k=k))
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated layer indices, e.g. 0,3; got {text!r}")
 
 
 def run(name: str, teacher_dir: Path, layers: list[int], mixer: str, recipe: DistillRecipe, work: Path, n: int,
@@ -125,6 +138,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="test problems per level")
     parser.add_argument("--budget", type=float, default=1.0, help="multiply the default recipe's steps (the bar "
                         "is for budget 1)")
+    parser.add_argument("--probe", choices=sorted(PROBE_WORDS), default="mmr",
+                        help="the importance probe that picks the Mamba layers")
+    parser.add_argument("--layers", type=_layers, default=None,
+                        help="the 50%% runs' Mamba layers, e.g. 2,3 (default: the probe's two)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/distill.json"))
     args = parser.parse_args()
@@ -143,9 +160,10 @@ def main() -> None:
             zoo = work / "zoo"
             build_zoo(zoo)
         teacher = zoo / "long"
-        half = least_important(teacher, 2)
-        results["mamba_layers_50"] = half
-        console.print(f"50% Mamba: layers {half} (least important by leave-one-out)")
+        half = args.layers or least_important(teacher, 2, args.probe)
+        why = "given" if args.layers else PROBE_WORDS[args.probe]
+        results["mamba_layers_50"], results["layers_from"] = half, why
+        console.print(f"50% Mamba: layers {half} ({why})")
         if "main" in runs:
             results["main"] = [run(f"50% {mixer}", teacher, half, mixer, default, work, args.n, console)
                                for mixer in ("mamba", "mamba2")]
@@ -156,7 +174,7 @@ def main() -> None:
             console.print(table("ablation: 50% mamba, the default recipe's steps spent otherwise",
                                 results["ablation"], with_fresh=False))
         if "m1" in runs:
-            quarter = least_important(teacher, 3)
+            quarter = least_important(teacher, 3, args.probe)
             results["m1"] = [run("25% attention", teacher, quarter, "mamba", default, work, args.n, console)]
             console.print(table(f"25% attention (Mamba layers {quarter}), default recipe", results["m1"],
                                 with_fresh=True))

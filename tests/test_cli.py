@@ -127,3 +127,27 @@ def test_demo_refuses_to_distil_without_a_workload_teacher(tmp_path):
     result = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--context", "8", "--distill", "default"])
     assert result.exit_code == 1 and "workload teacher" in result.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_with_a_ratio_replaces_the_layers_the_probe_ranks_first(tmp_path):
+    from conftest import tiny_source
+
+    from suture.io.loading import load_for_scoring
+    from suture.surgery import layer_importance
+    from suture.workload import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tiny_source("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", str(out), "--teacher", str(tmp_path / "teacher"), "--context", "8",
+                                 "--eval-n", "2", "--ratio", "0.5", "--probe", "loo"])
+    assert result.exit_code == 0, result.output
+    layout = json.loads((out / "demo.json").read_text())["layout"]
+    teacher, _ = load_for_scoring(tmp_path / "teacher", dtype="float32")
+    expected = sorted(layer_importance(teacher, "workload", methods=("loo",), tokenizer=tokenizer).select(ratio=0.5))
+    assert layout["replaced"] == expected and layout["preset"] is None
+    assert "ranked most replaceable by the loo probe" in layout["description"] and "layout:" in result.output
+    unknown = runner.invoke(app, ["demo", str(tmp_path / "other"), "--teacher", str(tmp_path / "teacher"),
+                                  "--ratio", "0.5", "--probe", "nope"])
+    assert unknown.exit_code == 1 and "nope" in unknown.output and not (tmp_path / "other").exists()

@@ -98,14 +98,17 @@ def run_demo(
     contexts=(128, 512, 2048),
     teacher: str | Path | None = None,
     eval_n: int = 100,
-    preset: str = "m1",
+    preset: str | None = "m1",
+    ratio: float | None = None,
+    probe: str = "mmr",
     distill_recipe: str | None = None,
     distill_budget: float | None = None,
     on_log: Callable[[dict], None] | None = None,
 ) -> DemoReport:
     """Hybridize `teacher` with the layout of `preset` (one of `suture.surgery.PRESETS`; `m1` keeps attention at
     every 5th layer from layer 3 plus the last: layers 3 and 7 of the 8-layer tiny teacher, layer 3 of the 4-layer
-    workload zoo models), write teacher and hybrid under `out_dir` atomically, reload the hybrid through
+    workload zoo models) or, with `ratio` (and `preset=None`), replace that fraction of the layers, those the
+    importance `probe` ranks first on the workload (a workload teacher) or evenly spaced (otherwise); write teacher and hybrid under `out_dir` atomically, reload the hybrid through
     `AutoModelForCausalLM`, generate a left-padded batch, time decoding and, for a workload teacher, evaluate both
     models on the workload test split (`eval_n` problems per level).
 
@@ -118,10 +121,10 @@ def run_demo(
         raise ValueError("The demo distils on the built-in workload, so it needs a workload teacher (--teacher "
                          "demo-output/zoo/long, from `suture workload build`); without one, leave --distill off.")
     n = source.config.num_hidden_layers
-    selection = select_layers(n, preset=preset)
+    selection = _select(source, tokenizer, preset, ratio, probe)
     layer_types = [mixer if i in selection.replace else None for i in range(n)]
     hybrid = hybridize_model(source, layer_types).eval()
-    layout = {"preset": preset, "description": selection.detail["description"],
+    layout = {"preset": preset, "description": selection.detail.get("description") or _describe(selection),
               "kept_attention": [i for i in range(n) if i not in selection.replace], "replaced": selection.replace}
 
     with atomic_output_dir(out_dir, force, [teacher]) as tmp:
@@ -178,6 +181,27 @@ def run_demo(
         )
         (tmp / "demo.json").write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+def _select(source, tokenizer, preset: str | None, ratio: float | None, probe: str):
+    """The layers to replace: `preset`'s, or `ratio` of them ranked by `probe` on the workload (evenly spaced when
+    the teacher has no workload tokenizer to score with)."""
+    n = source.config.num_hidden_layers
+    if ratio is None or not _is_workload_tokenizer(tokenizer):
+        return select_layers(n, preset=preset, ratio=ratio)
+    from .surgery import layer_importance
+
+    scores = layer_importance(source, "workload", methods=(probe,), tokenizer=tokenizer).scores(probe)
+    selection = select_layers(n, ratio=ratio, scores=scores)
+    selection.detail["probe"] = probe
+    return selection
+
+
+def _describe(selection) -> str:
+    if "probe" in selection.detail:
+        return (f"{len(selection.replace)} layers ranked most replaceable by the {selection.detail['probe']} probe "
+                "on the workload")
+    return f"{len(selection.replace)} evenly spaced layers"
 
 
 def _distill(teacher, hybrid, tokenizer, recipe: str, budget: float | None, out: Path, on_log) -> tuple:

@@ -22,9 +22,15 @@ def demo_command(
                                 "only)."),
     distill_budget: float = typer.Option(None, "--distill-budget", min=0, help="Multiply the distillation "
                                          "recipe's step counts by this factor."),
+    ratio: float = typer.Option(None, "--ratio", min=0, help="Replace this fraction of the layers instead of the m1 "
+                                "layout: those --probe ranks most replaceable on the workload (workload teachers), "
+                                "else evenly spaced."),
+    probe: str = typer.Option("mmr", "--probe", help="With --ratio: the importance probe that ranks the layers "
+                              "(mmr, loo, mil, ...: see `suture importance`)."),
 ) -> None:
     """Hybridize a teacher with the m1 preset layout (attention kept at every 5th layer from layer 3 plus the last:
-    layers 3 and 7 of the default 8-layer teacher), save, reload through AutoModelForCausalLM, generate and compare."""
+    layers 3 and 7 of the default 8-layer teacher) or a --ratio of its layers, save, reload through
+    AutoModelForCausalLM, generate and compare."""
     from ..demo import run_demo
     from ..layer_kinds import mixer_kind_names
 
@@ -39,6 +45,7 @@ def demo_command(
                               f"{record['steps']}, loss {record['loss']:.4f}")
 
         report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n,
+                          preset=None if ratio is not None else "m1", ratio=ratio, probe=probe,
                           distill_recipe=distill, distill_budget=distill_budget, on_log=on_log)
 
     layers = Table(title=f"hybrid layers ({out}/hybrid)")
@@ -47,6 +54,8 @@ def demo_command(
     for i, kind in enumerate(report.layer_types):
         layers.add_row(str(i), kind)
     console.print(layers)
+    layout = report.layout
+    console.print(f"layout: {layout['description']}; attention kept at layers {layout['kept_attention']}")
 
     distilled = "distilled" in report.workload
     summary = Table(title="teacher vs hybrid" + (" vs distilled hybrid" if distilled else ""))
