@@ -24,13 +24,14 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 setup: $(VENV)/.installed
 
 # The main job on the built-in workload: train the model zoo once (~10 min on 2 cores, cached in demo-output/zoo),
-# then hybridize its long chain-of-thought model, distil the hybrid with the default recipe cut to DEMO_BUDGET of
-# its steps (a few minutes), and compare teacher, fresh hybrid and distilled hybrid.
+# then hybridize its long chain-of-thought model (half of its layers become Mamba: those the MMR probe ranks most
+# replaceable), distil the hybrid with the default recipe cut to DEMO_BUDGET of its steps (a few minutes), and
+# compare teacher, fresh hybrid and distilled hybrid.
 DEMO_BUDGET ?= 0.3
 demo: setup
 	test -f demo-output/zoo/zoo.json || $(VENV)/bin/suture workload build demo-output/zoo --force
 	$(VENV)/bin/suture demo demo-output/hybrid-demo --teacher demo-output/zoo/long --force \
-		--distill default --distill-budget $(DEMO_BUDGET)
+		--ratio 0.5 --probe mmr --distill default --distill-budget $(DEMO_BUDGET)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -6,10 +6,10 @@ reports, from the engine's own summary: greedy accuracy per level on the test sp
 model) on held-out workload sequences, for the teacher, the hybrid right after surgery and the distilled hybrid,
 with the training time (the stages' wall time, evaluation excluded).
 
-- `main`: 50% Mamba (the two layers `suture importance --method mmr` ranks most replaceable: Apriel-H1's probe, each
-  layer MIL-replaced alone and briefly distilled; `--probe loo` for leave-one-out's pick, `--layers` to name them),
-  `mamba` and `mamba2` mixers, the `default` recipe. Bar: >= 95% of the teacher's accuracy on every level, <= 15 min of
-  training on 2 CPU cores.
+- `main`: 50% Mamba (the two layers `suture importance --method mmr --mixer M` ranks most replaceable: Apriel-H1's
+  probe, each layer MIL-replaced alone by mixer M and briefly distilled; `--probe loo` for leave-one-out's pick,
+  `--layers` to name them), `mamba` and `mamba2` mixers (`--mixers`), the `default` recipe. Bar: >= 95% of the
+  teacher's accuracy on every level, <= 15 min of training on 2 CPU cores.
 - `ablation` (50% Mamba, `mamba`): the default recipe's budget (same optimizer steps in total) spent as kd only /
   align + kd / align + kd + sft; forward vs reverse KL; mixers-only vs all parameters trainable.
 - `m1`: 25% attention (3 of 4 layers Mamba, the M1 ratio), the default recipe.
@@ -70,11 +70,11 @@ def _sft(kd, steps: int):
 PROBE_WORDS = {"mmr": "most replaceable by MMR", "loo": "least important by leave-one-out"}
 
 
-def least_important(teacher_dir: Path, k: int, probe: str) -> list[int]:
-    """The `k` attention layers `probe` ranks first: for `mmr`, those whose MIL-initialised Mamba, briefly distilled
-    in place of that layer alone, ends nearest the teacher; for `loo`, those whose removal changes the teacher's
-    next-token distributions least."""
-    return sorted(layer_importance(teacher_dir, "workload", methods=(probe,), n=64).select(k=k))
+def least_important(teacher_dir: Path, k: int, probe: str, mixer: str = "mamba") -> list[int]:
+    """The `k` attention layers `probe` ranks first: for `mmr`, those whose MIL-initialised `mixer`, briefly
+    distilled in place of that layer alone, ends nearest the teacher; for `loo`, those whose removal changes the
+    teacher's next-token distributions least."""
+    return sorted(layer_importance(teacher_dir, "workload", methods=(probe,), n=64, mixer=mixer).select(k=k))
 
 
 def _layers(text: str) -> list[int]:
@@ -142,6 +142,7 @@ def main() -> None:
                         help="the importance probe that picks the Mamba layers")
     parser.add_argument("--layers", type=_layers, default=None,
                         help="the 50%% runs' Mamba layers, e.g. 2,3 (default: the probe's two)")
+    parser.add_argument("--mixers", default="mamba,mamba2", help="the main runs' mixers, comma-separated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/distill.json"))
     args = parser.parse_args()
@@ -149,6 +150,8 @@ def main() -> None:
     runs = set(args.runs.split(","))
     if runs - {"main", "ablation", "m1"}:
         parser.error(f"unknown runs {sorted(runs - {'main', 'ablation', 'm1'})}; choose from main, ablation, m1")
+    if not args.mixers or set(args.mixers.split(",")) - {"mamba", "mamba2"}:
+        parser.error(f"--mixers takes mamba and/or mamba2, comma-separated; got {args.mixers!r}")
     console = Console(width=120)
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
     default = preset("default", budget=args.budget)
@@ -160,13 +163,17 @@ def main() -> None:
             zoo = work / "zoo"
             build_zoo(zoo)
         teacher = zoo / "long"
-        half = args.layers or least_important(teacher, 2, args.probe)
-        why = "given" if args.layers else PROBE_WORDS[args.probe]
-        results["mamba_layers_50"], results["layers_from"] = half, why
-        console.print(f"50% Mamba: layers {half} ({why})")
+        why = "given" if args.layers else f"{PROBE_WORDS[args.probe]} (probed with that mixer)"
+        halves = {}
+        needed = (args.mixers.split(",") if "main" in runs else []) + (["mamba"] if "ablation" in runs else [])
+        for mixer in dict.fromkeys(needed):  # the ablation runs on the mamba layers
+            halves[mixer] = args.layers or least_important(teacher, 2, args.probe, mixer)
+            console.print(f"50% {mixer}: layers {halves[mixer]} ({why})")
+        half = halves.get("mamba")
+        results["mamba_layers_50"], results["layers_from"] = halves, why
         if "main" in runs:
-            results["main"] = [run(f"50% {mixer}", teacher, half, mixer, default, work, args.n, console)
-                               for mixer in ("mamba", "mamba2")]
+            results["main"] = [run(f"50% {mixer}", teacher, halves[mixer], mixer, default, work, args.n, console)
+                               for mixer in args.mixers.split(",")]
             console.print(table("50% Mamba, default recipe", results["main"], with_fresh=True))
         if "ablation" in runs:
             results["ablation"] = [run(name, teacher, half, "mamba", recipe, work, args.n, console)
