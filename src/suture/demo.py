@@ -21,7 +21,7 @@ from .architectures import HybridForCausalLM
 from .architectures.compat import CACHE_KWARG, cache_of
 from .io import atomic_output_dir, check_output_dir
 from .io.inspect import layer_footprints
-from .surgery import hybridize_model, select_layers
+from .surgery import SelectionSpec, hybridize_model, resolve_selection, select_layers
 
 
 @dataclass
@@ -121,7 +121,7 @@ def run_demo(
         raise ValueError("The demo distils on the built-in workload, so it needs a workload teacher (--teacher "
                          "demo-output/zoo/long, from `suture workload build`); without one, leave --distill off.")
     n = source.config.num_hidden_layers
-    selection = _select(source, tokenizer, preset, ratio, probe, mixer)
+    selection = _select(teacher, tokenizer, n, preset, ratio, probe, mixer)
     layer_types = [mixer if i in selection.replace else None for i in range(n)]
     hybrid = hybridize_model(source, layer_types).eval()
     layout = {"preset": preset, "description": selection.detail.get("description") or _describe(selection),
@@ -183,18 +183,13 @@ def run_demo(
     return report
 
 
-def _select(source, tokenizer, preset: str | None, ratio: float | None, probe: str, mixer: str):
+def _select(teacher, tokenizer, n: int, preset: str | None, ratio: float | None, probe: str, mixer: str):
     """The layers to replace: `preset`'s, or `ratio` of them ranked by `probe` (with `mixer` for the probes that
     build one) on the workload (evenly spaced when the teacher has no workload tokenizer to score with)."""
-    n = source.config.num_hidden_layers
     if ratio is None or not _is_workload_tokenizer(tokenizer):
         return select_layers(n, preset=preset, ratio=ratio)
-    from .surgery import layer_importance
-
-    scores = layer_importance(source, "workload", methods=(probe,), tokenizer=tokenizer, mixer=mixer).scores(probe)
-    selection = select_layers(n, ratio=ratio, scores=scores)
-    selection.detail["probe"] = probe
-    return selection
+    spec = SelectionSpec(ratio=ratio, select="importance", data="workload", probe=probe)
+    return resolve_selection(spec, teacher, n, mixer=mixer)[0]
 
 
 def _describe(selection) -> str:
