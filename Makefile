@@ -27,7 +27,7 @@ setup: $(VENV)/.installed
 # then hybridize its long chain-of-thought model (half of its layers become Mamba: those the MMR probe ranks most
 # replaceable), distil the hybrid with the default recipe cut to DEMO_BUDGET of its steps (a few minutes), and
 # compare teacher, fresh hybrid and distilled hybrid.
-DEMO_BUDGET ?= 0.3
+DEMO_BUDGET ?= 0.4
 demo: setup
 	test -f demo-output/zoo/zoo.json || $(VENV)/bin/suture workload build demo-output/zoo --force
 	$(VENV)/bin/suture demo demo-output/hybrid-demo --teacher demo-output/zoo/long --force \

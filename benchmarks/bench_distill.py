@@ -16,6 +16,7 @@ with the training time (the stages' wall time, evaluation excluded).
 
     python benchmarks/bench_distill.py --zoo demo-output/zoo               # every run (about 1.5 h on 2 cores)
     python benchmarks/bench_distill.py --zoo demo-output/zoo --runs main   # the bar only
+    python benchmarks/bench_distill.py --zoo demo-output/zoo --runs ablation --variants kd,sft   # some of its rows
     python benchmarks/bench_distill.py --zoo demo-output/zoo --runs ablation,m1 --budget 0.25   # quicker, 1/4 steps
 """
 
@@ -66,6 +67,10 @@ def _sft(kd, steps: int):
     settings = kd.model_dump(include={"learning_rate", "warmup_ratio", "schedule", "batch_size", "trainable"})
     return SFTStage(steps=steps, **settings)
 
+
+# --variants keys -> the ablation's rows
+VARIANTS = {"kd": "kd only", "default": "align + kd (default)", "sft": "align + kd + sft", "forward": "forward KL",
+            "mixers": "mixers only"}
 
 PROBE_WORDS = {"mmr": "most replaceable by MMR", "loo": "least important by leave-one-out"}
 
@@ -143,6 +148,8 @@ def main() -> None:
     parser.add_argument("--layers", type=_layers, default=None,
                         help="the 50%% runs' Mamba layers, e.g. 2,3 (default: the probe's two)")
     parser.add_argument("--mixers", default="mamba,mamba2", help="the main runs' mixers, comma-separated")
+    parser.add_argument("--variants", default=None,
+                        help="the ablation's rows to run, comma-separated (default: all): " + ", ".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/distill.json"))
     args = parser.parse_args()
@@ -150,6 +157,9 @@ def main() -> None:
     runs = set(args.runs.split(","))
     if runs - {"main", "ablation", "m1"}:
         parser.error(f"unknown runs {sorted(runs - {'main', 'ablation', 'm1'})}; choose from main, ablation, m1")
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if set(variants) - set(VARIANTS):
+        parser.error(f"unknown --variants {sorted(set(variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     if not args.mixers or set(args.mixers.split(",")) - {"mamba", "mamba2"}:
         parser.error(f"--mixers takes mamba and/or mamba2, comma-separated; got {args.mixers!r}")
     console = Console(width=120)
@@ -176,8 +186,9 @@ def main() -> None:
                                for mixer in args.mixers.split(",")]
             console.print(table("50% Mamba, default recipe", results["main"], with_fresh=True))
         if "ablation" in runs:
-            results["ablation"] = [run(name, teacher, half, "mamba", recipe, work, args.n, console)
-                                   for name, recipe in ablations(default).items()]
+            rows = ablations(default)
+            results["ablation"] = [run(VARIANTS[key], teacher, half, "mamba", rows[VARIANTS[key]], work, args.n,
+                                       console) for key in variants]
             console.print(table("ablation: 50% mamba, the default recipe's steps spent otherwise",
                                 results["ablation"], with_fresh=False))
         if "m1" in runs:

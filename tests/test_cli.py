@@ -118,6 +118,8 @@ def test_demo_distils_the_hybrid_and_compares_all_three(tmp_path):
     assert "distilled" in result.output and "recipe 'tiny'" in result.output
     report = json.loads((out / "demo.json").read_text())
     assert list(report["workload"]) == ["teacher", "hybrid", "distilled"]
+    assert len(report["generated_teacher"]) == len(report["generated_distilled"]) == 2
+    assert "teacher greedy output" in result.output and "distilled hybrid, same prompts" in result.output
     assert [(s["stage"], s["steps"]) for s in report["distillation"]["stages"]] == [("align", 3), ("kd", 3)]
     assert (out / "distilled" / "model.safetensors").is_file() and (out / "distilled" / "distill.json").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the distillation's work area is gone

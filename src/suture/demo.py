@@ -39,6 +39,8 @@ class DemoReport:
     workload: dict[str, dict] = field(default_factory=dict)  # model -> evaluation report (workload teachers)
     layout: dict = field(default_factory=dict)  # the preset, its description, kept and replaced layers
     distillation: dict = field(default_factory=dict)  # recipe, budget, per-stage steps / losses / seconds
+    generated_teacher: list = field(default_factory=list)  # the teacher's answers to the same prompts (with a tokenizer)
+    generated_distilled: list = field(default_factory=list)  # the distilled hybrid's answers to the same prompts
 
 
 def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:
@@ -140,15 +142,13 @@ def run_demo(
         diff = (reloaded(probe).logits - hybrid(probe).logits).abs().max().item()
 
         if tokenizer is not None:
-            tokenizer.padding_side = "left"
-            batch = tokenizer(["12+3*4=", "71*3+9-5-30="], return_tensors="pt", padding=True)
-            out = reloaded.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            generated = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            generated, generated_teacher = _greedy_samples(reloaded, tokenizer), _greedy_samples(source, tokenizer)
         else:
             prompts = torch.tensor([[0, 0, 0, 1, 17, 42, 99], [1, 5, 6, 7, 8, 9, 10]])  # left padded, pad id 0
             out = reloaded.generate(prompts, attention_mask=(prompts != 0).long(), max_new_tokens=12,
                                     do_sample=False, pad_token_id=0)
             generated = out[:, prompts.shape[1]:].tolist()
+            generated_teacher = []
         latency = {
             "teacher": {c: decode_latency_ms(source, c) for c in contexts},
             "hybrid": {c: decode_latency_ms(reloaded, c) for c in contexts},
@@ -159,11 +159,12 @@ def run_demo(
 
             workload = {name: evaluate(model, tokenizer, n_per_level=eval_n, name=name).to_dict()
                         for name, model in (("teacher", source), ("hybrid", reloaded))}
-        distillation = {}
+        distillation, generated_distilled = {}, []
         if distill_recipe is not None:
             distilled, distillation = _distill(source, reloaded, tokenizer, distill_recipe, distill_budget,
                                                tmp / "distilled", on_log)
             workload["distilled"] = evaluate(distilled, tokenizer, n_per_level=eval_n, name="distilled").to_dict()
+            generated_distilled = _greedy_samples(distilled, tokenizer)
         report = DemoReport(
             out_dir=str(out_dir),
             layer_types=list(hybrid.config.layer_types),
@@ -173,6 +174,8 @@ def run_demo(
             ssm_state_bytes_per_sequence=ssm_state_bytes(hybrid),
             reload_max_abs_diff=diff,
             generated=generated,
+            generated_teacher=generated_teacher,
+            generated_distilled=generated_distilled,
             decode_ms_per_token=latency,
             teacher=str(teacher) if teacher is not None else "random tiny llama",
             workload=workload,
@@ -181,6 +184,18 @@ def run_demo(
         )
         (tmp / "demo.json").write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+DEMO_PROMPTS = ("12+3*4=", "71*3+9-5-30=")
+
+
+@torch.no_grad()
+def _greedy_samples(model, tokenizer) -> list[str]:
+    """`model`'s greedy answers to `DEMO_PROMPTS`, generated as one left-padded batch."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(DEMO_PROMPTS), return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _select(teacher, tokenizer, n: int, preset: str | None, ratio: float | None, probe: str, mixer: str):

@@ -91,5 +91,11 @@ def demo_command(
                       "(--distill default trains it back).")
     console.print(f"reloaded through AutoModelForCausalLM: max |logit diff| = {report.reload_max_abs_diff:.1e}")
     console.print(f"teacher: {report.teacher}")
-    console.print(f"hybrid greedy output (batch of 2, left padded): {report.generated}")
-    console.print(f"wrote {out}/teacher, {out}/hybrid and {out}/demo.json")
+    if report.generated_teacher:
+        console.print(f"teacher greedy output (batch of 2, left padded): {report.generated_teacher}")
+    console.print(f"hybrid greedy output{'' if report.generated_teacher else ' (batch of 2, left padded)'}: "
+                  f"{report.generated}")
+    if report.generated_distilled:
+        console.print(f"distilled hybrid, same prompts: {report.generated_distilled}")
+    written = [f"{out}/teacher", f"{out}/hybrid"] + ([f"{out}/distilled"] if distilled else [])
+    console.print(f"wrote {', '.join(written)} and {out}/demo.json")
