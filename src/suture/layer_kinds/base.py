@@ -88,6 +88,13 @@ class LayerKind:
             for source, t in self.transfer.items()
         }
 
+    def transfer_shapes(self, config, layer_idx: int) -> dict[str, tuple[int, ...]]:
+        """{replaced layer's tensor: the shape the transfer needs} for layer `layer_idx` of `config`, read from a
+        weightless (meta-device) mixer, so a checkpoint's tensors can be checked before anything is read."""
+        with torch.device("meta"):
+            mixer = self.build_mixer(config, layer_idx)
+        return {source: tuple(_destination(mixer, t).shape) for source, t in self.transfer.items()}
+
     @torch.no_grad()
     def transfer_weights(self, mixer: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         """Copy the replaced layer's tensors (`weights`, named relative to the layer: "self_attn.q_proj.weight")
@@ -96,11 +103,8 @@ class LayerKind:
             if source not in weights:
                 raise KeyError(f"The {self.name!r} transfer reads {source!r} of the replaced layer, which has no such "
                                f"tensor (it has {sorted(weights)[:8]}).")
-            destination = mixer.get_parameter(t.target)
-            what = f"{source} -> {self.prefix}.{t.target}"
-            if t.rows is not None:
-                start, stop = _row_span(mixer, t.target, t.rows)
-                destination, what = destination[start:stop], f"{what} rows [{t.rows}]"
+            destination = _destination(mixer, t)
+            what = f"{source} -> {self.transfer_description()[source]}"
             if destination.shape != weights[source].shape:
                 raise ValueError(f"Shape mismatch for {what}: expected {tuple(destination.shape)}, got "
                                  f"{tuple(weights[source].shape)}.")
@@ -111,6 +115,15 @@ class LayerKind:
         """Decoding memory of one layer of this kind, from a config (object or config.json dict) and the bytes per
         element of the model's dtype."""
         raise NotImplementedError(f"Layer kind {self.name!r} has no cache-footprint formula.")
+
+
+def _destination(mixer: nn.Module, t: Transfer) -> torch.Tensor:
+    """The parameter of `mixer` that `t` writes, or the row block of it (a view)."""
+    destination = mixer.get_parameter(t.target)
+    if t.rows is None:
+        return destination
+    start, stop = _row_span(mixer, t.target, t.rows)
+    return destination[start:stop]
 
 
 def _row_span(mixer: nn.Module, target: str, rows: str) -> tuple[int, int]:
