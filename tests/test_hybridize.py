@@ -218,8 +218,12 @@ def test_other_bad_inputs(tmp_path):
     hybridize(src, tmp_path / "out", [0])
     with pytest.raises(FileExistsError, match="--force"):
         hybridize(src, tmp_path / "out", [1])
-    with pytest.raises(ValueError, match="already a suture hybrid"):
-        hybridize(tmp_path / "out", tmp_path / "again", [1])
+    # a hybrid source is hybridized further (tests/test_rehybridize.py); its mixers are never replaced by another kind
+    with pytest.raises(ValueError, match=r"layer 0 of the source hybrid already is a 'mamba' layer"):
+        hybridize(tmp_path / "out", tmp_path / "again", [0, 1], mixer="mamba2")
+    assert not (tmp_path / "again").exists()
+    again = hybridize(tmp_path / "out", tmp_path / "again", [1])
+    assert (again.replaced, again.carried) == ([1], [0])
     hybridize(src, tmp_path / "out", [1], force=True)
     assert json.loads((tmp_path / "out" / "surgery.json").read_text())["selection"]["mamba_layers"] == [1]
 

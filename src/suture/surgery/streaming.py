@@ -7,28 +7,32 @@ the hybrid has a source (a copy or a fresh MIL-initialised mixer), and any misma
 before a byte is written. Tensors are then read with positioned reads and written
 straight into the planned safetensors shards, so the peak memory is about one layer's mixer plus one tensor,
 whatever the model size. The result is bit-identical to `hybridize_model` on the loaded source.
+
+The source may be a suture hybrid (`suture.surgery.rehybrid`): its mixers are carried over like every other kept
+tensor, and the new mixers are built from the `teacher` checkpoint's attention (only those layers' tensors are
+read) or, without one, from the hybrid's own attention at those layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..architectures import HybridConfig, HybridForCausalLM
 from ..architectures.families import FAMILIES, get_family
 from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
-from ..io import atomic_output_dir, check_output_dir, is_hub_id, read_json
-from ..io.cards import SUTURE_URL, load_section, render_card
+from ..io import atomic_output_dir, check_output_dir, read_json
 from ..io.parse import parse_dtype
 from ..layer_kinds import get_layer_kind, mixer_kind_names
 from .layers import LayerSelection, SelectionSpec, resolve_selection
 from .mil import mil_mixer, mixer_tensor
+from .record import checkpoint_facts, lineage_record, model_card, surgery_record
+from .rehybrid import check_teacher, hybrid_config, is_hybrid, new_mixer_layers
 
 # Buffers some older checkpoints saved that today's modules recompute (transformers ignores them on load too).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -38,22 +42,23 @@ _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 class HybridizeResult:
     out: Path
     layer_types: list[str]
-    replaced: list[int]
+    replaced: list[int]  # the layers replaced now
+    carried: list[int] = field(default_factory=list)  # a hybrid source's mixer layers, carried over
     surgery: dict = field(repr=False, default_factory=dict)
 
 
 def load_source_config(src: str | Path):
-    """The source's transformers config, after checking that its family is one suture can hybridize."""
+    """The source's config: a transformers config of a family suture can hybridize, or a suture hybrid's."""
     src = Path(src)
     path = src / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{src} has no config.json: pass a Hugging Face checkpoint directory.")
     model_type = read_json(path, "model config").get("model_type")
     if model_type == HybridConfig.model_type:
-        raise ValueError(f"{src} is already a suture hybrid; hybridize its teacher (the original transformer).")
+        return HybridConfig.from_pretrained(src)
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: model_type {model_type!r} is not a family suture can hybridize; supported: "
-                         f"{', '.join(FAMILIES)}.")
+                         f"{', '.join(FAMILIES)}, or a suture hybrid.")
     return get_family(model_type).config_class.from_pretrained(src)
 
 
@@ -120,6 +125,7 @@ def hybridize(
     out: str | Path,
     selection: SelectionSpec | LayerSelection | list[int],
     mixer: str = "mamba",
+    teacher: str | Path | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
     force: bool = False,
@@ -132,72 +138,101 @@ def hybridize(
 ) -> HybridizeResult:
     """Write a hybrid of the checkpoint `src` to `out`, replacing `selection.replace` by `mixer` layers.
 
+    `src` is a transformer (llama, qwen2, qwen3, mistral) or a suture hybrid. A hybrid's mixer layers are carried
+    over, as are its MLPs, norms, embeddings and kept attention, and only its attention layers can be replaced
+    (`suture.surgery.rehybrid`); the selection is resolved against its layers (`resolve_selection`).
+
     Args:
         selection: how to choose the layers to replace (a `SelectionSpec`, e.g. ``SelectionSpec(ratio=0.5,
             select="importance", data="calib.jsonl")``, resolved against `src`), the layers chosen already
             (`suture.surgery.select_layers`), or a plain list of indices.
         mixer: the layer kind of the replaced layers: "mamba" (Mamba-1, M1 / Apriel-H1 style), "mamba2"
             (MambaInLlama Mamba-2 style) or any registered kind with a transfer table.
+        teacher: with a hybrid `src`, the checkpoint directory of the original transformer: its attention at the
+            newly replaced layers initialises their mixers (default: the hybrid's own attention there). Only those
+            layers' tensors are read; its config and tensor shapes are checked against the hybrid first.
         seed: seeds the fresh init of each mixer (with the layer index; see `mil_mixer`).
         dtype: cast every floating tensor to this dtype (default: keep the source's; new mixers take the dtype of
-            the attention they replace).
+            the source's attention they replace).
         allow_pickle: accept pickle `.bin` weights (loaded with `torch.load(weights_only=True)`).
-        checksum: record the SHA-256 of every source weight file in surgery.json.
+        checksum: record the SHA-256 of every source (and teacher) weight file in surgery.json.
         scores: per-layer importance scores to record with a `LayerSelection` (`ImportanceReport.to_dict()`); a
             `SelectionSpec` by importance records the report it selected by.
         on_progress: called as (phase, done, total) with phase "importance" (probe preparations and forward
             passes, when a `SelectionSpec` scores the layers), "checksum" (bytes) or "tensors" (bytes written).
-        mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``).
+        mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``); with a hybrid `src` only its own
+            values.
     """
     if mixer not in mixer_kind_names():
         raise ValueError(f"mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
-    src, out = Path(src), check_output_dir(out, force, [src])
+    src, teacher = Path(src), None if teacher is None else Path(teacher)
+    out = check_output_dir(out, force, [src, teacher])
     cast = parse_dtype(dtype, what="dtype")
     source_config = load_source_config(src)
+    from_hybrid = is_hybrid(source_config)
+    if teacher is not None and not from_hybrid:
+        raise ValueError(f"A teacher applies to a hybrid source only; {src} is a {source_config.model_type} "
+                         "transformer, whose own attention initialises the mixers: leave the teacher out.")
     n = source_config.num_hidden_layers
-    selection, scores = resolve_selection(selection, src, n, mixer, seed, scores, on_progress)
+    selection, scores = resolve_selection(selection, src, n, mixer, seed, scores, on_progress,
+                                          layer_types=source_config.layer_types if from_hybrid else None)
     bad = [i for i in selection.replace if not 0 <= i < n]
     if bad:
         raise ValueError(f"Layer indices {bad} are out of range: {src} has {n} layers (0..{n - 1}).")
-    if not selection.replace:
-        raise ValueError(f"The selection replaces none of the {n} layers of {src}, so the hybrid would be the source "
-                         "itself: pass at least one layer index (see suture.surgery.select_layers).")
     replaced = set(selection.replace)
-    source_class = get_family(source_config.model_type).causal_lm_class
+    config = hybrid_config(source_config, [mixer if i in replaced else None for i in range(n)], **mixer_overrides)
+    config.architectures = ["HybridForCausalLM"]
+    new = new_mixer_layers(source_config, config)
+    if not new:
+        what = f"the {len(config.attention_layer_indices)} attention layers" if from_hybrid else f"the {n} layers"
+        raise ValueError(f"The selection replaces none of {what} of {src}, so the hybrid would be the source "
+                         "itself: pass at least one layer index (see suture.surgery.select_layers).")
+    source_class = HybridForCausalLM if from_hybrid else get_family(source_config.model_type).causal_lm_class
 
-    with CheckpointReader(src, allow_pickle=allow_pickle) as reader:
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(CheckpointReader(src, allow_pickle=allow_pickle))
+        teacher_reader, teacher_config = None, None
+        if teacher is not None:
+            teacher_config = load_source_config(teacher)
+            teacher_reader = stack.enter_context(CheckpointReader(teacher, allow_pickle=allow_pickle))
+            check_teacher(config, teacher_config, {name: t.shape for name, t in teacher_reader.index.items()}, new,
+                          str(teacher))
         tied_copies = _resolve_stored_tied_copies(reader, source_class, source_config)
         ignored = _check_source(reader, _meta_tensors(source_class, source_config)[0], src, source_config,
                                 {entry["name"] for entry in tied_copies if entry["equal"]})
-        config = HybridConfig.from_source(source_config, [mixer if i in replaced else None for i in range(n)],
-                                          **mixer_overrides)
-        config.architectures = ["HybridForCausalLM"]
-        plan, fresh_dtype = _plan(config, reader, cast)
+        config.tie_word_embeddings = source_config.tie_word_embeddings  # untied above if a stored head differs
+        plan, fresh_dtype = _plan(config, reader, cast, new)
         config.dtype = fresh_dtype
         total = sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in plan)
-        digests = _checksums(reader, on_progress) if checksum else {}
-        with atomic_output_dir(out, force, [src]) as tmp:
+        readers = [r for r in (reader, teacher_reader) if r is not None]
+        digests = _checksums(readers, on_progress) if checksum else [{} for _ in readers]
+        with atomic_output_dir(out, force, [src, teacher]) as tmp:
             with ShardedSafetensorsWriter(tmp, plan, max_shard_size) as writer:
-                _stream(reader, config, plan, writer, seed, total, on_progress)
+                _stream(reader, teacher_reader or reader, config, plan, new, writer, seed, total, on_progress)
             config.save_pretrained(tmp)
             copied = copy_tokenizer_files(src, tmp)
-            used = {name for name, _, _ in plan if mixer_tensor(config, name) is None}
-            surgery = _surgery_record(src, source_config, config, selection, mixer, seed, mixer_overrides,
-                                      digests, scores, reader, used, ignored, copied, tied_copies)
+            used = {name for name, _, _ in plan if mixer_tensor(config, name, new) is None}
+            lineage = None
+            if from_hybrid:
+                teacher_facts = checkpoint_facts(teacher, teacher_config, digests[1]) if teacher else None
+                lineage = lineage_record(src, source_config, new, selection.reasons, teacher_facts)
+            dropped = sorted(name for name in reader.index if name not in used and name not in ignored)
+            surgery = surgery_record(checkpoint_facts(src, source_config, digests[0]), config, selection, mixer,
+                                     seed, mixer_overrides, scores, dropped, ignored, copied, tied_copies, lineage)
             (tmp / "surgery.json").write_text(json.dumps(surgery, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(surgery, out.name))
-    return HybridizeResult(out, list(config.layer_types), sorted(replaced), surgery)
+    carried = source_config.mixer_layer_indices if from_hybrid else []
+    return HybridizeResult(out, list(config.layer_types), new, list(carried), surgery)
 
 
-def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | None):
-    """(name, shape, dtype) of every output tensor, in model order, and the dtype of the fresh mixers (that of the
-    attention weights they are built from)."""
-    first = config.mixer_layer_indices[0]
-    seed_tensor = f"model.layers.{first}.{next(iter(get_layer_kind(config.layer_types[first]).transfer))}"
+def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | None, new: list[int]):
+    """(name, shape, dtype) of every output tensor, in model order, and the dtype of the new mixers (that of the
+    source's attention weights they replace)."""
+    seed_tensor = f"model.layers.{new[0]}.{next(iter(get_layer_kind(config.layer_types[new[0]]).transfer))}"
     fresh_dtype = cast or DTYPES[reader.index[seed_tensor].dtype]
     plan = []
     for name, (shape, _) in _meta_tensors(HybridForCausalLM, config)[0].items():
-        if mixer_tensor(config, name) is not None:
+        if mixer_tensor(config, name, new) is not None:
             plan.append((name, shape, fresh_dtype))
             continue
         source_dtype = DTYPES[reader.index[name].dtype]
@@ -205,8 +240,9 @@ def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | No
     return plan, fresh_dtype
 
 
-def _checksums(reader: CheckpointReader, on_progress) -> dict[str, str]:
-    total = sum(Path(f).stat().st_size for f in reader.files)
+def _checksums(readers: list[CheckpointReader], on_progress) -> list[dict[str, str]]:
+    """SHA-256 of every weight file of each reader's checkpoint, with one progress total for all of them."""
+    total = sum(Path(f).stat().st_size for reader in readers for f in reader.files)
     done = 0
 
     def advance(nbytes: int) -> None:
@@ -215,19 +251,20 @@ def _checksums(reader: CheckpointReader, on_progress) -> dict[str, str]:
         if on_progress:
             on_progress("checksum", done, total)
 
-    return reader.sha256(advance)
+    return [reader.sha256(advance) for reader in readers]
 
 
-def _stream(reader, config, plan, writer, seed, total, on_progress) -> None:
-    """Write every planned tensor; a replaced layer's mixer is built once, when its first tensor comes up."""
+def _stream(reader, init_reader, config, plan, new, writer, seed, total, on_progress) -> None:
+    """Write every planned tensor; a new mixer is built once, when its first tensor comes up, from the attention
+    tensors of its layer in `init_reader` (the source's own, or the teacher's)."""
     mixer_layer, mixer_state, done = None, {}, 0
     for name, shape, dtype in plan:
-        fresh = mixer_tensor(config, name)
+        fresh = mixer_tensor(config, name, new)
         if fresh is not None:
             i, key = fresh
             if i != mixer_layer:
                 sources = get_layer_kind(config.layer_types[i]).transfer
-                weights = {source: reader.read(f"model.layers.{i}.{source}") for source in sources}
+                weights = {source: init_reader.read(f"model.layers.{i}.{source}") for source in sources}
                 mixer = mil_mixer(config, i, weights, seed=seed, dtype=dtype)
                 mixer_layer, mixer_state = i, mixer.state_dict()
                 del weights, mixer
@@ -239,60 +276,3 @@ def _stream(reader, config, plan, writer, seed, total, on_progress) -> None:
         del tensor
         if on_progress:
             on_progress("tensors", done, total)
-
-
-def _surgery_record(src, source_config, config, selection, mixer, seed, overrides, digests, scores, reader, used,
-                    ignored, copied, tied_copies) -> dict:
-    dropped = sorted(n for n in reader.index if n not in used and n not in ignored)
-    return {
-        "suture_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {
-            "path": str(src.resolve()),
-            "name": _hub_name(source_config) or src.name,
-            "model_type": source_config.model_type,
-            "num_hidden_layers": source_config.num_hidden_layers,
-            "sha256": digests,
-        },
-        "mixer": mixer,
-        "seed": seed,
-        "mixer_overrides": overrides,
-        "selection": {"method": selection.method, **selection.detail},
-        "layers": [
-            {"index": i, "type": kind, "replaced": not get_layer_kind(kind).is_attention,
-             "reason": selection.reasons.get(i)}
-            for i, kind in enumerate(config.layer_types)
-        ],
-        "scores": scores,
-        "weight_transfer": get_layer_kind(mixer).transfer_description(),
-        "fresh_init": get_layer_kind(mixer).fresh_init,
-        "dropped_source_tensors": dropped,
-        "ignored_source_tensors": ignored,
-        "stored_tied_copies": tied_copies,
-        "copied_files": copied,
-    }
-
-
-def _hub_name(config) -> str | None:
-    name = getattr(config, "_name_or_path", "") or ""
-    return name if is_hub_id(name) else None
-
-
-def model_card(surgery: dict, title: str) -> str:
-    """README.md for a hybrid checkpoint: hub metadata, the layer layout and how to load it."""
-    source = surgery["source"]
-    replaced = [row["index"] for row in surgery["layers"] if row["replaced"]]
-    n = len(surgery["layers"])
-    rows = "\n".join(f"| {r['index']} | {r['type']} | {r['reason'] or ''} |" for r in surgery["layers"])
-    transfer = ", ".join(f"`{source}` -> `{target}`" for source, target in surgery["weight_transfer"].items())
-    body = "\n".join([
-        f"An attention + Mamba hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
-        f"[suture]({SUTURE_URL}) {surgery['suture_version']}: {len(replaced)} of {n} attention "
-        f"layers were replaced by `{surgery['mixer']}` mixers initialised from the attention weights they replace "
-        f"({transfer}; MLPs, norms and embeddings copied).",
-        "", "The replaced layers are initialised, not trained: distill the hybrid from its source before use.", "",
-        f"Layer selection: `{surgery['selection']['method']}`.", "",
-        "| layer | type | why replaced |", "|---|---|---|", rows, "",
-        load_section(title, hybrid=True), "",
-        "`surgery.json` records the source checksums, the selection, the scores (if any) and every dropped tensor."])
-    return render_card(title, body, tags=["suture", "hybrid", "mamba", surgery["mixer"]], base_model=[source["name"]])
