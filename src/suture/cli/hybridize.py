@@ -13,12 +13,21 @@ from .errors import cli_errors, console, dtype_option, size_option
 
 
 def hybridize_command(
-    src: Path = typer.Argument(..., help="Source checkpoint directory (llama, qwen2, qwen3 or mistral; safetensors)."),
+    src: Path = typer.Argument(..., help="Source checkpoint directory (safetensors): a llama, qwen2, qwen3 or mistral "
+                               "transformer, or a suture hybrid, whose mixer layers, MLPs, norms, embeddings and kept "
+                               "attention are carried over while more of its attention layers are replaced."),
     out: Path = typer.Argument(..., help="Directory to write the hybrid checkpoint to."),
-    mamba_layers: str = typer.Option(None, "--mamba-layers", help="Layers to replace, e.g. '0,2,4-9'."),
-    keep_attention: str = typer.Option(None, "--keep-attention", help="Layers to keep as attention; the rest are replaced."),
-    ratio: float = typer.Option(None, "--ratio", help="Fraction of layers to replace (evenly spaced, or by importance)."),
-    preset: str = typer.Option(None, "--preset", help="Published layout: m1, mil-50, mil-75, mil-87.5."),
+    teacher: Path = typer.Option(None, "--teacher", help="With a hybrid SRC: the original transformer it was made "
+                                 "from, whose attention initialises the new mixers (default: SRC's own attention at "
+                                 "those layers). Only those layers' tensors are read."),
+    mamba_layers: str = typer.Option(None, "--mamba-layers", help="Layers to replace, e.g. '0,2,4-9' (on a hybrid "
+                                     "SRC its mixer layers may be listed: they stay as they are)."),
+    keep_attention: str = typer.Option(None, "--keep-attention", help="Layers to keep as attention; the rest are "
+                                       "replaced (on a hybrid SRC: the rest of its attention layers)."),
+    ratio: float = typer.Option(None, "--ratio", help="Fraction of all layers that are mixers afterwards (evenly "
+                                "spaced, or by importance; on a hybrid SRC the new ones come from its attention layers)."),
+    preset: str = typer.Option(None, "--preset", help="Published layout: m1, mil-50, mil-75, mil-87.5 (on a hybrid "
+                               "SRC it must replace every mixer layer SRC has)."),
     select: str = typer.Option("even", "--select", help="With --ratio: 'even' spacing or 'importance' (needs --data "
                                "or --importance)."),
     data: str = typer.Option(None, "--data", help="Calibration data for --select importance: a JSONL file or 'workload'."),
@@ -37,10 +46,11 @@ def hybridize_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle .bin weights (weights_only load)."),
 ) -> None:
-    """Replace attention layers by MIL-initialised Mamba layers, streaming from SRC to OUT tensor by tensor."""
+    """Replace attention layers by MIL-initialised Mamba layers, streaming from SRC to OUT tensor by tensor. SRC may
+    be a suture hybrid: its mixers are carried over and more of its attention layers are replaced."""
     from ..surgery import SelectionSpec, hybridize
 
-    with cli_errors(output=out, inputs=[src], sharded=True):
+    with cli_errors(output=out, inputs=[src] + ([teacher] if teacher is not None else []), sharded=True):
         spec = SelectionSpec(mamba_layers=mamba_layers, keep_attention=keep_attention, ratio=ratio, preset=preset,
                              select=select, data=data, importance=importance_json, probe=probe)
         with _progress() as progress:
@@ -52,16 +62,21 @@ def hybridize_command(
                 amount = f"{done}/{total}" if phase == "importance" else f"{decimal(done)} / {decimal(total)}"
                 progress.update(tasks[phase], completed=done, total=total, amount=amount)
 
-            result = hybridize(src, out, spec, mixer=mixer, seed=seed, dtype=dtype, force=force,
+            result = hybridize(src, out, spec, mixer=mixer, teacher=teacher, seed=seed, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, max_shard_size=max_shard_size, checksum=checksum,
                                on_progress=on_progress)
 
-    table = Table(title=f"{out}: {len(result.replaced)} of {len(result.layer_types)} layers replaced by {mixer}")
+    carried = f", {len(result.carried)} mixer layers carried over from {src}" if result.carried else ""
+    table = Table(title=f"{out}: {len(result.replaced)} of {len(result.layer_types)} layers replaced by "
+                        f"{mixer}{carried}")
     table.add_column("layer", justify="right")
     table.add_column("type")
     table.add_column("why")
     for row in result.surgery["layers"]:
-        table.add_row(str(row["index"]), row["type"], row["reason"] or "")
+        why = row["reason"] or ""
+        if result.carried and row["index"] in result.replaced:
+            why = f"newly replaced: {why}" if why else "newly replaced"
+        table.add_row(str(row["index"]), row["type"], why)
     console.print(table)
     console.print(f"wrote {out} (load with `suture.register()` + AutoModelForCausalLM.from_pretrained), "
                   "surgery.json and README.md")
