@@ -11,7 +11,8 @@ with the training time (the stages' wall time, evaluation excluded).
   `--layers` to name them), `mamba` and `mamba2` mixers (`--mixers`), the `default` recipe. Bar: >= 95% of the
   teacher's accuracy on every level, <= 15 min of training on 2 CPU cores.
 - `ablation` (50% Mamba, `mamba`): the default recipe's budget (same optimizer steps in total) spent as kd only /
-  align + kd / align + kd + sft; forward vs reverse KL; mixers-only vs all parameters trainable.
+  align + kd / align + kd + sft; the other KL direction (reverse, M1's and Apriel-H1's, for the forward-KL default);
+  mixers-only vs all parameters trainable (`--variants kd,default,sft,kl,mixers` picks rows).
 - `m1`: 25% attention (3 of 4 layers Mamba, the M1 ratio), the default recipe.
 
     python benchmarks/bench_distill.py --zoo demo-output/zoo               # every run (about 1.5 h on 2 cores)
@@ -42,22 +43,24 @@ BAR_FRACTION, BAR_SECONDS = 0.95, 15 * 60
 
 
 def ablations(default: DistillRecipe) -> dict[str, DistillRecipe]:
-    """The default recipe's total optimizer steps spent in other ways (each variant changes one thing)."""
+    """The default recipe's total optimizer steps spent in other ways (each variant changes one thing), by their
+    `--variants` key; each recipe's name is its row's label."""
     stages = {stage.stage: stage for stage in default.stages}
     align, kd = stages["align"], stages["kd"]
     total = sum(stage.steps for stage in default.stages)
     sft_steps = kd.steps // 4
+    other = "reverse" if kd.kl == "forward" else "forward"  # the KL direction the default does not use
 
     def variant(name: str, *new_stages) -> DistillRecipe:
         return default.model_copy(update={"name": name, "stages": list(new_stages)})
 
     return {
-        "kd only": variant("kd only", kd.model_copy(update={"steps": total})),
-        "align + kd (default)": default,
-        "align + kd + sft": variant("align + kd + sft", align, kd.model_copy(update={"steps": kd.steps - sft_steps}),
-                                    _sft(kd, sft_steps)),
-        "forward KL": variant("forward KL", align, kd.model_copy(update={"kl": "forward"})),
-        "mixers only": variant("mixers only", align, kd.model_copy(update={"trainable": "mixers"})),
+        "kd": variant("kd only", kd.model_copy(update={"steps": total})),
+        "default": default.model_copy(update={"name": "align + kd (default)"}),
+        "sft": variant("align + kd + sft", align, kd.model_copy(update={"steps": kd.steps - sft_steps}),
+                       _sft(kd, sft_steps)),
+        "kl": variant(f"{other} KL", align, kd.model_copy(update={"kl": other})),
+        "mixers": variant("mixers only", align, kd.model_copy(update={"trainable": "mixers"})),
     }
 
 
@@ -68,9 +71,8 @@ def _sft(kd, steps: int):
     return SFTStage(steps=steps, **settings)
 
 
-# --variants keys -> the ablation's rows
-VARIANTS = {"kd": "kd only", "default": "align + kd (default)", "sft": "align + kd + sft", "forward": "forward KL",
-            "mixers": "mixers only"}
+# --variants keys: the ablation's rows
+VARIANTS = ("kd", "default", "sft", "kl", "mixers")
 
 PROBE_WORDS = {"mmr": "most replaceable by MMR", "loo": "least important by leave-one-out"}
 
@@ -187,8 +189,8 @@ def main() -> None:
             console.print(table("50% Mamba, default recipe", results["main"], with_fresh=True))
         if "ablation" in runs:
             rows = ablations(default)
-            results["ablation"] = [run(VARIANTS[key], teacher, half, "mamba", rows[VARIANTS[key]], work, args.n,
-                                       console) for key in variants]
+            results["ablation"] = [run(rows[key].name, teacher, half, "mamba", rows[key], work, args.n, console)
+                                   for key in variants]
             console.print(table("ablation: 50% mamba, the default recipe's steps spent otherwise",
                                 results["ablation"], with_fresh=False))
         if "m1" in runs:

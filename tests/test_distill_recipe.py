@@ -22,9 +22,9 @@ def test_presets_are_the_published_recipes_and_the_default():
     apriel = preset("apriel-h1")
     assert (apriel.stages[0].kl, apriel.stages[0].temperature, apriel.stages[0].trainable) == ("reverse", 1.0, "all")
     assert isinstance(apriel.stages[1], SFTStage)
-    default = preset("default")  # the recipe benchmarks/bench_distill.py measures: align, then reverse KL
+    default = preset("default")  # the recipe benchmarks/bench_distill.py measures: align, then forward KL
     assert [s.stage for s in default.stages] == ["align", "kd"] and default.packing
-    assert (default.stages[1].kl, default.stages[1].trainable, default.stages[1].response_only) == ("reverse", "all",
+    assert (default.stages[1].kl, default.stages[1].trainable, default.stages[1].response_only) == ("forward", "all",
                                                                                                    True)
     with pytest.raises(ValueError, match="Unknown distillation recipe 'mohawk'.*default"):
         preset("mohawk")
