@@ -61,7 +61,6 @@ def schedule_figure(records: list[StepRecord], teacher: dict):
     against the step (0: the teacher). A quantity that was not measured says so in its panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
@@ -88,7 +87,7 @@ def schedule_figure(records: list[StepRecord], teacher: dict):
     for ax, title in ((accuracy, "accuracy per level"), (kl, "KL to the teacher"), (kv, "KV cache")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step (0: teacher)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(steps)
     return fig
 
 
