@@ -93,7 +93,8 @@ def test_four_layers_to_a_quarter_in_steps_of_two_is_two_steps(straight, teacher
     assert sorted(map(int, second["scores"])) == first["attention_layers"]
     assert set(first["replaced"]) | set(second["replaced"]) == {i for i, k in enumerate(final) if k == "mamba"}
     assert [s["kv_bytes_per_token"] for s in summary["steps"]] == [512, 256]
-    assert summary["teacher"]["kv_bytes_per_token"] == 1024 and second["state_bytes_per_sequence"] > 0
+    assert summary["teacher"]["kv_bytes_per_token"] == 1024 and summary["teacher"]["dtype"] == "F32"
+    assert second["state_bytes_per_sequence"] > 0
     assert "kl" in second["student"] and second["training_seconds"] > 0
     assert (first["checkpoint"], second["checkpoint"]) == ("steps/step-1", ".")
     assert json.loads((out / "steps" / "step-1" / "config.json").read_text())["layer_types"].count("mamba") == 2

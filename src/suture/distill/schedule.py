@@ -12,7 +12,7 @@ Each step
      previous step's checkpoint as the source and `teacher`);
   3. distils the new hybrid from the teacher with the recipe (`distill`), which also evaluates it;
   4. records the layers, the probe's scores of every candidate, accuracy, KL, training time and the KV-cache and
-     state bytes of the checkpoint (`suture inspect`'s accounting).
+     state bytes of the hybrid (`suture inspect`'s accounting, at the teacher's dtype).
 It stops when round(target_attention * layers) attention layers are left.
 
 Layout while running: the work area `.OUT.suture-schedule/` (hidden sibling of OUT) holds `state.json` (the run's
@@ -35,7 +35,8 @@ from pathlib import Path
 
 from ..data import check_data
 from ..io import atomic_output_dir, atomic_output_file, check_output_dir, read_json
-from ..io.inspect import inspect_checkpoint
+from ..io.checkpoint import DTYPES
+from ..io.inspect import inspect_checkpoint, layer_footprints
 from ..layer_kinds import mixer_kind_names
 from ..surgery import hybridize
 from ..surgery.importance import PROBES, ImportanceReport, layer_importance, probe_settings
@@ -53,8 +54,8 @@ KEEP = ("all", "last")
 class StepRecord:
     """What one step did: the layers it `replaced`, the probe's `scores` of every candidate (the attention layers
     before the step; low = replaced first), the `layer_types` after it, distill's `evaluation` rows (teacher,
-    student before, student: "kl", "accuracy", "accuracy_<level>"), the stages' `training_seconds`, the checkpoint's
-    KV-cache bytes per token and fixed state bytes per sequence, and where OUT keeps it (`checkpoint`, relative to
+    student before, student: "kl", "accuracy", "accuracy_<level>"), the stages' `training_seconds`, the hybrid's
+    KV-cache bytes per token and fixed state bytes per sequence (at the teacher's dtype), and where OUT keeps it (`checkpoint`, relative to
     OUT; None when not kept)."""
 
     step: int
@@ -97,7 +98,7 @@ class ScheduleResult:
     out: Path
     steps: list[StepRecord]
     final: Path  # the last step's hybrid: OUT itself
-    teacher: dict = field(default_factory=dict)  # path, layers, its evaluation row, KV and state bytes
+    teacher: dict = field(default_factory=dict)  # path, layers, dtype, its evaluation row, KV and state bytes
 
 
 def schedule_dir(out: str | Path) -> Path:
@@ -176,6 +177,8 @@ def incremental(
         data = list(data)  # read by every step's probe and distillation
     sizes, recipe, settings = _check_request(teacher, recipe, data, target_attention, step, probe, mixer, seed, keep,
                                              budget, save_steps, eval_n, held_out, probe_n, probe_options)
+    teacher_facts = inspect_checkpoint(teacher)
+    dtype = max(teacher_facts.dtypes, key=teacher_facts.dtypes.get)  # every step's cache is counted at this dtype
     work = schedule_dir(out)
     sources = [teacher, data] if isinstance(data, (str, Path)) else [teacher]
     check_output_dir(out, force, sources)
@@ -197,10 +200,12 @@ def incremental(
                 distill(teacher, hybrid, recipe, data, model, resume=work_dir(model).is_dir(), save_steps=save_steps,
                         eval_n=eval_n, held_out=held_out, on_log=tagged)
             shutil.rmtree(step_dir / "hybrid", ignore_errors=True)
-            records.append(_record(k, model, layers, report, probe))
+            records.append(_record(k, model, layers, report, probe, DTYPES[dtype].itemsize))
             tell("distilled", record=records[-1])
             source = model
-        facts = _teacher_facts(teacher, records)
+        facts = {"path": str(teacher), "layers": len(teacher_facts.layers), "dtype": dtype,
+                 "evaluation": records[0].row("teacher"), "kv_bytes_per_token": teacher_facts.kv_bytes_per_token,
+                 "state_bytes_per_sequence": teacher_facts.state_bytes_per_sequence}
         _assemble(partial, work, records, keep, settings, facts, out.name)
     shutil.rmtree(work, ignore_errors=True)
     return ScheduleResult(out, records, out, facts)
@@ -312,20 +317,18 @@ def _hybrid(step_dir: Path, source: Path, teacher: Path | None, layers: list[int
     return hybrid
 
 
-def _record(k: int, model: Path, layers: list[int], report: ImportanceReport, probe: str) -> StepRecord:
-    """Step k's record, read from its distilled checkpoint (distill.json, config.json, the tensor headers)."""
+def _record(k: int, model: Path, layers: list[int], report: ImportanceReport, probe: str,
+            dtype_bytes: int) -> StepRecord:
+    """Step k's record, read from its distilled checkpoint (distill.json, config.json). Its KV-cache and state
+    bytes are `suture inspect`'s accounting at `dtype_bytes` per element (the teacher's dtype: distill saves fp32,
+    which would make the hybrid look twice as large as a bf16 teacher), the SSM state in fp32 as always."""
     summary = read_json(model / "distill.json", "distillation summary")
-    layer_types = read_json(model / "config.json", "model config")["layer_types"]
-    facts = inspect_checkpoint(model)
-    return StepRecord(k, layers, probe, report.scores(), layer_types, summary["evaluation"]["rows"],
-                      sum(stage["seconds"] for stage in summary["stages"]), facts.kv_bytes_per_token,
-                      facts.state_bytes_per_sequence)
-
-
-def _teacher_facts(teacher: Path, records: list[StepRecord]) -> dict:
-    facts = inspect_checkpoint(teacher)
-    return {"path": str(teacher), "layers": len(facts.layers), "evaluation": records[0].row("teacher"),
-            "kv_bytes_per_token": facts.kv_bytes_per_token, "state_bytes_per_sequence": facts.state_bytes_per_sequence}
+    config = read_json(model / "config.json", "model config")
+    footprints = layer_footprints(config, dtype_bytes)
+    return StepRecord(k, layers, probe, report.scores(), config["layer_types"], summary["evaluation"]["rows"],
+                      sum(stage["seconds"] for stage in summary["stages"]),
+                      sum(f.kv_bytes_per_token for f in footprints),
+                      sum(f.state_bytes_per_sequence for f in footprints))
 
 
 def _assemble(partial: Path, work: Path, records: list[StepRecord], keep: str, settings: dict, teacher: dict,
