@@ -287,7 +287,7 @@ def _response_only(stage) -> bool:
 
 def _claim_work_area(work: Path, recipe: DistillRecipe, data) -> None:
     """Create the work area recording what the run trains on, or check that a resumed run's record matches."""
-    run = {"recipe": recipe.model_dump(mode="json"), "data": _data_name(data)}
+    run = {"recipe": recipe.model_dump(mode="json"), "data": data_name(data)}
     record = work / RUN
     if record.is_file():
         before = json.loads(record.read_text())
@@ -301,18 +301,20 @@ def _claim_work_area(work: Path, recipe: DistillRecipe, data) -> None:
     (work / f"{RUN}.partial").rename(record)
 
 
-def _data_name(data) -> str:
+def data_name(data) -> str:
+    """How a run records its data (run.json, distill.json, a schedule's state): the path or source name."""
     return str(data) if isinstance(data, (str, Path)) else "token id lists"
 
 
-def check_work_area(work: Path, out: Path, resume: bool, force: bool) -> None:
-    """Refuse to resume without a work area, or to start over on one without `force` (which removes it)."""
+def check_work_area(work: Path, out: Path, resume: bool, force: bool, what: str = "distillation") -> None:
+    """Refuse to resume without a work area, or to start over on one without `force` (which removes it); `what`
+    names the interrupted job in the messages."""
     if resume and not work.is_dir():
-        raise FileNotFoundError(f"There is no interrupted distillation into {out} to resume (no {work}); run "
+        raise FileNotFoundError(f"There is no interrupted {what} into {out} to resume (no {work}); run "
                                 "without --resume (resume=False).")
     if not resume and work.exists():
         if not force:
-            raise FileExistsError(f"An interrupted distillation into {out} left its checkpoints in {work}: pass "
+            raise FileExistsError(f"An interrupted {what} into {out} left its checkpoints in {work}: pass "
                                   "--resume (resume=True) to continue it, or --force (force=True) to start over.")
         shutil.rmtree(work)
 
@@ -372,7 +374,7 @@ def _write_output(partial: Path, title: str, student, tokenizer, recipe, reports
     surgery = Path(student_name) / "surgery.json"
     if surgery.is_file():
         shutil.copy(surgery, partial / "surgery.json")
-    summary = {"teacher": teacher_name, "student": student_name, "data": _data_name(data),
+    summary = {"teacher": teacher_name, "student": student_name, "data": data_name(data),
                "recipe": recipe.model_dump(mode="json"),
                "stages": [{"index": r.index, "stage": r.stage, "steps": r.steps, "seconds": round(r.seconds, 3),
                            "first_loss": r.first_loss, "last_loss": r.last_loss} for r in reports],

@@ -97,7 +97,7 @@ def register_probe(name: str, options: type | None = None) -> Callable[[Probe], 
     return decorate
 
 
-def _probe_settings(methods: list[str], probe_options: dict[str, dict] | None) -> dict[str, Any]:
+def probe_settings(methods: list[str], probe_options: dict[str, dict] | None) -> dict[str, Any]:
     """{method: its settings object} for the `methods` that take settings, filled from `probe_options`
     ({method: {field: value}}; a missing field keeps its default). Errors name the method or field at fault."""
     probe_options = probe_options or {}
@@ -196,7 +196,7 @@ def layer_importance(
         raise ValueError(f"mixer must be one of {', '.join(mixer_kind_names())}, got {mixer!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    settings = _probe_settings(methods, probe_options)
+    settings = probe_settings(methods, probe_options)
     check_data(data)  # before loading a large model
     model, tokenizer, name = _load_source(source, tokenizer)
     sequences = load_sequences(data, tokenizer, n=n, max_length=max_length, seed=seed)
@@ -337,11 +337,14 @@ class ImportanceReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
+    def from_dict(cls, values: dict) -> ImportanceReport:
+        """The report `to_dict` gave."""
+        return cls(**{**values, "layers": [LayerScore(**entry) for entry in values["layers"]]})
+
+    @classmethod
     def load_json(cls, path: str | Path) -> ImportanceReport:
         try:
-            values = read_json(path, "importance report")
-            values["layers"] = [LayerScore(**entry) for entry in values["layers"]]
-            return cls(**values)
+            return cls.from_dict(read_json(path, "importance report"))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path} is not an importance report ({type(err).__name__}: {err}).") from None
 
