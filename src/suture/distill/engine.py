@@ -34,7 +34,7 @@ from pathlib import Path
 from torch import nn
 
 from ..data import check_data, load_examples
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, hidden_sibling
 from ..io.cards import load_section, render_card
 from .parallel import barrier, init_process_group, is_main_process
 from .recipe import DistillRecipe, load_recipe
@@ -83,8 +83,7 @@ class DistillResult:
 
 def work_dir(out: str | Path) -> Path:
     """The work area of a distillation into `out` (Trainer checkpoints, finished stages)."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}{WORK}"
+    return hidden_sibling(out, WORK)
 
 
 def distill(

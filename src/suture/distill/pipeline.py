@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..io import check_output_dir
+from ..io import check_output_dir, hidden_sibling
 from .engine import DistillResult, check_work_area, distill, work_dir
 
 HYBRID = ".suture-hybrid"
@@ -13,8 +13,7 @@ HYBRID = ".suture-hybrid"
 
 def hybrid_dir(out: str | Path) -> Path:
     """Where `hybridize_and_distill` keeps the fresh hybrid of a run into `out` until the run ends."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}{HYBRID}"
+    return hidden_sibling(out, HYBRID)
 
 
 def hybridize_and_distill(teacher: str | Path, out: str | Path, selection, recipe, data, *, mixer: str = "mamba",

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data import check_data
-from ..io import atomic_output_dir, atomic_output_file, check_output_dir, read_json
+from ..io import atomic_output_dir, atomic_output_file, check_output_dir, hidden_sibling, read_json
 from ..io.checkpoint import DTYPES
 from ..io.inspect import inspect_checkpoint, layer_footprints
 from ..layer_kinds import mixer_kind_names
@@ -103,8 +103,7 @@ class ScheduleResult:
 
 def schedule_dir(out: str | Path) -> Path:
     """The work area of an incremental schedule into `out` (state, step hybrids and distillations)."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}{WORK}"
+    return hidden_sibling(out, WORK)
 
 
 def step_sizes(n_layers: int, target_attention: float, step: int) -> list[int]:

@@ -95,6 +95,12 @@ def atomic_output_dir(out_dir: str | Path, force: bool = False,
         _publish(work, target, force, sources)
 
 
+def hidden_sibling(out: str | Path, suffix: str) -> Path:
+    """The hidden sibling `.NAME<suffix>` of `out`, made absolute: where a job into `out` keeps its work (a
+    distillation's checkpoints, a schedule's steps), on the same filesystem as `out`, so it can be renamed in."""
+    return _sibling(_absolute(Path(out)), suffix)
+
+
 def _absolute(out: Path) -> Path:
     """`out` made absolute, so that "." or "a/.." have a name and a parent to put siblings in."""
     return Path(os.path.abspath(out))
