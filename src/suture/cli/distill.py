@@ -163,7 +163,7 @@ def _step_lines(progress: Progress):
         where = f"step {event['step']}/{event['steps']}"
         if event["event"] == "planned":
             scores = event["scores"]
-            ranked = ", ".join(f"{i} {scores[i]:.3e}" for i in sorted(scores, key=lambda i: (scores[i], i)))
+            ranked = ", ".join(f"{i} {scores[i]:.3e}" for i in event["ranking"])
             again = "" if event["probed"] else " (planned before the run stopped)"
             progress.console.print(f"{where}: replacing layers {', '.join(map(str, event['replaced']))}{again}; "
                                    f"probe scores, least important first: {ranked}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE_INDEX, Example
+from ..io.cards import markdown_table
 from .losses import ForwardKLLoss
 from .trainer import ExampleDataset, pad_collator
 
@@ -133,9 +134,9 @@ class Evaluation:
     def markdown(self) -> str:
         """The summary as a Markdown table, with its description."""
         columns = self.columns
-        lines = ["| " + " | ".join(header(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n\n" + self.describe()
+        table = markdown_table([header(c) for c in columns], [[format_cell(row.get(c)) for c in columns]
+                                                              for row in self.rows])
+        return table + "\n\n" + self.describe()
 
 
 def format_cell(value) -> str:

@@ -166,7 +166,8 @@ def incremental(
         force: replace an existing OUT; without `resume`, drop an interrupted run's work area.
         resume: continue the interrupted run into `out` (its settings must be the same).
         on_log: distill's records, with "schedule_step" added.
-        on_step: called with {"event": "planned", "step", "steps", "replaced", "scores", "probed"} (probed: False
+        on_step: called with {"event": "planned", "step", "steps", "replaced", "scores", "ranking" (the candidates,
+            least important first), "probed"} (probed: False
             when a resumed run reuses the plan), {"event": "hybridized", "step", "steps", "hybrid", "source"}
             before the step's distillation starts or resumes, and {"event": "distilled", "step", "steps",
             "record": StepRecord}.
@@ -297,7 +298,7 @@ def _plan(plans: dict, k: int, source: Path, data, probe, mixer, seed, size, pro
         plans[k] = {"layers": report.select(k=size), "report": report.to_dict()}
         save()
     report, layers = ImportanceReport.from_dict(plans[k]["report"]), plans[k]["layers"]
-    tell("planned", replaced=layers, scores=report.scores(), probed=probed)
+    tell("planned", replaced=layers, scores=report.scores(), ranking=report.ranking(), probed=probed)
     return report, layers
 
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..io.cards import SUTURE_URL, load_section, render_card
+from ..io.cards import SUTURE_URL, load_section, markdown_table, render_card
 from .report import format_cell
 
 if TYPE_CHECKING:
@@ -47,13 +47,6 @@ def step_rows(records: list[StepRecord], teacher: dict) -> list[list[str]]:
 
 def _cell(row: dict | None, key: str) -> str:
     return format_cell((row or {}).get(key))
-
-
-def markdown_table(records: list[StepRecord], teacher: dict) -> str:
-    columns = step_columns(records, teacher)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in step_rows(records, teacher)]
-    return "\n".join(lines)
 
 
 def schedule_figure(records: list[StepRecord], teacher: dict):
@@ -117,7 +110,7 @@ def model_card(title: str, records: list[StepRecord], teacher: dict, settings: d
         f"`{settings['mixer']}` mixers MIL-initialised from the teacher's attention, carried every earlier mixer, MLP, "
         f"norm and kept attention layer over from the previous step, and distilled the result from the teacher with "
         f"recipe `{recipe}`.", "",
-        markdown_table(records, teacher), "",
+        markdown_table(step_columns(records, teacher), step_rows(records, teacher)), "",
         "![accuracy, KL and KV cache per step](schedule.png)", "",
         "## Lineage", "", lineage, "",
         load_section(title, hybrid=True), "",

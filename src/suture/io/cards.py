@@ -17,6 +17,12 @@ from .outputs import is_hub_id
 SUTURE_URL = "https://pypi.org/project/suture/"
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of `rows` (cells as text) under the header `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def render_card(title: str, body: str, *, tags: Sequence[str], base_model: Sequence[str | None] = (),
                library_name: str = "transformers") -> str:
     """README.md text: hub metadata, then ``# title`` and `body` (Markdown).
