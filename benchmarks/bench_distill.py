@@ -37,7 +37,7 @@ from rich.table import Table
 from suture.distill import DistillRecipe, distill, preset
 from suture.io.loading import load_for_scoring
 from suture.surgery import hybridize_model, layer_importance
-from suture.workload import LEVELS, build_zoo
+from suture.workload import LEVELS, ensure_zoo
 
 BAR_FRACTION, BAR_SECONDS = 0.95, 15 * 60
 
@@ -140,7 +140,7 @@ def table(title: str, records: list[dict], with_fresh: bool) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", type=Path, default=None, help="an existing zoo (default: build one, ~10 min)")
+    parser.add_argument("--zoo", type=Path, default=None, help="a zoo directory (its long model is trained if missing); default: build one, ~8 min")
     parser.add_argument("--runs", default="main,ablation,m1", help="comma-separated: main, ablation, m1")
     parser.add_argument("--n", type=int, default=200, help="test problems per level")
     parser.add_argument("--budget", type=float, default=1.0, help="multiply the default recipe's steps (the bar "
@@ -170,10 +170,8 @@ def main() -> None:
     results: dict = {"threads": args.threads, "problems_per_level": args.n, "budget": args.budget,
                      "default_recipe": default.model_dump(mode="json")}
     try:
-        zoo = args.zoo
-        if zoo is None:
-            zoo = work / "zoo"
-            build_zoo(zoo)
+        zoo = args.zoo or work / "zoo"
+        ensure_zoo(zoo, models=["long"])
         teacher = zoo / "long"
         why = "given" if args.layers else f"{PROBE_WORDS[args.probe]} (probed with that mixer)"
         halves = {}

@@ -10,7 +10,7 @@ mean response length per level:
 - the same with the zoo's common ancestor (`base`) as the base and both task vectors merged (TA, TIES, TSV);
 - reasoning vector: v = rl - long (RL-like minus its SFT init), added to other models (alpha 1) and subtracted.
 
-    python benchmarks/bench_long_short.py --zoo demo-output/zoo      # reuse a built zoo (make demo builds one)
+    python benchmarks/bench_long_short.py --zoo demo-output/zoo      # reuse a zoo (adds short and rl to make demo's)
     python benchmarks/bench_long_short.py                            # builds the zoo first (~10 min)
 """
 
@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from suture.merge import long_short_recipe, merge
-from suture.workload import LEVELS, build_zoo, evaluate
+from suture.workload import LEVELS, ensure_zoo, evaluate
 
 
 def recipes(zoo: Path) -> dict[str, dict | object]:
@@ -52,7 +52,9 @@ def recipes(zoo: Path) -> dict[str, dict | object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", type=Path, default=None, help="an existing zoo (default: build one)")
+    parser.add_argument("--zoo", type=Path, default=None,
+                        help="a zoo directory; the models it lacks are added (make demo builds base and long only); "
+                             "default: build one in a temporary directory")
     parser.add_argument("--n", type=int, default=300, help="test problems per level")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/long_short.json"))
@@ -61,10 +63,8 @@ def main() -> None:
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="bench-long-short-"))
     try:
-        zoo = args.zoo
-        if zoo is None:
-            zoo = work / "zoo"
-            build_zoo(zoo)
+        zoo = args.zoo or work / "zoo"
+        ensure_zoo(zoo)  # every model: the merges use all four
         rows = {}
         for name in ("base", "long", "short", "rl"):
             rows[name] = {"report": evaluate(zoo / name, n_per_level=args.n, name=name).to_dict(), "merge_s": None}

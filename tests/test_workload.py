@@ -16,6 +16,7 @@ from suture.workload import (
     Problem,
     build_tokenizer,
     build_zoo,
+    ensure_zoo,
     evaluate,
     generate,
     load_manifest,
@@ -23,6 +24,8 @@ from suture.workload import (
     score,
     split_of,
 )
+from safetensors.torch import load_file
+
 from suture.workload.evaluate import _response_tokens
 
 
@@ -173,6 +176,28 @@ def test_qwen2_zoo_and_refusal_to_overwrite(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_partial_zoo_completed_later_equals_a_full_build(zoo, tmp_path):
+    part = tmp_path / "part"
+    manifest = build_zoo(part, size="test", models=["long"])  # long starts from base: both are trained
+    assert list(manifest["models"]) == ["base", "long"] and not (part / "short").exists()
+    with pytest.raises(FileExistsError, match="already holds the zoo's base, long; pass force"):
+        build_zoo(part, size="test", models=["base"])
+    with pytest.raises(FileExistsError, match="seed 0 \\(asked: 1\\)"):
+        build_zoo(part, size="test", seed=1)
+    before = (part / "long" / "model.safetensors").stat().st_mtime_ns
+    manifest = ensure_zoo(part, models=["rl", "short"])  # size, family and seed from the zoo's manifest
+    assert list(manifest["models"]) == ["base", "long", "short", "rl"] == list(load_manifest(part)["models"])
+    assert [s["name"] for s in manifest["stages"]] == ["base", "long", "short", "rl"]
+    assert (part / "long" / "model.safetensors").stat().st_mtime_ns == before  # kept, not retrained
+    for name in ("base", "long", "short", "rl"):
+        full, completed = load_file(zoo / name / "model.safetensors"), load_file(part / name / "model.safetensors")
+        assert full.keys() == completed.keys() and all(torch.equal(full[k], completed[k]) for k in full), name
+    assert ensure_zoo(part) == load_manifest(part)  # nothing missing: left alone
+    with pytest.raises(ValueError, match="Unknown zoo model.*'medium'.*base, long, short, rl"):
+        build_zoo(tmp_path / "x", size="test", models=["medium"])
+    assert not (tmp_path / "x").exists()
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_build_and_eval(tmp_path, zoo):
     runner = CliRunner()
@@ -181,6 +206,12 @@ def test_cli_build_and_eval(tmp_path, zoo):
     assert "long" in result.output and (tmp_path / "z" / "zoo.json").exists()
     again = runner.invoke(app, ["workload", "build", str(tmp_path / "z"), "--size", "test"])
     assert again.exit_code == 1 and "--force" in again.output
+    part = runner.invoke(app, ["workload", "build", str(tmp_path / "p"), "--size", "test", "--models", "short"])
+    assert part.exit_code == 0 and "short" in part.output and "long" not in part.output, part.output
+    more = runner.invoke(app, ["workload", "build", str(tmp_path / "p"), "--size", "test", "--models", "long"])
+    assert more.exit_code == 0 and list(load_manifest(tmp_path / "p")["models"]) == ["base", "long", "short"]
+    unknown = runner.invoke(app, ["workload", "build", str(tmp_path / "q"), "--size", "test", "--models", "lng"])
+    assert unknown.exit_code == 2 and "lng" in unknown.output and not (tmp_path / "q").exists()
 
     report = tmp_path / "eval.json"
     result = runner.invoke(app, ["workload", "eval", str(zoo / "short"), "--n", "6", "--json", str(report)])

@@ -20,23 +20,37 @@ def build(
     size: str = typer.Option("full", help="Zoo size: full (minutes) or test (seconds)."),
     family: str = typer.Option("llama", help="Model class: llama or qwen2."),
     seed: int = typer.Option(0, help="Seed for data and initialisation."),
+    models: str = typer.Option(None, help="Comma-separated models to train (with those they start from), e.g. "
+                               "'long' trains base and long; default: all. Into an existing zoo: adds those it lacks."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Train the zoo (base, long-CoT, short-CoT, RL-like) and write Hugging Face checkpoints under OUT."""
-    from ..workload import ZOO_SIZES, build_zoo
+    """Train the zoo (base, long-CoT, short-CoT, RL-like) and write Hugging Face checkpoints under OUT.
+
+    Building into an existing zoo of the same size, family and seed adds the models it lacks (trained from its own
+    checkpoints, as a full build would) and keeps the others."""
+    from ..workload import ZOO_SIZES, build_zoo, load_manifest, zoo_models
 
     if size not in ZOO_SIZES:
         raise typer.BadParameter(f"--size must be one of {', '.join(ZOO_SIZES)}, got {size!r}.")
+    names = None if models is None else [name.strip() for name in models.split(",") if name.strip()]
+    try:
+        wanted = zoo_models(size, names)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--models") from None
+    if not force and (out / "zoo.json").is_file():  # completing a zoo: bars for the models it lacks
+        with cli_errors(inputs=[out]):
+            wanted -= set(load_manifest(out)["models"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with cli_errors(output=out), Progress(*columns, console=console) as progress:
         tasks = {s.name: progress.add_task(f"{s.name:>5} ({s.data})", total=s.steps, loss="-")
-                 for s in ZOO_SIZES[size].stages}
+                 for s in ZOO_SIZES[size].stages if s.name in wanted}
 
         def on_step(stage: str, step: int, loss: float) -> None:
             progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}")
 
-        manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step)
+        manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step,
+                              models=names)
     for name, info in manifest["models"].items():
         console.print(f"{name:>5}: {out / name}  (init: {info['init'] or 'scratch'}, data: {info['data']})")
     console.print(f"built in {manifest['build_seconds']:.0f} s; manifest {out / 'zoo.json'}")

@@ -10,10 +10,10 @@ from .evaluate import EvalReport, LevelResult, evaluate, score
 from .task import LEVELS, SPLITS, Problem, generate, parse_answer, split_of
 from .tokenizer import build_tokenizer
 from .train import ZOO_SIZES, ModelShape, Stage, new_model, train_stage
-from .zoo import build_zoo, load_manifest
+from .zoo import build_zoo, ensure_zoo, load_manifest, zoo_models
 
 __all__ = [
     "LEVELS", "SPLITS", "ZOO_SIZES", "EvalReport", "LevelResult", "ModelShape", "Problem", "Stage",
-    "build_tokenizer", "build_zoo", "evaluate", "generate", "load_manifest", "new_model", "parse_answer",
-    "score", "split_of", "train_stage",
+    "build_tokenizer", "build_zoo", "ensure_zoo", "evaluate", "generate", "load_manifest", "new_model", "parse_answer",
+    "score", "split_of", "train_stage", "zoo_models",
 ]
