@@ -52,8 +52,8 @@ class SharedStates:
 def _read(shared: SharedStates | None, field: str, layer: str, writer: str) -> torch.Tensor | tuple:
     value = getattr(shared, field, None) if shared is not None else None
     if value is None:
-        raise RuntimeError(f"{layer} found no {field} in this forward's shared states: the {writer} must run earlier in "
-                           "the same forward (call the whole model, not the layer alone).")
+        raise RuntimeError(f"{layer} found no {field} in this forward's shared states: the {writer} must run earlier "
+                           "in the same forward (call the whole model, not the layer alone).")
     return value
 
 
