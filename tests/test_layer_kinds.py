@@ -224,10 +224,11 @@ def test_a_transfer_with_the_wrong_shape_names_both_sides(gated_conv, monkeypatc
 
 # ---------------------------------------------------------------------------------------------------- registry
 def test_unknown_kind_names_the_index_and_the_known_kinds():
-    with pytest.raises(ValueError, match=r"layer_types\[2\].*'gmu'.*full_attention, sliding_attention, mamba, mamba2"):
-        HybridConfig.from_source(tiny_source("llama").config, [None, None, "gmu", None])
-    with pytest.raises(ValueError, match="Unknown layer kind 'gmu'; known kinds: full_attention"):
-        get_layer_kind("gmu")
+    known = "full_attention, sliding_attention, mamba, mamba2, gmu, cross_attention"
+    with pytest.raises(ValueError, match=r"layer_types\[2\].*'rwkv'.*" + known):
+        HybridConfig.from_source(tiny_source("llama").config, [None, None, "rwkv", None])
+    with pytest.raises(ValueError, match="Unknown layer kind 'rwkv'; known kinds: full_attention"):
+        get_layer_kind("rwkv")
 
 
 def test_a_kind_validates_its_own_fields(gated_conv):

@@ -6,7 +6,10 @@ config holds it) plus:
 - `source_model_type`: the family the kept layers come from (llama, qwen2, qwen3, mistral);
 - `layer_types`: one entry per layer, each the name of a registered layer kind (`suture.layer_kinds`): built in
   are `full_attention`, `sliding_attention`, `mamba` (Mamba-1, MIL style) and `mamba2` (Mamba-2, MIL style);
-- the mixer hyper-parameters (`mamba_*` for Mamba-1 layers, `mamba2_*` for Mamba-2 layers).
+- the mixer hyper-parameters (`mamba_*` for Mamba-1 layers, `mamba2_*` for Mamba-2 layers);
+- for SambaY layouts, the two layers whose results later layers read: `memory_layer` (the Mamba layer whose scan
+  output the `gmu` layers gate) and `kv_source_layer` (the full-attention layer whose keys and values the
+  `cross_attention` layers attend to).
 
 Because the family's fields sit flat on this config, the family's own decoder layers, MLPs, norms and rotary
 embedding are built from it directly and read exactly the values the source model read.
@@ -34,8 +37,15 @@ class HybridConfig(PreTrainedConfig):
     Args:
         source_model_type (`str`): family of the source transformer: "llama", "qwen2", "qwen3" or "mistral".
         layer_types (`list[str]`): one registered layer kind per layer ("full_attention", "sliding_attention",
-            "mamba", "mamba2" or a kind added with `suture.layer_kinds.register_layer_kind`). Defaults to the
-            source's own attention pattern (no layer replaced).
+            "mamba", "mamba2", "gmu", "cross_attention" or a kind added with
+            `suture.layer_kinds.register_layer_kind`). Defaults to the source's own attention pattern (no layer
+            replaced).
+        memory_layer (`int`, *optional*): index of the Mamba layer ("mamba" or "mamba2") whose scan output (after
+            the D skip, before the z gate) the later "gmu" layers read. Required by, and only allowed with, "gmu"
+            layers.
+        kv_source_layer (`int`, *optional*): index of the "full_attention" layer whose keys and values the later
+            "cross_attention" layers attend to (its KV cache is theirs). Required by, and only allowed with,
+            "cross_attention" layers.
         mamba_d_state (`int`, defaults to 16): SSM state size of Mamba-1 layers.
         mamba_d_conv (`int`, defaults to 4): causal conv width of Mamba-1 layers.
         mamba_dt_rank (`int` or `"auto"`): rank of the dt projection; "auto" = ceil(hidden_size / 16).
@@ -80,6 +90,10 @@ class HybridConfig(PreTrainedConfig):
     attention_dropout: float | int | None = 0.0
     sliding_window: int | None = None
     layer_types: list[str] | None = None
+
+    # SambaY: the layers whose results later layers read
+    memory_layer: int | None = None
+    kv_source_layer: int | None = None
 
     # Mamba-1 (MIL style: M1, Apriel-H1)
     mamba_d_state: int = 16
@@ -182,6 +196,10 @@ class HybridConfig(PreTrainedConfig):
             layers_of.setdefault(kind, []).append(i)
         for kind, layers in layers_of.items():
             get_layer_kind(kind).validate(self, layers)
+        for field, reader in (("memory_layer", "gmu"), ("kv_source_layer", "cross_attention")):
+            if getattr(self, field) is not None and reader not in layers_of:
+                raise ValueError(f"`{field}` is {getattr(self, field)} but no layer is a {reader!r} layer, the only "
+                                 f"kind that reads it: set `{field}` to null.")
 
     # ------------------------------------------------------------------ construction from a source
     @classmethod

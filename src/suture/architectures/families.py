@@ -42,6 +42,10 @@ class Family:
         return self._cls("DecoderLayer")
 
     @property
+    def attention_class(self):
+        return self._cls("Attention")
+
+    @property
     def mlp_class(self):
         return self._cls("MLP")
 

@@ -15,6 +15,10 @@ The in_proj row order is `[z | x | B | C | dt]` for both (`row_blocks["in_proj.w
 in transformers' cache (`LinearAttentionLayer`): the conv state holds the last `d_conv` conv inputs, the SSM state
 is kept in fp32.
 
+A mixer whose layer is the config's `memory_layer` (SambaY) also hands its scan output, after the D skip and
+before the z gate, to the later GMU layers of the same forward (`shared.memory`, `cross_decoder.SharedStates`), at
+prefill for every position and at decode for the new token; Mamba-1 then applies the z gate outside the scan.
+
 Packed rows (several documents in one row, position ids restarting at 0 for each): without a padding mask and
 without a cache, the mixers read the document index from `position_ids` exactly as transformers' mask builders do for
 attention (`find_packed_sequence_indices`), and pass it to the kernels as `seq_idx`, so every document starts from a
@@ -109,6 +113,7 @@ class HybridMambaMixer(nn.Module):
         self.d_conv = config.mamba_d_conv
         self.dt_rank = config.resolved_mamba_dt_rank
         self.repeat = self.d_inner // self.d_xb  # query heads per KV head
+        self.is_memory = layer_idx == config.memory_layer  # hands its scan output to the GMU layers
         self._dt_init = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor)
 
         self.row_blocks = {"in_proj.weight": {"z": self.d_inner, "x": self.d_xb, "B": self.d_xb, "C": self.d_inner,
@@ -155,10 +160,11 @@ class HybridMambaMixer(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None, shared=None,
     ) -> torch.Tensor:
         """hidden_states (b, L, hidden) -> (b, L, hidden). `attention_mask` (b, L), the 2D padding mask, zeroes
-        padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc)."""
+        padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc).
+        The memory layer writes its scan output to `shared.memory` (b, L, d_inner)."""
         b, L, _ = hidden_states.shape
         decode = _is_decode_step(cache, self.layer_idx, L)
         seq_idx = _document_index(position_ids, attention_mask, cache, b)  # (b, L) or None
@@ -170,26 +176,34 @@ class HybridMambaMixer(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); the bias is applied inside the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, n)
         n_b, n_c = self.d_xb // self.d_state, self.d_inner // self.d_state
+        gate = None if self.is_memory else z  # the memory is taken before the gate
         if decode:
             state = cache.get_recurrent_state(self.layer_idx)  # (b, d_inner, n) fp32, updated in place
             y = kernels.selective_state_update(
                 state, x[:, 0], dt[:, 0], A, self._widen_groups(B[:, 0].view(b, n_b, self.d_state)),
-                C[:, 0].view(b, n_c, self.d_state), D=self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True,
-            )  # (b, d_inner)
-            return self.out_proj(y.unsqueeze(1))
-        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        B = self._widen_groups(B.view(b, L, n_b, self.d_state).transpose(1, 2))  # (b, g, L, n)
-        B = B.transpose(2, 3)  # (b, g, n, L): group j reads KV slice j // repeat
-        C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, L)
-        out = kernels.selective_scan_fn(
-            x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(), z=z.transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=cache is not None, initial_state=initial_state, seq_idx=seq_idx,
-        )
-        if cache is not None:
-            out, last_state = out
-            cache.update_recurrent_state(last_state.float(), self.layer_idx)
-        return self.out_proj(out.transpose(1, 2))  # (b, L, hidden)
+                C[:, 0].view(b, n_c, self.d_state), D=self.D, z=None if gate is None else gate[:, 0],
+                dt_bias=self.dt_proj.bias, dt_softplus=True,
+            ).unsqueeze(1)  # (b, 1, d_inner)
+        else:
+            initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+            B = self._widen_groups(B.view(b, L, n_b, self.d_state).transpose(1, 2))  # (b, g, L, n)
+            B = B.transpose(2, 3)  # (b, g, n, L): group j reads KV slice j // repeat
+            C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, L)
+            out = kernels.selective_scan_fn(
+                x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(),
+                z=None if gate is None else gate.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True, return_last_state=cache is not None, initial_state=initial_state,
+                seq_idx=seq_idx,
+            )
+            if cache is not None:
+                out, last_state = out
+                cache.update_recurrent_state(last_state.float(), self.layer_idx)
+            y = out.transpose(1, 2)  # (b, L, d_inner)
+        if self.is_memory:
+            if shared is not None:
+                shared.memory = y  # (b, L, d_inner): after the D skip, before the gate
+            y = y * F.silu(z)
+        return self.out_proj(y)  # (b, L, hidden)
 
 
 class HybridMamba2Mixer(nn.Module):
@@ -208,6 +222,7 @@ class HybridMamba2Mixer(nn.Module):
         self.chunk_size = config.mamba2_chunk_size
         self._dt_init = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor)
         self._a_init_range = tuple(config.mamba2_a_init_range)
+        self.is_memory = layer_idx == config.memory_layer  # hands its scan output to the GMU layers
 
         self.conv_dim = 2 * self.d_xb + self.d_inner  # [x | B | C]
         self.row_blocks = {"in_proj.weight": {"z": self.d_inner, "x": self.d_xb, "B": self.d_xb, "C": self.d_inner,
@@ -238,10 +253,11 @@ class HybridMamba2Mixer(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None, shared=None,
     ) -> torch.Tensor:
         """hidden_states (b, L, hidden) -> (b, L, hidden). `attention_mask` (b, L), the 2D padding mask, zeroes
-        padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc)."""
+        padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc).
+        The memory layer writes its scan output to `shared.memory` (b, L, d_inner)."""
         b, L, _ = hidden_states.shape
         h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
         decode = _is_decode_step(cache, self.layer_idx, L)
@@ -276,5 +292,7 @@ class HybridMamba2Mixer(nn.Module):
                 out, final_state = out
                 cache.update_recurrent_state(final_state.float(), self.layer_idx)
             y = out.reshape(b, L, self.d_inner)
+        if self.is_memory and shared is not None:
+            shared.memory = y  # (b, L, d_inner): after the D skip, before the gated norm
         y = self.norm(y, z)  # gated RMSNorm: norm(y * silu(z)) per head
         return self.out_proj(y.to(hidden_states.dtype))

@@ -15,6 +15,12 @@ the cache layer each kind asks for (KV layers, full or sliding window, for atten
 are zeroed before they can reach a conv or SSM state). The cache argument is
 accepted as `cache` (transformers >= 5.24) or `past_key_values` (older releases) and passed on to the family's
 layers and mask builders under the name the installed transformers reads (`compat.CACHE_KWARG`).
+
+SambaY layouts (`cross_decoder`): every forward builds one `SharedStates`, which the layers that declare
+`takes_shared_states` receive as `shared` (the memory layer and the KV source write it, `gmu` and `cross_attention`
+layers read it). When the model ends in layers of `positionwise` kinds (the cross-decoder) and `logits_to_keep` asks
+for the last positions only, those layers run on the last positions alone: prefill through them costs nothing per
+prompt token.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -32,7 +39,11 @@ from transformers.modeling_utils import slice_logits_to_keep
 from ..layer_kinds import LayerKind, get_layer_kind
 from .compat import CACHE_KWARG, resolve_cache
 from .configuration_hybrid import HybridConfig
+from .cross_decoder import SharedStates
 from .families import FAMILIES, get_family
+
+# What a mixer's forward may take besides (hidden_states, attention_mask, cache): it gets those it names.
+_OPTIONAL_MIXER_INPUTS = ("position_ids", "position_embeddings", "shared")
 
 
 def _kinds(config: HybridConfig) -> list[LayerKind]:
@@ -62,8 +73,10 @@ class HybridMixerDecoderLayer(GradientCheckpointingLayer):
         self.layer_type = kind.name
         self.mixer_name = kind.prefix
         self.add_module(kind.prefix, kind.build_mixer(config, layer_idx))
-        # mixers that take position ids read packed documents from them (suture's Mamba mixers); others never see them
-        self.mixer_reads_positions = "position_ids" in inspect.signature(getattr(self, kind.prefix).forward).parameters
+        # e.g. position ids mark packed documents for suture's Mamba mixers; mixers that do not name them never see them
+        accepted = inspect.signature(getattr(self, kind.prefix).forward).parameters
+        self.mixer_inputs = tuple(name for name in _OPTIONAL_MIXER_INPUTS if name in accepted)
+        self.takes_shared_states = "shared" in self.mixer_inputs
         self.mlp = family.mlp_class(config)
         self.input_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
@@ -75,18 +88,21 @@ class HybridMixerDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        shared: SharedStates | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """hidden_states (b, L, hidden) -> (b, L, hidden); `attention_mask` is the mask of the kind's `mask_key`;
-        `position_ids` tell the mixer where packed documents start. Attention-only arguments (position embeddings,
-        ...) are accepted and ignored, so every layer is called alike."""
+        """hidden_states (b, L, hidden) -> (b, L, hidden); `attention_mask` is the mask of the kind's `mask_key`.
+        The mixer also gets those of `position_ids` (where packed documents start), `position_embeddings` (rope) and
+        `shared` (`SharedStates`) that its forward names; other arguments are accepted and ignored, so every layer is
+        called alike."""
         # gradient checkpointing nulls the cache under the installed name before it replays the layer
         cache = resolve_cache(cache, past_key_values)
+        given = {"position_ids": position_ids, "position_embeddings": position_embeddings, "shared": shared}
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        positions = {"position_ids": position_ids} if self.mixer_reads_positions else {}
         hidden_states = getattr(self, self.mixer_name)(hidden_states, attention_mask=attention_mask, cache=cache,
-                                                       **positions)
+                                                       **{name: given[name] for name in self.mixer_inputs})
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
@@ -106,6 +122,19 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _is_stateful = True  # SSM states cannot be rolled back token by token
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        """Refuses reentrant checkpointing of a layout whose layers hand states to later layers (SambaY): it replays
+        each layer from its positional inputs alone, so no gradient would reach the memory or the keys and values."""
+        if enable and (self.config.memory_layer is not None or self.config.kv_source_layer is not None):
+            if getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", True) is not False:
+                raise ValueError(
+                    "Reentrant gradient checkpointing drops the gradients that flow through the memory "
+                    "(`memory_layer`) and the shared keys and values (`kv_source_layer`) of this layout: enable it "
+                    "with use_reentrant=False (transformers' default, e.g. "
+                    "activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False}))."
+                )
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -124,6 +153,12 @@ class HybridModel(HybridPreTrainedModel):
         self.norm = family.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = family.rotary_class(config=config)
         self.gradient_checkpointing = False
+        # the first of the trailing layers of positionwise kinds (SambaY's cross-decoder); None when there are none
+        kinds = _kinds(config)
+        start = len(kinds)
+        while start > 0 and kinds[start - 1].positionwise:
+            start -= 1
+        self.positionwise_from = start if start < len(kinds) else None
         self.post_init()
 
     def forward(
@@ -136,10 +171,13 @@ class HybridModel(HybridPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Same inputs as the source family's model. `attention_mask` is the 2D padding mask (b, L_past + L);
-        the cache may be passed as `cache` or `past_key_values`."""
+        the cache may be passed as `cache` or `past_key_values`. With `logits_to_keep` = n > 0 (an int) the
+        trailing positionwise layers may run on the last n positions only, and the last hidden state then holds only
+        those (b, n, hidden); 0 (the default) runs every layer on every position."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = resolve_cache(cache, past_key_values)
@@ -159,7 +197,13 @@ class HybridModel(HybridPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for kind, layer in zip(kinds, self.layers):
+        shared = SharedStates()  # what the memory layer and the KV source hand to later layers of this forward
+        keep = 0 if output_hidden_states else self._positions_to_run(kinds, masks, logits_to_keep, position_ids)
+        for i, (kind, layer) in enumerate(zip(kinds, self.layers)):
+            if keep and i == self.positionwise_from:  # the rest needs only the positions whose logits are kept
+                hidden_states, position_ids = hidden_states[:, -keep:], position_ids[:, -keep:]  # (b, keep, hidden)
+                position_embeddings = tuple(t[:, -keep:] for t in position_embeddings)  # cos, sin (b, keep, hd)
+                masks = {k.mask_key: k.mask_for_last_positions(masks[k.mask_key], keep)[1] for k in kinds[i:]}
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[kind.mask_key],
@@ -167,6 +211,7 @@ class HybridModel(HybridPreTrainedModel):
                 position_ids=position_ids,
                 use_cache=use_cache,
                 **{CACHE_KWARG: cache},
+                **({"shared": shared} if getattr(layer, "takes_shared_states", False) else {}),
                 **kwargs,
             )
             if output_hidden_states:
@@ -177,6 +222,17 @@ class HybridModel(HybridPreTrainedModel):
             hidden_states=all_hidden_states,
             **{CACHE_KWARG: cache if use_cache else None},
         )
+
+    def _positions_to_run(self, kinds: list[LayerKind], masks: dict, logits_to_keep, position_ids) -> int:
+        """How many last positions the trailing positionwise layers need to run on: `logits_to_keep` when it is an
+        int shorter than the input and every such layer can cut its mask to those positions, else 0 (all)."""
+        length = position_ids.shape[-1]
+        if self.positionwise_from is None or not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < length:
+            return 0
+        trailing = kinds[self.positionwise_from:]
+        if all(k.mask_for_last_positions(masks[k.mask_key], logits_to_keep)[0] for k in trailing):
+            return logits_to_keep
+        return 0
 
     def _layer_masks(self, kinds: list[LayerKind], inputs_embeds, attention_mask, cache, position_ids) -> dict:
         """One mask per mask key present, built by the first kind that reads it: 4D causal masks for attention, the
@@ -231,6 +287,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

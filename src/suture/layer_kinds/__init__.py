@@ -12,6 +12,9 @@ A `LayerKind` answers everything the rest of suture asks about a layer of its ty
 - `init_weights(module)`: the init of what the default init does not cover (`reset_ssm_parameters`);
 - `transfer`: the attention -> mixer weight map, one table from which surgery both copies the weights
   (`transfer_weights`) and describes the copy in surgery.json (`transfer_description`);
+- `memory(config)`: what a layer of the kind hands to later GMU layers when it is the config's `memory_layer`
+  (Mamba kinds), and `positionwise`: the layer reads earlier positions only through what earlier layers share, so
+  a model ending in such layers runs them only for the positions whose logits are kept;
 - `footprint(config, dtype_bytes)`: KV-cache bytes per token and fixed state bytes per sequence (`suture inspect`,
   the demo).
 
@@ -19,7 +22,7 @@ Adding a kind is one module: subclass `LayerKind`, decorate it with `register_la
 in `layer_types`; a package that declares the module under the entry-point group `suture.layer_kinds` makes the
 kind known in every process (saved hybrids load, the command line accepts it) (README, "Adding a layer kind"; tests/test_layer_kinds.py builds, runs, caches, saves, reloads and
 inspects a kind defined in the test). Built-in kinds: `full_attention`, `sliding_attention` (attention.py), `mamba`,
-`mamba2` (mamba.py).
+`mamba2` (mamba.py), and SambaY's cross-decoder kinds `gmu` and `cross_attention` (cross_decoder.py).
 
 This package imports no transformers modelling code when it is imported (kinds import modules where they build
 them), so reading the registry, as `suture inspect` does, stays as light as reading a checkpoint header.
@@ -30,6 +33,7 @@ from .base import (
     LAYER_KINDS,
     Footprint,
     LayerKind,
+    Memory,
     Transfer,
     attention_kind_names,
     attention_sizes,
@@ -40,13 +44,16 @@ from .base import (
     register_layer_kind,
     unregister_layer_kind,
 )
-from . import attention, mamba  # noqa: F401  (registers the built-in kinds)
+# registers the built-in kinds, in this order (the cross-decoder's after the Mamba kinds its errors list)
+from . import attention, mamba  # noqa: F401
+from . import cross_decoder  # noqa: F401
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "LAYER_KINDS",
     "Footprint",
     "LayerKind",
+    "Memory",
     "Transfer",
     "attention_kind_names",
     "attention_sizes",

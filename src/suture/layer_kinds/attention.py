@@ -23,6 +23,14 @@ class AttentionKind(LayerKind):
 class FullAttention(AttentionKind):
     name = mask_key = "full_attention"
 
+    def build_layer(self, config, layer_idx: int, family):
+        layer = super().build_layer(config, layer_idx, family)
+        if layer_idx == config_value(config, "kv_source_layer"):  # the cross-attention layers read its keys and values
+            from ..architectures.cross_decoder import publish_keys_and_values
+
+            publish_keys_and_values(layer, config, layer_idx, family)
+        return layer
+
     def cache_layer(self, config):
         from transformers.cache_utils import DynamicLayer
 

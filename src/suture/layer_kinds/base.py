@@ -30,6 +30,15 @@ class Footprint:
     note: str | None = None  # e.g. a bound on the KV that the per-token figure does not show
 
 
+@dataclass(frozen=True)
+class Memory:
+    """What a layer can hand to later GMU layers as their memory (`LayerKind.memory`): its scan output, `width`
+    channels per position, normalised by the GMU in groups of `norm_group` channels (None: no norm, Mamba-1)."""
+
+    width: int
+    norm_group: int | None = None
+
+
 class LayerKind:
     """One entry of a hybrid's `layer_types` (see the package docstring). Subclass it, set the class attributes,
     implement the methods your kind needs and register the class with `register_layer_kind`."""
@@ -40,6 +49,10 @@ class LayerKind:
     is_attention: bool = False  # the source family's own attention layer: kept by surgery, scored by importance
     transfer: Mapping[str, Transfer] = MappingProxyType({})  # replaced layer's tensor -> Transfer; empty: no surgery
     fresh_init: str = ""  # what surgery initialises afresh (recorded in surgery.json)
+    # The layer's output at a position depends only on its input at that position and on what earlier layers share in
+    # the same forward (a GMU memory, a KV source's keys and values). A model ending in such layers runs them only for
+    # the positions whose logits are kept (`logits_to_keep`), so prefill through them costs nothing per prompt token.
+    positionwise: bool = False
 
     def __repr__(self) -> str:
         return f"<layer kind {self.name!r}>"
@@ -74,6 +87,16 @@ class LayerKind:
         """The mask of `mask_key`, from the keyword arguments of transformers' mask builders (`config`,
         `inputs_embeds`, `attention_mask`: the 2D padding mask, the cache, `position_ids`)."""
         raise NotImplementedError(f"Layer kind {self.name!r} does not say how to build its mask.")
+
+    def mask_for_last_positions(self, mask, keep: int) -> tuple[bool, object]:
+        """For a `positionwise` kind: whether a layer of it can run on the last `keep` query positions alone, given
+        `mask` (its mask for every position), and the mask for those positions."""
+        return False, mask
+
+    def memory(self, config) -> Memory | None:
+        """The memory a layer of this kind hands to later GMU layers when it is the config's `memory_layer`; None: a
+        layer of this kind cannot be a memory layer."""
+        return None
 
     def init_weights(self, module: nn.Module) -> None:
         """Called on every module of a model holding this kind, after the default init (`_init_weights`), and by

@@ -1,7 +1,8 @@
 """Mamba layers in the "Mamba-in-Llama" (MIL) layout: `mamba` (Mamba-1) and `mamba2` (Mamba-2).
 
 Both mixers are `suture.architectures.mixers` modules; their in_proj rows are `[z | x | B | C | dt]`, so both take
-the same attention -> mixer transfer, `MIL_TRANSFER`: V -> x, K -> B, Q -> C, O -> out_proj.
+the same attention -> mixer transfer, `MIL_TRANSFER`: V -> x, K -> B, Q -> C, O -> out_proj. Either can be a
+hybrid's `memory_layer`: its scan output (after the D skip, before the z gate) is then handed to the GMU layers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Footprint, LayerKind, Transfer, attention_sizes, config_value, register_layer_kind
+from .base import Footprint, LayerKind, Memory, Transfer, attention_sizes, config_value, register_layer_kind
 
 MIL_TRANSFER = MappingProxyType({
     "self_attn.v_proj.weight": Transfer("in_proj.weight", rows="x"),
@@ -115,6 +116,9 @@ class Mamba1(MambaKind):
             raise ValueError(f"`mamba_dt_min` ({config.mamba_dt_min}) must be positive and <= `mamba_dt_max` "
                              f"({config.mamba_dt_max}).")
 
+    def memory(self, config) -> Memory:
+        return Memory(width=mamba1_sizes(config).d_inner)  # the GMU gates it without a norm
+
     def footprint(self, config, dtype_bytes: int) -> Footprint:
         sizes = mamba1_sizes(config)
         conv = sizes.d_inner * sizes.d_conv * dtype_bytes  # conv state (b, d_inner, d_conv)
@@ -139,6 +143,11 @@ class Mamba2(MambaKind):
             raise ValueError(f"`mamba2_a_init_range` must satisfy 0 < low <= high, got {config.mamba2_a_init_range}.")
         if config.head_dim > 256:
             raise ValueError(f"Mamba-2 layers use d_state = `head_dim`, which must be <= 256; got {config.head_dim}.")
+
+    def memory(self, config) -> Memory:
+        heads, _, head_dim = attention_sizes(config)
+        # the GMU normalises per SSM head, as this layer's own gated norm does
+        return Memory(width=heads * head_dim, norm_group=head_dim)
 
     def footprint(self, config, dtype_bytes: int) -> Footprint:
         heads, kv_heads, head_dim = attention_sizes(config)
