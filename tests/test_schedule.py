@@ -115,6 +115,18 @@ def test_half_attention_in_steps_of_two_is_one_step_with_the_mmr_probe(teacher, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_each_step_is_evaluated_at_its_end_only(teacher, tmp_path):
+    """No workload evaluation after a step's earlier stages: it would be counted in the step's training seconds."""
+    align = {"stage": "align", "steps": 1, "learning_rate": 1e-3, "batch_size": 4}
+    recipe = {**RECIPE, "stages": [align, *RECIPE["stages"]]}
+    result = incremental(teacher, tmp_path / "out", recipe, "workload", target_attention=0.5, step=2, probe="loo",
+                         eval_n=1, held_out=0, probe_n=4)
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(m["stage"], m["step"]) for m in metrics if "accuracy" in m]
+    assert evaluated == [("align", 0), ("kd", 3)]  # the hybrid as made and as distilled, nothing after align
+    assert "accuracy_easy" in result.steps[0].row("student")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(target_attention=1.0), "nothing to replace"),
     (dict(target_attention=0.9), r"round\(0.9 \* 4\) = 4"),

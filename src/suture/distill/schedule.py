@@ -10,7 +10,8 @@ Each step
   2. hybridizes: replaces them by MIL-initialised mixers built from the *original teacher's* attention, carrying
      every already-trained mixer, MLP, norm and kept attention over from the previous step (`hybridize` with the
      previous step's checkpoint as the source and `teacher`);
-  3. distils the new hybrid from the teacher with the recipe (`distill`), which also evaluates it;
+  3. distils the new hybrid from the teacher with the recipe (`distill`), which also evaluates it at its end (only: an
+     evaluation between stages would count in the training time);
   4. records the layers, the probe's scores of every candidate, accuracy, KL, training time and the KV-cache and
      state bytes of the hybrid (`suture inspect`'s accounting, at the teacher's dtype).
 It stops when round(target_attention * layers) attention layers are left.
@@ -197,8 +198,9 @@ def incremental(
                 hybrid = _hybrid(step_dir, source, teacher if k > 1 else None, layers, report, probe, mixer, seed, k)
                 tell("hybridized", hybrid=hybrid, source=source)
                 tagged = None if on_log is None else lambda record, k=k: on_log({"schedule_step": k, **record})
+                # evaluated at its end only: an evaluation after an earlier stage would count in its seconds
                 distill(teacher, hybrid, recipe, data, model, resume=work_dir(model).is_dir(), save_steps=save_steps,
-                        eval_n=eval_n, held_out=held_out, on_log=tagged)
+                        eval_steps=0, eval_n=eval_n, held_out=held_out, on_log=tagged)
             shutil.rmtree(step_dir / "hybrid", ignore_errors=True)
             records.append(_record(k, model, layers, report, probe, DTYPES[dtype].itemsize))
             tell("distilled", record=records[-1])
