@@ -141,14 +141,14 @@ def new_mixer(config, layer_idx: int, weights: Mapping[str, torch.Tensor], seed:
     GMU layers. `dtype`: of the returned mixer (default: that of the weights read; float32 when none are)."""
     kind = get_layer_kind(config.layer_types[layer_idx])
     if kind.name == GMU:
-        seed_ = get_gmu_seed(gmu_init)
-        missing = [name for name in seed_.reads if name not in weights]
+        gmu_seed = get_gmu_seed(gmu_init)
+        missing = [name for name in gmu_seed.reads if name not in weights]
         if missing:
-            raise KeyError(f"The GMU seed {seed_.name!r} reads {missing} of layer {layer_idx}, which has no such "
+            raise KeyError(f"The GMU seed {gmu_seed.name!r} reads {missing} of layer {layer_idx}, which has no such "
                            f"tensor (it has {sorted(weights)[:8]}).")
         mixer = fresh_mixer(config, layer_idx, seed)
-        seed_.apply(mixer, weights)
-        read = [weights[name] for name in seed_.reads]
+        gmu_seed.apply(mixer, weights)
+        read = [weights[name] for name in gmu_seed.reads]
         return mixer.to(dtype or (read[0].dtype if read else torch.float32))
     if not kind.transfer:
         raise ValueError(f"layer_types[{layer_idx}] is {kind.name!r}, which surgery cannot build from an attention "

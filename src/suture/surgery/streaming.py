@@ -28,7 +28,7 @@ from ..architectures.families import FAMILIES, get_family
 from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, read_json
 from ..io.parse import parse_dtype
-from ..layer_kinds import get_layer_kind, mixer_kind_names
+from ..layer_kinds import mixer_kind_names
 from .layers import LayerSelection, SelectionSpec, resolve_selection
 from .mil import mixer_tensor
 from .record import checkpoint_facts, lineage_record, model_card, sambay_record, surgery_record
@@ -157,7 +157,7 @@ def hybridize(
         teacher: with a hybrid `src`, the checkpoint directory of the original transformer: its attention at the
             newly replaced layers initialises their mixers (default: the hybrid's own attention there). Only those
             layers' tensors are read; its config and tensor shapes are checked against the hybrid first.
-        seed: seeds the fresh init of each mixer (with the layer index; see `mil_mixer`).
+        seed: seeds the fresh init of each mixer (with the layer index; see `suture.surgery.seeds`).
         dtype: cast every floating tensor to this dtype (default: keep the source's; new mixers take the dtype of
             the source's attention they replace).
         allow_pickle: accept pickle `.bin` weights (loaded with `torch.load(weights_only=True)`).
