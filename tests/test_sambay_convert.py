@@ -85,6 +85,9 @@ def test_mistral_and_other_misuse_are_refused(tmp_path):
         with pytest.raises(ValueError, match=message):
             hybridize(src, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+    hybridize(src, tmp_path / "hybrid", [0])
+    with pytest.raises(ValueError, match="converts a transformer; .* is a suture hybrid"):
+        hybridize(tmp_path / "hybrid", tmp_path / "out", layout="sambay")
 
 
 # ---------------------------------------------------------------------------------------------------- weights
