@@ -3,7 +3,9 @@
 The zoo's models have 4 layers, and a 4-layer SambaY layout has no cross-decoder (layers 0-1 self-decoder, 2 the
 memory layer, 3 the KV source), so no GMU to seed. The teacher here is therefore an 8-layer workload model trained
 like the zoo's long model (the zoo's `base` stage, mostly long answers, then its `long` stage, same data and learning
-rates) and saved under `--teacher` (reused when it is there). Its SambaY layout: Mamba 0, 2, sliding attention 1, 3,
+rates; `--teacher-steps` scales their step counts: 0.2 trains it in minutes, far short of the zoo's accuracy, and then
+the seeds are told apart by the KL to the teacher rather than by accuracy) and saved under `--teacher` (reused when it
+is there). Its SambaY layout: Mamba 0, 2, sliding attention 1, 3,
 memory Mamba 4, KV source 5, GMU 6, cross-attention 7 - one GMU layer, the only layer that differs between the runs.
 
 Each seed: `hybridize_model` with the SambaY layout and that seed (same Mamba seed, same window), then the default
@@ -13,7 +15,7 @@ plus the align stage's final MSE at the GMU layer (how well the seeded GMU match
 
     python benchmarks/bench_sambay_seed.py --teacher demo-output/sambay-teacher --budget 0.1
     python benchmarks/bench_sambay_seed.py --teacher demo-output/sambay-teacher --budget 0.1 --seed 1  # repeat
-    python benchmarks/bench_sambay_seed.py --teacher demo-output/sambay-teacher --teacher-only   # train it only
+    python benchmarks/bench_sambay_seed.py --teacher demo-output/sambay-teacher --teacher-only --teacher-steps 0.2
 """
 
 from __future__ import annotations
