@@ -95,14 +95,13 @@ class AlignModule(nn.Module):
         self.mixers = nn.ModuleDict({str(i): mixer for i, mixer in mixers.items()})
         student_layers = _decoder_layers(student)
         self.kinds = {i: get_layer_kind(student_layers[i].layer_type) for i in self.layers}
-        source = getattr(_base(student).config, "kv_source_layer", None)
-        reads_kv = any(kind.copies_attention for kind in self.kinds.values())
+        source = getattr(_base(student).config, "kv_source_layer", None)  # set only beside cross-attention layers
         teacher_layers = _decoder_layers(teacher)
-        captured = set(self.layers) | ({source} if reads_kv and source is not None else set())
+        captured = set(self.layers) | ({source} if source is not None else set())
         # in tuples, not as submodules: the optimizer, the data-parallel gradient averaging, `.to()` and the
         # checkpoints see the mixers only
         self._teacher = (teacher, {i: teacher_layers[i].self_attn for i in sorted(captured)})
-        self._kv_source = (source, student_layers[source].self_attn) if reads_kv and source is not None else None
+        self._kv_source = (source, student_layers[source].self_attn) if source is not None else None
         self.loss = AlignmentLoss()
 
     def forward(self, batch: dict) -> torch.Tensor:
