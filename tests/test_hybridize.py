@@ -240,8 +240,8 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    real = module.mil_mixer
-    monkeypatch.setattr(module, "mil_mixer", failing)
+    real = module.new_mixer
+    monkeypatch.setattr(module, "new_mixer", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         hybridize(src, tmp_path / "out", [0, 2])
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")

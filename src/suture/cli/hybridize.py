@@ -36,6 +36,14 @@ def hybridize_command(
                               "mil or mmr (default: loo, or the saved report's first method). mmr runs with its "
                               "default settings; for others, score with `suture importance --method mmr --mmr-steps "
                               "N --json F` and pass --importance F."),
+    layout: str = typer.Option(None, "--layout", help="sambay: set every layer's kind instead of selecting layers "
+                               "(self-decoder of Mamba and sliding-window attention, memory Mamba layer, full-attention "
+                               "KV source, cross-decoder of GMU and cross-attention layers; needs layers % 4 == 0)."),
+    window: int = typer.Option(None, "--window", help="With --layout sambay: the sliding window of the self-decoder's "
+                               "attention layers, in tokens (default 512)."),
+    gmu_init: str = typer.Option(None, "--gmu-init", help="With --layout sambay: how GMU layers are seeded: attention "
+                                 "(in_proj <- q_proj, out_proj <- o_proj; the default), mlp (the MLP's gate_proj rows "
+                                 "and down_proj columns) or fresh (random in_proj, zero out_proj)."),
     mixer: str = typer.Option("mamba", "--mixer", help="mamba (Mamba-1, M1 / Apriel-H1) or mamba2 (MambaInLlama)."),
     seed: int = typer.Option(0, help="Seed of the fresh mixer init."),
     dtype: str = typer.Option(None, callback=dtype_option(), help="Cast floating tensors to this dtype: bfloat16 "
@@ -47,12 +55,15 @@ def hybridize_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle .bin weights (weights_only load)."),
 ) -> None:
     """Replace attention layers by MIL-initialised Mamba layers, streaming from SRC to OUT tensor by tensor. SRC may
-    be a suture hybrid: its mixers are carried over and more of its attention layers are replaced."""
+    be a suture hybrid: its mixers are carried over and more of its attention layers are replaced. With --layout
+    sambay, SRC becomes a SambaY decoder-hybrid-decoder."""
     from ..surgery import SelectionSpec, hybridize
 
     with cli_errors(output=out, inputs=[src] + ([teacher] if teacher is not None else []), sharded=True):
         spec = SelectionSpec(mamba_layers=mamba_layers, keep_attention=keep_attention, ratio=ratio, preset=preset,
                              select=select, data=data, importance=importance_json, probe=probe)
+        if layout is not None and spec == SelectionSpec():
+            spec = None  # the layout sets every layer
         with _progress() as progress:
             tasks = {}
 
@@ -64,11 +75,12 @@ def hybridize_command(
 
             result = hybridize(src, out, spec, mixer=mixer, teacher=teacher, seed=seed, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, max_shard_size=max_shard_size, checksum=checksum,
-                               on_progress=on_progress)
+                               on_progress=on_progress, layout=layout, window=window, gmu_init=gmu_init)
 
     carried = f", {len(result.carried)} mixer layers carried over from {src}" if result.carried else ""
-    table = Table(title=f"{out}: {len(result.replaced)} of {len(result.layer_types)} layers replaced by "
-                        f"{mixer}{carried}")
+    what = (f"the {layout} layout's {mixer}, gmu and cross_attention layers (GMU seed "
+            f"{result.surgery['layout']['gmu_init']})" if layout else f"{mixer}{carried}")
+    table = Table(title=f"{out}: {len(result.replaced)} of {len(result.layer_types)} layers replaced by {what}")
     table.add_column("layer", justify="right")
     table.add_column("type")
     table.add_column("why")

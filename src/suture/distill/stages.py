@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..architectures.cross_decoder import SharedStates
+from ..layer_kinds import attention_kind_names, get_layer_kind
 from .losses import AlignmentLoss, DistillationLoss, ForwardKLLoss, ReverseKLLoss
 from .teacher_cache import CachedTeacher
 from .trainer import model_inputs, token_mask
@@ -49,15 +51,15 @@ def mixer_layers(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
+    return _base(model).model.layers
 
 
 @register_stage("align")
 class AlignObjective:
     """Each new mixer, fed the input of the teacher attention it replaces (the teacher's hidden states after its
     input norm), is trained to reproduce that attention's output; the mean of the per-layer MSEs over real tokens.
-    The layers are independent: no student layer feeds another.
+    The layers are independent: no student layer feeds another, except through what a SambaY layout shares, taken
+    from the teacher's inputs too (`AlignModule`).
 
     Trainer trains `self.module` (an `AlignModule`: the mixers alone) instead of the student, so that under torchrun
     the data-parallel wrapper it builds averages the mixers' gradients."""
@@ -75,6 +77,12 @@ class AlignModule(nn.Module):
     """What the align stage trains: the student's new mixers (its own modules: training them trains the student) and,
     outside this module's parameters, the frozen teacher that feeds them.
 
+    In a SambaY layout the cross-decoder's new layers read what earlier layers share (`SharedStates`), rebuilt here
+    from the teacher's inputs as well: the memory is the student's memory layer's scan output on the teacher's input
+    at that layer (detached, so that every layer keeps its own objective), and the keys and values are those of the
+    student's KV source (the teacher's attention there, kept) on the teacher's input. A GMU or cross-attention layer
+    is thus trained to reproduce the teacher attention it replaces given what it reads in the student.
+
     forward(batch) -> the MSE of each mixer (`layers` order) against the teacher attention
     it replaces, over the real tokens: (n mixers,)."""
 
@@ -85,49 +93,82 @@ class AlignModule(nn.Module):
             raise ValueError("The align stage needs a hybrid student with new mixer layers; this student has none.")
         self.layers = list(mixers)
         self.mixers = nn.ModuleDict({str(i): mixer for i, mixer in mixers.items()})
+        student_layers = _decoder_layers(student)
+        self.kinds = {i: get_layer_kind(student_layers[i].layer_type) for i in self.layers}
+        source = getattr(_base(student).config, "kv_source_layer", None)  # set only beside cross-attention layers
         teacher_layers = _decoder_layers(teacher)
-        # in a tuple, not as submodules: the optimizer, the data-parallel gradient averaging, `.to()` and the
+        captured = set(self.layers) | ({source} if source is not None else set())
+        # in tuples, not as submodules: the optimizer, the data-parallel gradient averaging, `.to()` and the
         # checkpoints see the mixers only
-        self._teacher = (teacher, {i: teacher_layers[i].self_attn for i in self.layers})
+        self._teacher = (teacher, {i: teacher_layers[i].self_attn for i in sorted(captured)})
+        self._kv_source = (source, student_layers[source].self_attn) if source is not None else None
         self.loss = AlignmentLoss()
 
     def forward(self, batch: dict) -> torch.Tensor:
         """`batch`: input_ids and attention_mask (b, L) (padded rows) or position_ids and token_mask (packed rows)."""
         teacher, attention = self._teacher
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}
 
         def capture(i):
             def hook(module, args, kwargs, output):
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                captured[i] = (hidden, output[0] if isinstance(output, tuple) else output)  # (b, L, hidden) each
+                output = output[0] if isinstance(output, tuple) else output
+                captured[i] = (hidden, output, kwargs)  # (b, L, hidden) each, and the call's keyword arguments
             return hook
 
         handles = [module.register_forward_hook(capture(i), with_kwargs=True) for i, module in attention.items()]
         try:
             with torch.no_grad():
-                _run_teacher(teacher, batch, up_to=max(self.layers) + 1)
+                _run_teacher(teacher, batch, up_to=max(attention) + 1)
         finally:
             for handle in handles:
                 handle.remove()
         mask = token_mask(batch)  # (b, L)
+        shared = SharedStates()
+        if self._kv_source is not None:
+            source, source_attention = self._kv_source
+            hidden, _, call = captured[source]
+            with torch.no_grad():  # the KV source is kept attention: it publishes the teacher's keys and values
+                source_attention(hidden, position_embeddings=call.get("position_embeddings"),
+                                 attention_mask=call.get("attention_mask"), shared=shared)
         losses = []
         for i in self.layers:
             mixer = self.mixers[str(i)]
-            hidden, target = captured[i]
-            losses.append(self.loss(mixer(hidden, **_mixer_inputs(mixer, batch)), target, mask))
+            hidden, target, call = captured[i]
+            output = mixer(hidden, **_mixer_inputs(self.kinds[i], mixer, batch, call, shared))
+            if shared.memory is not None and shared.memory.requires_grad:
+                shared.memory = shared.memory.detach()  # written by the memory layer just now
+            losses.append(self.loss(output, target, mask))
         return torch.stack(losses)  # (n mixers,)
 
 
-def _mixer_inputs(mixer: nn.Module, batch: dict) -> dict:
-    """A mixer's keyword arguments for a batch, as the decoder layer passes them: packed rows give the position ids,
-    from which the mixer reads where each document starts (and resets its state there); padded rows their mask."""
-    if "position_ids" not in batch:
-        return {"attention_mask": batch["attention_mask"]}
-    if "position_ids" not in inspect.signature(mixer.forward).parameters:
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _mixer_inputs(kind, mixer: nn.Module, batch: dict, call: dict, shared: SharedStates) -> dict:
+    """A mixer's keyword arguments for a batch, as the decoder layer passes them. The mask: an attention-like mixer
+    (cross-attention) gets the mask the teacher's attention got there (the same keys, and packed documents kept
+    apart); a Mamba mixer the padding mask of padded rows, or on packed rows the position ids, from which it reads
+    where each document starts (and resets its state there). `position_embeddings` (rope) and `shared` go to those
+    that name them."""
+    accepted = inspect.signature(mixer.forward).parameters
+    inputs = {}
+    if kind.mask_key in attention_kind_names():
+        inputs["attention_mask"] = call.get("attention_mask")
+    elif "position_ids" not in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    elif "position_ids" in accepted:
+        inputs["position_ids"] = batch["position_ids"]
+    elif not kind.positionwise:
         raise ValueError(f"The align stage cannot train {type(mixer).__name__} on packed rows: its forward takes no "
                          "position_ids, so it cannot reset its state at document starts. Set the recipe's "
                          "`packing: false`.")
-    return {"position_ids": batch["position_ids"]}
+    if "position_embeddings" in accepted:
+        inputs["position_embeddings"] = call.get("position_embeddings")
+    if "shared" in accepted:
+        inputs["shared"] = shared
+    return inputs
 
 
 class _Stop(Exception):

@@ -49,6 +49,9 @@ class LayerKind:
     is_attention: bool = False  # the source family's own attention layer: kept by surgery, scored by importance
     transfer: Mapping[str, Transfer] = MappingProxyType({})  # replaced layer's tensor -> Transfer; empty: no surgery
     fresh_init: str = ""  # what surgery initialises afresh (recorded in surgery.json)
+    # Surgery builds a layer of this kind by keeping the replaced attention's tensors that the layer has, under their
+    # own names (cross-attention: q_proj, o_proj, the q norm); the others (k_proj, v_proj) are dropped.
+    copies_attention: bool = False
     # The layer's output at a position depends only on its input at that position and on what earlier layers share in
     # the same forward (a GMU memory, a KV source's keys and values). A model ending in such layers runs them only for
     # the positions whose logits are kept (`logits_to_keep`), so prefill through them costs nothing per prompt token.

@@ -88,6 +88,7 @@ class CrossAttention(LayerKind):
     prefix = "self_attn"  # q_proj, o_proj (and q_norm) where the family's attention keeps them
     mask_key = "full_attention"  # the KV source's mask: the same keys
     positionwise = True
+    copies_attention = True  # surgery keeps the replaced layer's q_proj, o_proj (and q_norm) as they are
 
     def validate(self, config, layers: list[int]) -> None:
         source = _check_source(config, "kv_source_layer", self.name, layers)

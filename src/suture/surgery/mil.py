@@ -9,6 +9,9 @@ layer's kind (`suture.layer_kinds`), which copies the weights and describes the 
 The source may also be a suture hybrid (`suture.surgery.rehybrid`): its mixers are then carried over as they are and
 only its newly replaced attention layers get MIL mixers, from the original teacher's attention when one is given.
 
+The same surgery builds SambaY layouts (`suture.surgery.sambay`): their GMU layers are seeded as `gmu_init` says and
+their cross-attention layers keep the replaced attention's q_proj / o_proj (`suture.surgery.seeds`).
+
 The fresh init of layer i is seeded by (seed, i) alone, so the in-memory path (`hybridize_model`), the streaming
 path (`suture.surgery.hybridize`) and the importance probes build bit-identical mixers.
 """
@@ -25,11 +28,7 @@ from ..architectures import HybridConfig, HybridForCausalLM
 from ..io.parse import layer_index
 from ..layer_kinds import get_layer_kind, mixer_kind_names
 from .rehybrid import check_teacher, hybrid_config, is_hybrid, new_mixer_layers
-
-
-def layer_seed(seed: int, layer_idx: int) -> int:
-    """The RNG seed of layer `layer_idx`'s fresh mixer init."""
-    return seed * 1_000_003 + layer_idx
+from .seeds import DEFAULT_GMU_INIT, new_mixer
 
 
 @torch.no_grad()
@@ -55,31 +54,20 @@ def mil_mixer(
     if not kind.transfer:
         raise ValueError(f"layer_types[{layer_idx}] is {kind.name!r}, which surgery cannot build from an attention "
                          f"layer; kinds with a transfer table: {', '.join(mixer_kind_names())}.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(layer_seed(seed, layer_idx))
-        mixer = kind.build_mixer(config, layer_idx)
-        std = config.initializer_range
-        for module in mixer.modules():  # the same init HybridPreTrainedModel._init_weights gives a new model
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-        for module in mixer.modules():
-            kind.init_weights(module)
-    kind.transfer_weights(mixer, weights)
-    return mixer.to(dtype or weights[next(iter(kind.transfer))].dtype)
+    return new_mixer(config, layer_idx, weights, seed=seed, dtype=dtype)
 
 
 def mixer_tensor(config: HybridConfig, name: str, layers: Collection[int] | None = None) -> tuple[int, str] | None:
     """(layer index, name inside the mixer) when the hybrid tensor `name` belongs to a mixer that surgery builds in
     place of attention (`model.layers.{i}.{prefix}.…` of a non-attention kind, `i` in `layers` when given: the new
-    mixers, as opposed to those a hybrid source carries over), else None."""
+    mixers, as opposed to those a hybrid source carries over), else None. The tensors of a kind that
+    `copies_attention` (cross-attention's q_proj, o_proj) are the source's own, copied by name: None."""
     index = layer_index(name)
     if index is None or (layers is not None and index not in layers):
         return None
     kind = get_layer_kind(config.layer_types[index])
     prefix = f"model.layers.{index}.{kind.prefix}."
-    if kind.is_attention or not name.startswith(prefix):
+    if kind.is_attention or kind.copies_attention or not name.startswith(prefix):
         return None
     return index, name[len(prefix):]
 
@@ -89,6 +77,7 @@ def hybridize_model(
     layer_types: list[str | None],
     seed: int = 0,
     teacher: PreTrainedModel | None = None,
+    gmu_init: str = DEFAULT_GMU_INIT,
     **mixer_overrides,
 ) -> HybridForCausalLM:
     """Return a `HybridForCausalLM` built from an in-memory transformer (llama / qwen2 / qwen3 / mistral) or from a
@@ -101,11 +90,14 @@ def hybridize_model(
         source: a transformers `*ForCausalLM` of a supported family, or a `HybridForCausalLM`.
         layer_types: one entry per layer: a mixer kind ("mamba", "mamba2", ...) to replace the layer,
             "full_attention" / "sliding_attention" / None to keep it (None keeps the source's own kind). On a hybrid
-            source a mixer layer is carried over by None or its own kind; any other kind there is an error.
+            source a mixer layer is carried over by None or its own kind; any other kind there is an error. A SambaY
+            layout (`suture.surgery.sambay_layout`) also has "gmu" and "cross_attention" layers and sets
+            `memory_layer`, `kv_source_layer` and `sliding_window` through `mixer_overrides`.
         seed: seeds the fresh init of the parameters attention has no counterpart for (see `mil_mixer`).
         teacher: with a hybrid source, the original transformer: its attention at the newly replaced layers
             initialises their mixers (default: the hybrid's own attention there). Checked against the hybrid
             (family, layers, hidden size, the shapes the transfer reads).
+        gmu_init: the seed of GMU layers (`suture.surgery.seeds.GMU_SEEDS`: "attention", "mlp", "fresh").
         mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``); with a hybrid source only the
             source's own values (its carried mixers fix them).
     """
@@ -136,9 +128,11 @@ def hybridize_model(
                 raise KeyError(f"Tensor {name!r} of the hybrid has no counterpart in the source model.")
             _copy(tensor, source_state[name], name)
         for i in new:
+            if get_layer_kind(config.layer_types[i]).copies_attention:
+                continue  # copied above under the source's names
             prefix = f"model.layers.{i}."
             layer_state = {n[len(prefix):]: t for n, t in init_state.items() if n.startswith(prefix)}
-            mixer = mil_mixer(config, i, layer_state, seed=seed, dtype=source.dtype)
+            mixer = new_mixer(config, i, layer_state, seed=seed, dtype=source.dtype, gmu_init=gmu_init)
             hybrid.model.layers[i].get_submodule(get_layer_kind(config.layer_types[i]).prefix).load_state_dict(
                 mixer.state_dict())
     return hybrid

@@ -46,9 +46,22 @@ def lineage_record(src: Path, source_config, new: list[int], reasons: dict[int, 
     }
 
 
+def sambay_record(fields: dict) -> dict:
+    """surgery.json's `layout` of a SambaY conversion, from the layout's config fields and GMU seed (`gmu_init`)."""
+    from .seeds import get_gmu_seed
+
+    return {
+        "name": "sambay",
+        **fields,
+        "gmu_seed": get_gmu_seed(fields["gmu_init"]).description,
+        "cross_attention": "self_attn.q_proj, self_attn.o_proj (and q_norm, biases) kept; k_proj, v_proj dropped",
+    }
+
+
 def surgery_record(source: dict, config, selection, mixer, seed, overrides, scores, dropped, ignored, copied,
-                   tied_copies, lineage: dict | None = None) -> dict:
-    """surgery.json; `source` is the source's `checkpoint_facts`, `lineage` the `lineage_record` of a hybrid source."""
+                   tied_copies, lineage: dict | None = None, layout: dict | None = None) -> dict:
+    """surgery.json; `source` is the source's `checkpoint_facts`, `lineage` the `lineage_record` of a hybrid source,
+    `layout` the `sambay_record` of a layout conversion (None for a selection)."""
     carried = set(lineage["carried_over"]) if lineage else set()
     return {
         "suture_version": __version__,
@@ -58,6 +71,7 @@ def surgery_record(source: dict, config, selection, mixer, seed, overrides, scor
         "seed": seed,
         "mixer_overrides": overrides,
         "selection": {"method": selection.method, **selection.detail},
+        "layout": layout,
         "layers": [
             {"index": i, "type": kind, "replaced": not get_layer_kind(kind).is_attention, "carried_over": i in carried,
              "reason": f"carried over from {source['name']}" if i in carried else selection.reasons.get(i)}
@@ -87,7 +101,11 @@ def model_card(surgery: dict, title: str) -> str:
     table = "\n".join(f"| {r['index']} | {r['type']} | {r['reason'] or ''} |" for r in rows)
     transfer = ", ".join(f"`{source}` -> `{target}`" for source, target in surgery["weight_transfer"].items())
     mixers = [r["type"] for r in rows if r["replaced"]]
-    if lineage is None:
+    if surgery.get("layout"):
+        made, untrained = _layout_paragraph(surgery, transfer), ("The new layers are initialised, not trained: "
+                                                                 "distill the hybrid from its source before use.")
+        base_models = [source["name"]]
+    elif lineage is None:
         made = (f"An attention + Mamba hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
                 f"[suture]({SUTURE_URL}) {surgery['suture_version']}: {len(mixers)} of {n} attention layers were "
                 f"replaced by `{surgery['mixer']}` mixers initialised from the attention weights they replace "
@@ -105,8 +123,22 @@ def model_card(surgery: dict, title: str) -> str:
         "`surgery.json` records the source checksums, the selection, the scores (if any) and every dropped tensor"
         + (", and the lineage: the source hybrid's layer types and own surgery.json, the layers carried over and "
            "newly replaced, and the teacher." if lineage else ".")])
-    tags = list(dict.fromkeys(["suture", "hybrid", "mamba", surgery["mixer"], *mixers]))
+    tags = list(dict.fromkeys(["suture", "hybrid", "mamba", surgery["mixer"], *mixers,
+                               *(["sambay"] if surgery.get("layout") else [])]))
     return render_card(title, body, tags=tags, base_model=base_models)
+
+
+def _layout_paragraph(surgery: dict, transfer: str) -> str:
+    """The card's first paragraph for a SambaY conversion."""
+    source, layout = surgery["source"], surgery["layout"]
+    n = len(surgery["layers"])
+    return (f"A SambaY hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
+            f"[suture]({SUTURE_URL}) {surgery['suture_version']}: a self-decoder of `{surgery['mixer']}` layers "
+            f"(MIL-initialised: {transfer}) and sliding-window attention (window {layout['sliding_window']}, weights "
+            f"kept), the memory layer {layout['memory_layer']}, the full-attention KV source "
+            f"{layout['kv_source_layer']}, and a cross-decoder of GMU layers ({layout['gmu_init']} seed: "
+            f"{layout['gmu_seed']}) and cross-attention layers ({layout['cross_attention']}). MLPs, norms and "
+            "embeddings are copied.")
 
 
 def _lineage_paragraph(surgery: dict, lineage: dict, transfer: str) -> tuple[str, list[str | None]]:

@@ -28,11 +28,13 @@ from ..architectures.families import FAMILIES, get_family
 from ..io.checkpoint import DTYPES, CheckpointReader, ShardedSafetensorsWriter, copy_tokenizer_files
 from ..io import atomic_output_dir, check_output_dir, read_json
 from ..io.parse import parse_dtype
-from ..layer_kinds import get_layer_kind, mixer_kind_names
+from ..layer_kinds import mixer_kind_names
 from .layers import LayerSelection, SelectionSpec, resolve_selection
-from .mil import mil_mixer, mixer_tensor
-from .record import checkpoint_facts, lineage_record, model_card, surgery_record
+from .mil import mixer_tensor
+from .record import checkpoint_facts, lineage_record, model_card, sambay_record, surgery_record
 from .rehybrid import check_teacher, hybrid_config, is_hybrid, new_mixer_layers
+from .sambay import DEFAULT_WINDOW, LAYOUTS
+from .seeds import DEFAULT_GMU_INIT, get_gmu_seed, new_mixer, new_mixer_sources
 
 # Buffers some older checkpoints saved that today's modules recompute (transformers ignores them on load too).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -123,7 +125,7 @@ def _check_source(reader: CheckpointReader, expected: dict, src: Path, config, t
 def hybridize(
     src: str | Path,
     out: str | Path,
-    selection: SelectionSpec | LayerSelection | list[int],
+    selection: SelectionSpec | LayerSelection | list[int] | None = None,
     mixer: str = "mamba",
     teacher: str | Path | None = None,
     seed: int = 0,
@@ -134,9 +136,13 @@ def hybridize(
     checksum: bool = True,
     scores: dict | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    layout: str | None = None,
+    window: int | None = None,
+    gmu_init: str | None = None,
     **mixer_overrides,
 ) -> HybridizeResult:
-    """Write a hybrid of the checkpoint `src` to `out`, replacing `selection.replace` by `mixer` layers.
+    """Write a hybrid of the checkpoint `src` to `out`, replacing `selection.replace` by `mixer` layers, or laid out
+    as `layout` says.
 
     `src` is a transformer (llama, qwen2, qwen3, mistral) or a suture hybrid. A hybrid's mixer layers are carried
     over, as are its MLPs, norms, embeddings and kept attention, and only its attention layers can be replaced
@@ -145,13 +151,13 @@ def hybridize(
     Args:
         selection: how to choose the layers to replace (a `SelectionSpec`, e.g. ``SelectionSpec(ratio=0.5,
             select="importance", data="calib.jsonl")``, resolved against `src`), the layers chosen already
-            (`suture.surgery.select_layers`), or a plain list of indices.
+            (`suture.surgery.select_layers`), or a plain list of indices. Leave it out with a `layout`.
         mixer: the layer kind of the replaced layers: "mamba" (Mamba-1, M1 / Apriel-H1 style), "mamba2"
             (MambaInLlama Mamba-2 style) or any registered kind with a transfer table.
         teacher: with a hybrid `src`, the checkpoint directory of the original transformer: its attention at the
             newly replaced layers initialises their mixers (default: the hybrid's own attention there). Only those
             layers' tensors are read; its config and tensor shapes are checked against the hybrid first.
-        seed: seeds the fresh init of each mixer (with the layer index; see `mil_mixer`).
+        seed: seeds the fresh init of each mixer (with the layer index; see `suture.surgery.seeds`).
         dtype: cast every floating tensor to this dtype (default: keep the source's; new mixers take the dtype of
             the source's attention they replace).
         allow_pickle: accept pickle `.bin` weights (loaded with `torch.load(weights_only=True)`).
@@ -160,6 +166,13 @@ def hybridize(
             `SelectionSpec` by importance records the report it selected by.
         on_progress: called as (phase, done, total) with phase "importance" (probe preparations and forward
             passes, when a `SelectionSpec` scores the layers), "checksum" (bytes) or "tensors" (bytes written).
+        layout: "sambay" (`suture.surgery.sambay`): every layer's kind is set by the layout (Mamba layers of kind
+            `mixer`, sliding-window attention, the memory layer, the KV source, GMU and cross-attention layers), in
+            place of a selection; transformer sources only.
+        window: with `layout="sambay"`, the sliding window of the self-decoder's attention layers (default
+            `suture.surgery.sambay.DEFAULT_WINDOW`).
+        gmu_init: with `layout="sambay"`, how GMU layers are seeded (`suture.surgery.seeds.GMU_SEEDS`; default
+            `DEFAULT_GMU_INIT`).
         mixer_overrides: `HybridConfig` mixer fields (e.g. ``mamba_d_state=16``); with a hybrid `src` only its own
             values.
     """
@@ -174,13 +187,15 @@ def hybridize(
         raise ValueError(f"A teacher applies to a hybrid source only; {src} is a {source_config.model_type} "
                          "transformer, whose own attention initialises the mixers: leave the teacher out.")
     n = source_config.num_hidden_layers
-    selection, scores = resolve_selection(selection, src, n, mixer, seed, scores, on_progress,
-                                          layer_types=source_config.layer_types if from_hybrid else None)
-    bad = [i for i in selection.replace if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"Layer indices {bad} are out of range: {src} has {n} layers (0..{n - 1}).")
-    replaced = set(selection.replace)
-    config = hybrid_config(source_config, [mixer if i in replaced else None for i in range(n)], **mixer_overrides)
+    layer_types, selection, scores, layout_fields = _layer_types(
+        src, source_config, selection, layout, window, gmu_init, mixer, seed, scores, on_progress)
+    gmu_init = layout_fields.get("gmu_init", DEFAULT_GMU_INIT)
+    clash = sorted(set(mixer_overrides) & set(layout_fields))
+    if clash:
+        raise ValueError(f"--layout {layout} sets {', '.join(clash)}: leave {'them' if len(clash) > 1 else 'it'} out "
+                         "of the mixer overrides (the window is --window).")
+    config = hybrid_config(source_config, layer_types, **mixer_overrides,
+                           **{k: v for k, v in layout_fields.items() if k != "gmu_init"})
     config.architectures = ["HybridForCausalLM"]
     new = new_mixer_layers(source_config, config)
     if not new:
@@ -208,7 +223,8 @@ def hybridize(
         digests = _checksums(readers, on_progress) if checksum else [{} for _ in readers]
         with atomic_output_dir(out, force, [src, teacher]) as tmp:
             with ShardedSafetensorsWriter(tmp, plan, max_shard_size) as writer:
-                _stream(reader, teacher_reader or reader, config, plan, new, writer, seed, total, on_progress)
+                _stream(reader, teacher_reader or reader, config, plan, new, writer, seed, total, on_progress,
+                        gmu_init)
             config.save_pretrained(tmp)
             copied = copy_tokenizer_files(src, tmp)
             used = {name for name, _, _ in plan if mixer_tensor(config, name, new) is None}
@@ -218,17 +234,49 @@ def hybridize(
                 lineage = lineage_record(src, source_config, new, selection.reasons, teacher_facts)
             dropped = sorted(name for name in reader.index if name not in used and name not in ignored)
             surgery = surgery_record(checkpoint_facts(src, source_config, digests[0]), config, selection, mixer,
-                                     seed, mixer_overrides, scores, dropped, ignored, copied, tied_copies, lineage)
+                                     seed, mixer_overrides, scores, dropped, ignored, copied, tied_copies, lineage,
+                                     layout=sambay_record(layout_fields) if layout else None)
             (tmp / "surgery.json").write_text(json.dumps(surgery, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(surgery, out.name))
     carried = source_config.mixer_layer_indices if from_hybrid else []
     return HybridizeResult(out, list(config.layer_types), new, list(carried), surgery)
 
 
+def _layer_types(src: Path, source_config, selection, layout, window, gmu_init, mixer, seed, scores, on_progress):
+    """(`layer_types` for `hybrid_config`, the `LayerSelection` to record, the scores to record, the layout's config
+    fields and GMU seed) from a selection or a layout; errors when both, neither, or layout options without one."""
+    n = source_config.num_hidden_layers
+    from_hybrid = is_hybrid(source_config)
+    if layout is None:
+        if window is not None or gmu_init is not None:
+            raise ValueError("--window and --gmu-init apply to a layout only (--layout sambay).")
+        if selection is None:
+            raise ValueError("Choose the layers to replace (--mamba-layers, --keep-attention, --ratio, --preset) or "
+                             "a layout (--layout sambay).")
+        selection, scores = resolve_selection(selection, src, n, mixer, seed, scores, on_progress,
+                                              layer_types=source_config.layer_types if from_hybrid else None)
+        bad = [i for i in selection.replace if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"Layer indices {bad} are out of range: {src} has {n} layers (0..{n - 1}).")
+        replaced = set(selection.replace)
+        return [mixer if i in replaced else None for i in range(n)], selection, scores, {}
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    if selection is not None:
+        raise ValueError(f"--layout {layout} sets the kind of every layer: leave out the layer selection "
+                         "(--mamba-layers, --keep-attention, --ratio, --preset).")
+    if from_hybrid:
+        raise ValueError(f"--layout {layout} converts a transformer; {src} is a suture hybrid: convert the original "
+                         "transformer it was made from.")
+    gmu_init = DEFAULT_GMU_INIT if gmu_init is None else get_gmu_seed(gmu_init).name
+    plan = LAYOUTS[layout](source_config, mixer=mixer, window=DEFAULT_WINDOW if window is None else window)
+    return plan.layer_types, plan.selection(gmu_init), scores, {**plan.config_fields, "gmu_init": gmu_init}
+
+
 def _plan(config: HybridConfig, reader: CheckpointReader, cast: torch.dtype | None, new: list[int]):
     """(name, shape, dtype) of every output tensor, in model order, and the dtype of the new mixers (that of the
     source's attention weights they replace)."""
-    seed_tensor = f"model.layers.{new[0]}.{next(iter(get_layer_kind(config.layer_types[new[0]]).transfer))}"
+    seed_tensor = f"model.layers.{new[0]}.self_attn.o_proj.weight"  # every family's attention has it
     fresh_dtype = cast or DTYPES[reader.index[seed_tensor].dtype]
     plan = []
     for name, (shape, _) in _meta_tensors(HybridForCausalLM, config)[0].items():
@@ -254,18 +302,18 @@ def _checksums(readers: list[CheckpointReader], on_progress) -> list[dict[str, s
     return [reader.sha256(advance) for reader in readers]
 
 
-def _stream(reader, init_reader, config, plan, new, writer, seed, total, on_progress) -> None:
-    """Write every planned tensor; a new mixer is built once, when its first tensor comes up, from the attention
-    tensors of its layer in `init_reader` (the source's own, or the teacher's)."""
+def _stream(reader, init_reader, config, plan, new, writer, seed, total, on_progress, gmu_init) -> None:
+    """Write every planned tensor; a new mixer is built once, when its first tensor comes up, from the tensors of its
+    layer in `init_reader` (the source's own, or the teacher's) that its seed reads (`new_mixer_sources`)."""
     mixer_layer, mixer_state, done = None, {}, 0
     for name, shape, dtype in plan:
         fresh = mixer_tensor(config, name, new)
         if fresh is not None:
             i, key = fresh
             if i != mixer_layer:
-                sources = get_layer_kind(config.layer_types[i]).transfer
+                sources = new_mixer_sources(config, i, gmu_init)
                 weights = {source: init_reader.read(f"model.layers.{i}.{source}") for source in sources}
-                mixer = mil_mixer(config, i, weights, seed=seed, dtype=dtype)
+                mixer = new_mixer(config, i, weights, seed=seed, dtype=dtype, gmu_init=gmu_init)
                 mixer_layer, mixer_state = i, mixer.state_dict()
                 del weights, mixer
             tensor = mixer_state.pop(key)
