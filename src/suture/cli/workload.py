@@ -28,25 +28,25 @@ def build(
 
     Building into an existing zoo of the same size, family and seed adds the models it lacks (trained from its own
     checkpoints, as a full build would) and keeps the others."""
-    from ..workload import ZOO_SIZES, build_zoo, load_manifest, zoo_models
+    from ..workload import ZOO_SIZES, build_zoo, zoo_models
 
     if size not in ZOO_SIZES:
         raise typer.BadParameter(f"--size must be one of {', '.join(ZOO_SIZES)}, got {size!r}.")
     names = None if models is None else [name.strip() for name in models.split(",") if name.strip()]
     try:
-        wanted = zoo_models(size, names)
+        zoo_models(size, names)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--models") from None
-    if not force and (out / "zoo.json").is_file():  # completing a zoo: bars for the models it lacks
-        with cli_errors(inputs=[out]):
-            wanted -= set(load_manifest(out)["models"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
+    stages = {s.name: s for s in ZOO_SIZES[size].stages}
     with cli_errors(output=out), Progress(*columns, console=console) as progress:
-        tasks = {s.name: progress.add_task(f"{s.name:>5} ({s.data})", total=s.steps, loss="-")
-                 for s in ZOO_SIZES[size].stages if s.name in wanted}
+        tasks = {}  # a bar per model as its training starts: only the models this build trains get one
 
         def on_step(stage: str, step: int, loss: float) -> None:
+            if stage not in tasks:
+                spec = stages[stage]
+                tasks[stage] = progress.add_task(f"{stage:>5} ({spec.data})", total=spec.steps, loss="-")
             progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}")
 
         manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step,

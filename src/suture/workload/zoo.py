@@ -58,7 +58,7 @@ def build_zoo(
     existing = _existing_zoo(out_dir, size, family, seed) if not force else None
     have = set(existing["models"]) if existing else set()
     if existing and wanted <= have:
-        raise FileExistsError(f"{out_dir} already holds the zoo's {', '.join(sorted(have, key=_order(size)))}; "
+        raise FileExistsError(f"{out_dir} already holds the zoo's {', '.join(existing['models'])}; "
                               "pass force=True (CLI: --force) to rebuild it.")
     out_dir = check_output_dir(out_dir, force=force or existing is not None)
     if threads:
@@ -131,11 +131,6 @@ def zoo_models(size: str, models: Iterable[str] | None = None) -> set[str]:
             wanted.add(name)
             name = init[name]
     return wanted
-
-
-def _order(size: str) -> Callable[[str], int]:
-    names = [stage.name for stage in ZOO_SIZES[size].stages]
-    return names.index
 
 
 def _existing_zoo(out_dir: str | Path, size: str, family: str, seed: int) -> dict | None:
