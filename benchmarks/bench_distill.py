@@ -102,20 +102,27 @@ def run(name: str, teacher_dir: Path, layers: list[int], mixer: str, recipe: Dis
                      eval_n=n, eval_steps=0, held_out=256)
     wall = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    rows = {row["model"]: row for row in result.evaluation.rows}
-    train_s = sum(stage.seconds for stage in result.stages)
     record = {"name": name, "mixer": mixer, "mamba_layers": layers, "recipe": recipe.model_dump(mode="json"),
-              "train_seconds": train_s, "wall_seconds": wall,
-              "stages": [{"stage": s.stage, "steps": s.steps, "seconds": s.seconds, "first_loss": s.first_loss,
-                          "last_loss": s.last_loss} for s in result.stages],
-              "teacher": rows["teacher"], "fresh": rows["student before"], "distilled": rows["student"],
-              "evaluation": result.evaluation.describe()}
-    kept = {level: _ratio(rows["student"], rows["teacher"], level) for level in LEVELS}
+              "wall_seconds": wall, **result_record(result)}
+    train_s, distilled = record["train_seconds"], record["distilled"]
+    kept = {level: _ratio(distilled, record["teacher"], level) for level in LEVELS}
     record["kept"] = kept
     record["bar"] = all(value >= BAR_FRACTION for value in kept.values()) and train_s <= BAR_SECONDS
     console.print(f"{name}: trained {train_s:.0f} s, accuracy " + " ".join(
-        f"{level} {rows['student'][f'accuracy_{level}']:.3f}" for level in LEVELS) + f", KL {rows['student']['kl']:.4f}")
+        f"{level} {distilled[f'accuracy_{level}']:.3f}" for level in LEVELS) + f", KL {distilled['kl']:.4f}")
     return record
+
+
+def result_record(result) -> dict:
+    """What a benchmark keeps of a `distill` result: training seconds (the stages' wall time), each stage's steps,
+    seconds and first / last loss, the evaluation rows of the teacher, the fresh and the distilled hybrid, and the
+    evaluation's settings."""
+    rows = {row["model"]: row for row in result.evaluation.rows}
+    return {"train_seconds": sum(stage.seconds for stage in result.stages),
+            "stages": [{"stage": s.stage, "steps": s.steps, "seconds": s.seconds, "first_loss": s.first_loss,
+                        "last_loss": s.last_loss} for s in result.stages],
+            "teacher": rows["teacher"], "fresh": rows["student before"], "distilled": rows["student"],
+            "evaluation": result.evaluation.describe()}
 
 
 def _ratio(row: dict, teacher: dict, level: str) -> float:

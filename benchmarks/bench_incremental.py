@@ -58,6 +58,8 @@ from suture.surgery import hybridize_model, layer_importance, select_layers
 from suture.surgery.importance import PROBES
 from suture.workload import LEVELS, build_zoo
 
+from bench_distill import result_record  # this directory: the same record of a distillation
+
 RUNS = ("incremental", "even", "importance")
 TARGET_POINTS = 3.0
 PROBE_N, HELD_OUT = 64, 256  # the schedule's defaults: calibration sequences per probe, held-out sequences for KL
@@ -129,15 +131,10 @@ def run_one_shot(name: str, teacher_dir: Path, layers: list[int], mixer: str, re
     result = distill(teacher, hybrid, recipe, "workload", out, tokenizer=tokenizer, force=True,
                      save_steps=NO_CHECKPOINTS, eval_n=n, eval_steps=0, held_out=HELD_OUT)
     wall = time.perf_counter() - start + probe_seconds
-    rows = {row["model"]: row for row in result.evaluation.rows}
-    train_s = sum(stage.seconds for stage in result.stages)
-    console.print(f"{name}: layers {layers}, trained {train_s:.0f} s, {_accuracy(rows['student'])}")
+    record = result_record(result)
+    console.print(f"{name}: layers {layers}, trained {record['train_seconds']:.0f} s, {_accuracy(record['distilled'])}")
     return {"name": name, "mixer": mixer, "mamba_layers": layers, "optimizer_steps": optimizer_steps(recipe),
-            "train_seconds": train_s, "wall_seconds": wall, "probe_seconds": probe_seconds,
-            "stages": [{"stage": s.stage, "steps": s.steps, "seconds": s.seconds, "first_loss": s.first_loss,
-                        "last_loss": s.last_loss} for s in result.stages],
-            "teacher": rows["teacher"], "fresh": rows["student before"], "distilled": rows["student"],
-            "evaluation": result.evaluation.describe()}
+            "wall_seconds": wall, "probe_seconds": probe_seconds, **record}
 
 
 def _accuracy(row: dict) -> str:
