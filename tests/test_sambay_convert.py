@@ -2,7 +2,7 @@
 sliding-window attention, a memory layer, the kept full-attention KV source and a cross-decoder of GMU and
 cross-attention layers.
 
-- the layout per index (8 and 12 layers), refusals (layers % 4, mistral, selection and layout together);
+- the layout per index (8 and 12 layers; 4 layers: no cross-decoder), refusals (layers % 4, mistral, selection and layout together);
 - every kept tensor bit-identical (embeddings, MLPs, norms, sliding and KV-source attention, cross-attention q/o);
 - the GMU seeds write what they say; streamed == in-memory for every seed; surgery.json records layout and seed;
 - the converted checkpoint loads through the Auto classes and cached `generate()` equals greedy without a cache;
@@ -170,6 +170,27 @@ def test_the_converted_checkpoint_loads_and_generates_as_greedy_without_cache(tm
     out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     seq = prompt
     for _ in range(8):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert out.tolist() == seq.tolist()
+
+
+@torch.no_grad()
+def test_a_4_layer_model_converts_without_a_cross_decoder(tmp_path):
+    source = _source(layers=4)
+    layout = sambay_layout(source.config, window=WINDOW)
+    assert layout.layer_types == ["mamba", "sliding_attention", "mamba", "full_attention"]
+    assert (layout.memory_layer, layout.kv_source_layer) == (None, None)  # nothing reads a memory or shared KV
+    result = hybridize(_save(source, tmp_path / "src"), tmp_path / "out", layout="sambay", window=WINDOW)
+    expected = _convert(source).state_dict()
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in written.items())
+    assert (result.surgery["layout"]["memory_layer"], result.surgery["layout"]["kv_source_layer"]) == (None, None)
+    assert "no room for the cross-decoder" in (tmp_path / "out" / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    prompt = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seq = prompt
+    for _ in range(6):
         seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert out.tolist() == seq.tolist()
 

@@ -132,10 +132,14 @@ def _layout_paragraph(surgery: dict, transfer: str) -> str:
     """The card's first paragraph for a SambaY conversion."""
     source, layout = surgery["source"], surgery["layout"]
     n = len(surgery["layers"])
-    return (f"A SambaY hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
-            f"[suture]({SUTURE_URL}) {surgery['suture_version']}: a self-decoder of `{surgery['mixer']}` layers "
-            f"(MIL-initialised: {transfer}) and sliding-window attention (window {layout['sliding_window']}, weights "
-            f"kept), the memory layer {layout['memory_layer']}, the full-attention KV source "
+    opening = (f"A SambaY hybrid of `{source['name']}` ({source['model_type']}, {n} layers) made with "
+               f"[suture]({SUTURE_URL}) {surgery['suture_version']}: a self-decoder of `{surgery['mixer']}` layers "
+               f"(MIL-initialised: {transfer}) and sliding-window attention (window {layout['sliding_window']}, "
+               "weights kept), ")
+    if layout["memory_layer"] is None:  # 4 layers: no cross-decoder
+        return (opening + f"then one more `{surgery['mixer']}` layer and one full-attention layer, kept; a 4-layer "
+                "model has no room for the cross-decoder. MLPs, norms and embeddings are copied.")
+    return (opening + f"the memory layer {layout['memory_layer']}, the full-attention KV source "
             f"{layout['kv_source_layer']}, and a cross-decoder of GMU layers ({layout['gmu_init']} seed: "
             f"{layout['gmu_seed']}) and cross-attention layers ({layout['cross_attention']}). MLPs, norms and "
             "embeddings are copied.")

@@ -8,7 +8,8 @@
 | L/2+2 .. L-1 (cross-decoder) | even: GMU (`--gmu-init` seeds it); odd: cross-attention keeping the layer's q_proj, o_proj (and q norm), reading the KV source's keys and values |
 
 MLPs, norms and embeddings are kept in every layer. Even cross-decoder layers are GMUs, as in the reference model,
-whose layers alternate Mamba-like (even) and attention (odd) blocks all the way down.
+whose layers alternate Mamba-like (even) and attention (odd) blocks all the way down. A 4-layer model has no
+cross-decoder (Mamba, sliding attention, Mamba, full attention), so its config names no memory layer or KV source.
 
 Mistral is refused: it applies its one `sliding_window` to every attention layer, so a model of it cannot hold both
 the self-decoder's sliding-window layers and the full-attention KV source.
@@ -30,8 +31,8 @@ class SambaYLayout:
     """The layer kinds of a SambaY conversion and the config fields that go with them."""
 
     layer_types: list[str]
-    memory_layer: int
-    kv_source_layer: int
+    memory_layer: int | None  # None: no cross-decoder (4 layers)
+    kv_source_layer: int | None
     sliding_window: int
     reasons: dict[int, str] = field(default_factory=dict)  # what each layer became, as surgery.json records it
 
@@ -69,6 +70,7 @@ def sambay_layout(source_config, mixer: str = "mamba", window: int = DEFAULT_WIN
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"--window must be a positive number of tokens, got {window!r}.")
     half = n // 2
+    cross_decoder = n >= 8  # layers half+2 .. n-1: none in a 4-layer model
     layer_types, reasons = [], {}
     for i in range(n):
         if i < half:
@@ -76,16 +78,21 @@ def sambay_layout(source_config, mixer: str = "mamba", window: int = DEFAULT_WIN
             reasons[i] = (f"self-decoder: {mixer}, MIL init" if i % 2 == 0 else
                           f"self-decoder: sliding-window attention (window {window}), weights kept")
         elif i == half:
-            kind, reasons[i] = mixer, f"memory layer: {mixer}, MIL init; its scan output feeds the GMU layers"
+            kind, reasons[i] = mixer, (f"memory layer: {mixer}, MIL init; its scan output feeds the GMU layers"
+                                       if cross_decoder else f"{mixer}, MIL init (the memory layer's place; no "
+                                       "cross-decoder reads it in a 4-layer model)")
         elif i == half + 1:
-            kind, reasons[i] = "full_attention", "KV source: full attention kept; the cross-attention layers read its KV"
+            kind, reasons[i] = "full_attention", ("KV source: full attention kept; the cross-attention layers read "
+                                                  "its KV" if cross_decoder else "full attention kept, the only "
+                                                  "cache that grows with the context")
         elif i % 2 == 0:
             kind, reasons[i] = "gmu", "cross-decoder: GMU gating the memory"
         else:
             kind, reasons[i] = "cross_attention", f"cross-decoder: q_proj / o_proj kept, keys and values of layer {half + 1}"
         layer_types.append(kind)
-    return SambaYLayout(layer_types, memory_layer=half, kv_source_layer=half + 1, sliding_window=window,
-                        reasons=reasons)
+    # With no cross-decoder nothing reads a memory or shared keys and values, and the config names neither.
+    return SambaYLayout(layer_types, memory_layer=half if cross_decoder else None,
+                        kv_source_layer=half + 1 if cross_decoder else None, sliding_window=window, reasons=reasons)
 
 
 LAYOUTS = {"sambay": sambay_layout}
