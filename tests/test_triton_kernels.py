@@ -178,8 +178,8 @@ def test_conv1d_channel_last_input_and_gradients():
     [
         (5, 4, 3, None, torch.float32, False, None),  # (b, d) token, S = w - 1
         (70, 4, 4, None, torch.float32, True, "silu"),  # HF-style S = w, two channel blocks
-        (6, 3, 4, 19, torch.float32, True, None),  # T > the token block, T > S
-        (6, 4, 130, 5, torch.float32, False, "silu"),  # S > the shift block
+        (6, 3, 4, 19, torch.float32, True, None),  # T > S: the new state holds only new tokens
+        (70, 4, 130, 5, torch.float32, False, "silu"),  # long state: fewer channels per program
         (11, 4, 4, 3, torch.bfloat16, True, "silu"),
     ],
 )

@@ -11,8 +11,8 @@ one masked load per tap. Its backward recomputes the conv with the PyTorch path 
 a Triton backward is later work).
 
 Decode (:func:`causal_conv1d_update_triton`): one program per (batch row, ``BLOCK_D`` channels) reads the old state
-and the new tokens, writes the outputs, then shifts the state in place. A barrier separates each block's loads of
-the state from its stores, and blocks go left to right, so no load sees a value this call already wrote.
+and the new tokens, writes the outputs, then shifts the state in place; a barrier separates its loads of the state
+from its stores.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ __all__ = ["INTERPRETED", "causal_conv1d_triton", "causal_conv1d_update_triton"]
 
 _BLOCK_D = 64
 _BLOCK_L = 64
-_BLOCK_T = 16  # decode: new tokens per inner block
-_BLOCK_S = 128  # decode: state positions per shift block
+_TILE = 2048  # decode: at most this many (channel, token) or (channel, state position) pairs per program
 
 
 @triton.jit
@@ -79,37 +78,38 @@ def _conv_update_kernel(
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # Positions j index the concatenation [state (S), new tokens (T)]: j < S is state[j], else x[j - S].
+    # BLOCK_T >= T and BLOCK_S >= S: one tile each, no loops (older Triton interpreters cannot run loops whose
+    # bounds are kernel arguments).
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     mask_d = offs_d < d
     x_row = x_ptr + b * x_sb + offs_d[:, None] * x_sd
     s_row = state_ptr + b * s_sb + offs_d[:, None] * s_sd
-    for t0 in range(0, T, BLOCK_T):  # outputs, from the old state
-        offs_t = t0 + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
-        mask_t = offs_t < T
-        acc = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-        for k in tl.static_range(W):
-            j = S + offs_t - (W - 1) + k  # (BLOCK_T,), >= 0 since S >= W - 1
-            m = mask_d[:, None] & mask_t[None, :]
-            from_state = tl.load(s_row + j[None, :] * s_ss, mask=m & (j < S)[None, :], other=0.0)
-            from_x = tl.load(x_row + (j - S)[None, :] * x_st, mask=m & (j >= S)[None, :], other=0.0)
-            wk = tl.load(w_ptr + offs_d * w_sd + k * w_sk, mask=mask_d, other=0.0).to(tl.float32)
-            acc += wk[:, None] * (from_state.to(tl.float32) + from_x.to(tl.float32))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        if SILU:
-            acc = acc * tl.sigmoid(acc)
-        y_ptrs = y_ptr + b * y_sb + offs_d[:, None] * y_sd + offs_t[None, :] * y_st
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
-    for s0 in range(0, S, BLOCK_S):  # shift: new state[j] = [state, x][j + T], left to right
-        offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-        src = offs_s + T
-        m = mask_d[:, None] & (offs_s < S)[None, :]
-        from_state = tl.load(s_row + src[None, :] * s_ss, mask=m & (src < S)[None, :], other=0.0)
-        from_x = tl.load(x_row + (src - S)[None, :] * x_st, mask=m & (src >= S)[None, :], other=0.0)
-        new = from_state + from_x.to(state_ptr.dtype.element_ty)
-        tl.debug_barrier()  # every thread's loads of the state (outputs and this block) before any store
-        tl.store(s_row + offs_s[None, :] * s_ss, new, mask=m)
+
+    offs_t = tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    mask_t = mask_d[:, None] & (offs_t < T)[None, :]  # (BLOCK_D, BLOCK_T)
+    acc = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+    for k in tl.static_range(W):  # outputs, from the old state
+        j = S + offs_t - (W - 1) + k  # (BLOCK_T,), >= 0 since S >= W - 1
+        from_state = tl.load(s_row + j[None, :] * s_ss, mask=mask_t & (j < S)[None, :], other=0.0)
+        from_x = tl.load(x_row + (j - S)[None, :] * x_st, mask=mask_t & (j >= S)[None, :], other=0.0)
+        wk = tl.load(w_ptr + offs_d * w_sd + k * w_sk, mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[:, None] * (from_state.to(tl.float32) + from_x.to(tl.float32))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * y_sb + offs_d[:, None] * y_sd + offs_t[None, :] * y_st, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_t)
+
+    offs_s = tl.arange(0, BLOCK_S)  # (BLOCK_S,): the shift, new state[j] = [state, x][j + T]
+    src = offs_s + T
+    mask_s = mask_d[:, None] & (offs_s < S)[None, :]  # (BLOCK_D, BLOCK_S)
+    from_state = tl.load(s_row + src[None, :] * s_ss, mask=mask_s & (src < S)[None, :], other=0.0)
+    from_x = tl.load(x_row + (src - S)[None, :] * x_st, mask=mask_s & (src >= S)[None, :], other=0.0)
+    new = from_state + from_x.to(state_ptr.dtype.element_ty)
+    tl.debug_barrier()  # every thread's loads of the old state before any store
+    tl.store(s_row + offs_s[None, :] * s_ss, new, mask=mask_s)
 
 
 # triton.jit read TRITON_INTERPRET when it decorated the kernels: True means CPU tensors run in the interpreter.
@@ -166,13 +166,14 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     ``S >= w - 1``, shifted left by ``T`` with the new inputs appended, in place. Returns x's shape and dtype."""
     xs = x.unsqueeze(-1) if x.dim() == 2 else x  # (b, d, T)
     b, d, T = xs.shape
+    S = conv_state.shape[2]
     y = torch.empty((b, d, T), dtype=x.dtype, device=x.device)  # (b, d, T)
-    grid = (b, triton.cdiv(d, _BLOCK_D))
-    _conv_update_kernel[grid](
+    block_t, block_s = triton.next_power_of_2(T), triton.next_power_of_2(S)
+    block_d = max(1, min(_BLOCK_D, _TILE // max(block_t, block_s)))  # long T or S: fewer channels per program
+    _conv_update_kernel[(b, triton.cdiv(d, block_d))](
         xs, conv_state, weight, x if bias is None else bias, y,  # the bias placeholder is unread
-        d, T, conv_state.shape[2], *xs.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
+        d, T, S, *xs.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
         W=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
-        BLOCK_D=_BLOCK_D, BLOCK_T=min(_BLOCK_T, triton.next_power_of_2(T)),
-        BLOCK_S=min(_BLOCK_S, triton.next_power_of_2(conv_state.shape[2])),
+        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_S=block_s,
     )
     return y.view(x.shape)
