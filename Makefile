@@ -15,10 +15,12 @@ TRANSFORMERS_FLOOR = $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' py
 
 .PHONY: setup demo test test-compat test-compat-oldest test-compat-newest lock bench clean
 
+# The gpu extra brings triton (no CUDA torch: triton depends on nothing), so `make test` runs suture's Triton kernels
+# in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,gpu]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -64,7 +66,7 @@ lock:
 	rm -rf .venv-lock
 	python3 -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
-	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev,gpu]"
 	{ echo "# Exact versions that \`make setup\` installs (pip constraints; Python 3.11, CPU build of PyTorch)."; \
 	  echo "# Regenerate with \`make lock\` after changing the dependencies in pyproject.toml."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; \

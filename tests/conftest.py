@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers import (
+
+# Without a GPU, suture's Triton kernels run on CPU tensors in Triton's interpreter (tests/test_triton_kernels.py).
+# triton.jit reads TRITON_INTERPRET when it decorates a function, triton.language's own helpers included, and those
+# are decorated when anything first imports triton (importing transformers below does): so set it here, for the
+# whole session, before that happens.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,

@@ -20,10 +20,44 @@ def test_version_and_help():
     assert result.exit_code == 0 and "demo" in result.output
 
 
+def _op_rows(output: str) -> dict[str, list[str]]:
+    """`suture env`'s kernel table: op -> [CPU tensors, CUDA tensors, first line of why]."""
+    lines = [line for line in output.splitlines() if line.count("│") == 5]  # 4 columns
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines]
+    return {row[0]: row[1:] for row in rows if row[0]}
+
+
 def test_env_reports_kernel_backends():
+    from suture.kernels import available_backends
+
     result = runner.invoke(app, ["env"])
     assert result.exit_code == 0, result.output
-    assert "selective_scan" in result.output and "torch" in result.output
+    rows = _op_rows(result.output)
+    report = available_backends()
+    assert set(rows) == set(report["ops"])
+    for op, (cpu, cuda, _) in rows.items():
+        assert cpu == "torch" and cuda == report["ops"][op]["auto"]["cuda"][0]
+    assert "triton" in result.output
+
+
+def test_env_says_why_without_triton_or_mamba_ssm(monkeypatch):
+    import suture.kernels.backend as kb
+
+    real = kb.importlib.import_module
+
+    def importer(name):
+        if name.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d"):
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+        return real(name)
+    monkeypatch.setattr(kb.importlib, "import_module", importer)
+    monkeypatch.setattr(kb, "_kernel_cache", {})
+    monkeypatch.setattr(kb, "_triton_cache", {})
+    result = runner.invoke(app, ["env"])
+    assert result.exit_code == 0, result.output
+    assert 'not installed: pip install "suture[gpu]"' in result.output
+    rows = _op_rows(result.output)
+    assert rows["causal_conv1d_update"][:2] == ["torch", "torch"]
+    assert rows["selective_scan"][2].startswith("mamba_ssm: not")
 
 
 def test_demo_end_to_end_and_refuses_to_overwrite(tmp_path):

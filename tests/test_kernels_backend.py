@@ -1,4 +1,5 @@
-"""Kernel backend selection: names, defaults, env var, per-call device decisions, and the CUDA error messages."""
+"""Kernel backend selection: names, defaults, env var, per-call device decisions, and the CUDA / Triton error
+messages (the Triton kernels themselves: tests/test_triton_kernels.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from suture.kernels import (
     get_backend,
     mamba_chunk_scan_combined,
     selective_scan_fn,
+    selective_state_update,
     set_backend,
     use_backend,
 )
@@ -29,6 +31,7 @@ def clean_state(monkeypatch):
     monkeypatch.delenv(kb.ENV_VAR, raising=False)
     monkeypatch.setattr(kb, "_default_backend", None)
     monkeypatch.setattr(kb, "_kernel_cache", {})
+    monkeypatch.setattr(kb, "_triton_cache", {})
     monkeypatch.setattr(kb, "_warned", set())
 
 
@@ -37,6 +40,17 @@ def _missing_kernels(monkeypatch):
     def broken(name):
         raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
     monkeypatch.setattr(kb.importlib, "import_module", broken)
+
+
+def _missing_triton(monkeypatch):
+    """Simulate a machine without triton (suture's own modules still import)."""
+    real = kb.importlib.import_module
+
+    def importer(name):
+        if name.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d"):
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+        return real(name)
+    monkeypatch.setattr(kb.importlib, "import_module", importer)
 
 
 def _fake_kernels(monkeypatch):
@@ -82,8 +96,8 @@ def test_explicit_cuda_with_cpu_tensors_raises_device_error(monkeypatch):
 
 
 def test_unknown_backend_names_raise():
-    with pytest.raises(ValueError, match="auto, torch, reference, cuda"):
-        selective_scan_fn(*small_scan_inputs(), backend="triton")
+    with pytest.raises(ValueError, match="auto, torch, reference, cuda, triton"):
+        selective_scan_fn(*small_scan_inputs(), backend="cuda-graphs")
     with pytest.raises(ValueError, match="valid names"):
         set_backend("fast")
     with pytest.raises(ValueError, match="valid names"):
@@ -163,3 +177,34 @@ def test_available_backends_reports_each_op(monkeypatch):
                                   "causal_conv1d_update"}
     for info in report["ops"].values():
         assert info["available"] is False and "RuntimeError" in info["reason"] and info["implementation"]
+
+
+def test_explicit_triton_without_triton_raises_with_install_command(monkeypatch):
+    _missing_triton(monkeypatch)
+    with pytest.raises(KernelUnavailableError, match=r'pip install "suture\[gpu\]"') as err:
+        causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="triton")
+    assert "No module named 'triton'" in str(err.value)
+    with use_backend("triton"), pytest.raises(KernelUnavailableError, match="triton does not import"):
+        selective_state_update(torch.zeros(1, 2, 3), torch.randn(1, 2), torch.rand(1, 2), -torch.rand(2, 3),
+                               torch.randn(1, 3), torch.randn(1, 3))
+
+
+def test_explicit_triton_for_an_op_without_a_triton_kernel_raises():
+    with pytest.raises(KernelUnavailableError, match="no Triton kernel for this op yet"):
+        selective_scan_fn(*small_scan_inputs(), backend="triton")
+
+
+def test_auto_without_mamba_ssm_or_triton(monkeypatch):
+    """CPU tensors: torch, silently, without importing anything. CUDA tensors: torch, with one warning that names
+    both ways to get a kernel."""
+    _missing_triton(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kb.resolve_backend("causal_conv1d_update", torch.zeros(1)) == ("torch", None)
+    assert kb._triton_cache == {} and kb._kernel_cache == {}
+    with pytest.warns(RuntimeWarning, match=r'No module named .triton.*suture\[gpu\].*suture\[cuda\]'):
+        assert kb.resolve_backend("causal_conv1d_update", FAKE_CUDA)[0] == "torch"
+    report = available_backends()
+    assert report["triton"] == {"version": None, "reason": "ModuleNotFoundError: No module named 'triton'",
+                                "interpreter": None}
+    assert report["ops"]["causal_conv1d"]["auto"]["cuda"][0] == "torch"

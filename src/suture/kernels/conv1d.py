@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from suture.kernels.backend import resolve_backend
+from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
@@ -88,11 +88,16 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None, seq_idx=None, *, bac
     Args: x ``(b, d, L)``; weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``;
     seq_idx ``(b, L)`` int32/int64, the document index of each position in packed rows (no output sees an input of
     another document; :mod:`suture.kernels.documents`).
-    Returns: ``(b, d, L)`` in ``x.dtype``. Differentiable.
+    Returns: ``(b, d, L)`` in ``x.dtype``. Differentiable; on the ``"triton"`` backend (suture's kernel,
+    :mod:`suture.kernels.triton_conv1d`) the backward recomputes the conv on the PyTorch path, and float64 inputs
+    take the torch path under ``"auto"``.
     """
     _check(x, weight, bias, activation)
     check_seq_idx(seq_idx, x.shape[0], x.shape[-1], "causal_conv1d")
-    name, kernel = resolve_backend("causal_conv1d", x, backend=backend)
+    name, kernel = resolve_backend("causal_conv1d", x, backend=backend,
+                                   triton_unsupported=triton_limitation(x, weight, bias, differentiable=True))
+    if name == "triton":
+        return kernel(x, weight, bias, activation, seq_idx)
     if name == "cuda":
         if seq_idx is None:
             return kernel(x, weight, bias, activation=activation)
@@ -158,11 +163,13 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
             shifted left by ``T`` and the new inputs appended, in place.
         weight ``(d, w)``; bias ``(d,)``; activation None, ``"silu"`` or ``"swish"``.
     Returns: outputs with ``x``'s shape and dtype. Equal to the matching steps of :func:`causal_conv1d_fn` run on
-    the whole sequence.
+    the whole sequence. The ``"triton"`` backend (suture's kernel, :mod:`suture.kernels.triton_conv1d`) computes in
+    fp32 and has no backward: under ``"auto"``, float64 inputs and inputs that need gradients take the torch path.
     """
     _check_update(x, conv_state, weight, bias, activation)
-    name, kernel = resolve_backend("causal_conv1d_update", x, backend=backend)
-    if name == "cuda":
+    name, kernel = resolve_backend("causal_conv1d_update", x, backend=backend,
+                                   triton_unsupported=triton_limitation(x, conv_state, weight, bias))
+    if name in ("cuda", "triton"):
         return kernel(x, conv_state, weight, bias, activation)
     if name == "reference":
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from suture.kernels.backend import resolve_backend
+from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans, document_starts
 
 __all__ = [
@@ -427,14 +427,19 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One decode step, dispatched per call; updates ``state`` in place and returns y (x's shape and dtype).
 
     Shapes as :func:`selective_state_update_ref` (both forms; Mamba-2 decode passes the per-head form with
-    ``A`` expanded from ``(h,)`` to ``(h, p, n)``).
+    ``A`` expanded from ``(h,)`` to ``(h, p, n)``). The ``"triton"`` backend (suture's kernel,
+    :mod:`suture.kernels.triton_state_update`) computes in fp32 and has no backward: under ``"auto"``, float64 inputs
+    and inputs that need gradients take the torch path.
     """
     _check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
-    name, kernel = resolve_backend("selective_state_update", state, backend=backend)
+    name, kernel = resolve_backend("selective_state_update", state, backend=backend,
+                                   triton_unsupported=triton_limitation(state, x, dt, A, B, C, D, z, dt_bias))
     if name == "reference":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
     if name == "cuda":  # mamba-ssm takes the per-head form directly; the views share state's storage
         s, xh, dth, Ah, Bh, Ch, Dh, zh, dtbh = heads
         return kernel(s, xh, dth, Ah, Bh, Ch, D=Dh, z=zh, dt_bias=dtbh, dt_softplus=dt_softplus).view(x.shape)
+    if name == "triton":
+        return kernel(*heads, dt_softplus).view(x.shape)
     return _state_update(*heads, dt_softplus).view(x.shape)
