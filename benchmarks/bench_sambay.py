@@ -76,13 +76,14 @@ def distilled(name: str, teacher_dir: Path, layer_types: list, overrides: dict, 
     """Convert and distil one student into `work/<name>` (or reuse the one there); its record."""
     out = _out(work, name)
     record_file = out / "bench_record.json"
-    if record_file.is_file() and not redo:
-        record = json.loads(record_file.read_text())
-        if record["layer_types"] == layer_types and record["budget"] == budget and record["problems_per_level"] == n:
-            console.print(f"{name}: reusing the distilled model in {out}")
-            return record
     teacher, tokenizer = load_for_scoring(teacher_dir, dtype="float32")
     hybrid = hybridize_model(teacher, layer_types, **overrides)
+    if record_file.is_file() and not redo:
+        record = json.loads(record_file.read_text())
+        if (record["layer_types"] == hybrid.config.layer_types and record["budget"] == budget
+                and record["problems_per_level"] == n and record.get("teacher_dir") == str(teacher_dir)):
+            console.print(f"{name}: reusing the distilled model in {out}")
+            return record
     def on_log(record: dict) -> None:
         if "loss" in record and (record["step"] % 100 == 0 or record["step"] == record["steps"]):
             console.print(f"  {name} {record['stage']} {record['step']}/{record['steps']} loss {record['loss']:.4f}")
@@ -90,7 +91,8 @@ def distilled(name: str, teacher_dir: Path, layer_types: list, overrides: dict, 
     start = time.perf_counter()
     result = distill(teacher, hybrid, preset("default", budget=budget), "workload", out, tokenizer=tokenizer,
                      force=True, save_steps=10**6, eval_n=n, eval_steps=0, held_out=256, on_log=on_log)
-    record = {"name": name, "layer_types": hybrid.config.layer_types, "budget": budget, "problems_per_level": n,
+    record = {"name": name, "teacher_dir": str(teacher_dir), "layer_types": hybrid.config.layer_types,
+              "budget": budget, "problems_per_level": n,
               "wall_seconds": time.perf_counter() - start, **result_record(result)}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
     row = record["distilled"]
