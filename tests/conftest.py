@@ -69,3 +69,30 @@ FAMILY_NAMES = ["llama", "qwen2", "qwen3", "mistral"]
 @pytest.fixture(params=FAMILY_NAMES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def fresh_kernel_backend(monkeypatch):
+    """The default kernel backend (no `set_backend`, no environment variable) with fresh kernel caches and
+    warnings, restored after the test."""
+    import suture.kernels.backend as kb
+
+    monkeypatch.delenv(kb.ENV_VAR, raising=False)
+    monkeypatch.setattr(kb, "_default_backend", None)
+    monkeypatch.setattr(kb, "_kernel_cache", {})
+    monkeypatch.setattr(kb, "_triton_cache", {})
+    monkeypatch.setattr(kb, "_warned", set())
+
+
+def hide_kernel_libraries(monkeypatch):
+    """Importing triton, mamba_ssm or causal_conv1d fails as on a machine without them (suture's own modules still
+    import); use with `fresh_kernel_backend`, whose empty caches make the next call import again."""
+    import suture.kernels.backend as kb
+
+    real = kb.importlib.import_module
+
+    def importer(name):
+        if name.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d"):
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+        return real(name)
+    monkeypatch.setattr(kb.importlib, "import_module", importer)

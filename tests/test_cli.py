@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import hide_kernel_libraries
 from typer.testing import CliRunner
 
 import suture
@@ -40,18 +41,8 @@ def test_env_reports_kernel_backends():
     assert "triton" in result.output
 
 
-def test_env_says_why_without_triton_or_mamba_ssm(monkeypatch):
-    import suture.kernels.backend as kb
-
-    real = kb.importlib.import_module
-
-    def importer(name):
-        if name.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d"):
-            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
-        return real(name)
-    monkeypatch.setattr(kb.importlib, "import_module", importer)
-    monkeypatch.setattr(kb, "_kernel_cache", {})
-    monkeypatch.setattr(kb, "_triton_cache", {})
+def test_env_says_why_without_triton_or_mamba_ssm(monkeypatch, fresh_kernel_backend):
+    hide_kernel_libraries(monkeypatch)
     result = runner.invoke(app, ["env"])
     assert result.exit_code == 0, result.output
     assert 'not installed: pip install "suture[gpu]"' in result.output

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import hide_kernel_libraries
 
 import suture.kernels.backend as kb
 from suture.kernels import (
@@ -25,14 +26,7 @@ from suture.kernels import (
 FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
 
 
-@pytest.fixture(autouse=True)
-def clean_state(monkeypatch):
-    """Each test starts from the default: no set_backend, no env var, fresh kernel cache and warnings."""
-    monkeypatch.delenv(kb.ENV_VAR, raising=False)
-    monkeypatch.setattr(kb, "_default_backend", None)
-    monkeypatch.setattr(kb, "_kernel_cache", {})
-    monkeypatch.setattr(kb, "_triton_cache", {})
-    monkeypatch.setattr(kb, "_warned", set())
+pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend
 
 
 def _missing_kernels(monkeypatch):
@@ -40,17 +34,6 @@ def _missing_kernels(monkeypatch):
     def broken(name):
         raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
     monkeypatch.setattr(kb.importlib, "import_module", broken)
-
-
-def _missing_triton(monkeypatch):
-    """Simulate a machine without triton (suture's own modules still import)."""
-    real = kb.importlib.import_module
-
-    def importer(name):
-        if name.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d"):
-            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
-        return real(name)
-    monkeypatch.setattr(kb.importlib, "import_module", importer)
 
 
 def _fake_kernels(monkeypatch):
@@ -180,7 +163,7 @@ def test_available_backends_reports_each_op(monkeypatch):
 
 
 def test_explicit_triton_without_triton_raises_with_install_command(monkeypatch):
-    _missing_triton(monkeypatch)
+    hide_kernel_libraries(monkeypatch)
     with pytest.raises(KernelUnavailableError, match=r'pip install "suture\[gpu\]"') as err:
         causal_conv1d_fn(torch.randn(1, 2, 5), torch.randn(2, 4), backend="triton")
     assert "No module named 'triton'" in str(err.value)
@@ -197,7 +180,7 @@ def test_explicit_triton_for_an_op_without_a_triton_kernel_raises():
 def test_auto_without_mamba_ssm_or_triton(monkeypatch):
     """CPU tensors: torch, silently, without importing anything. CUDA tensors: torch, with one warning that names
     both ways to get a kernel."""
-    _missing_triton(monkeypatch)
+    hide_kernel_libraries(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kb.resolve_backend("causal_conv1d_update", torch.zeros(1)) == ("torch", None)

@@ -44,6 +44,17 @@ def _convert(source, gmu_init: str = "attention", mixer: str = "mamba"):
     return hybridize_model(source, layout.layer_types, gmu_init=gmu_init, **layout.config_fields).eval()
 
 
+@torch.no_grad()
+def _assert_cached_generate_is_greedy(model, new_tokens: int):
+    """`generate()` (with the cache; the prompt and its continuation run past WINDOW) == greedy without a cache."""
+    prompt = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seq = prompt
+    for _ in range(new_tokens):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert out.tolist() == seq.tolist()
+
+
 # ---------------------------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize(("layers", "expected"), [
     (8, ["mamba", "sliding_attention", "mamba", "sliding_attention", "mamba", "full_attention", "gmu",
@@ -166,12 +177,7 @@ def test_the_converted_checkpoint_loads_and_generates_as_greedy_without_cache(tm
     assert not any(info.values()), info
     model.eval()
     assert model.config.layer_types[6:] == ["gmu", "cross_attention"]
-    prompt = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(3))
-    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    seq = prompt
-    for _ in range(8):
-        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    assert out.tolist() == seq.tolist()
+    _assert_cached_generate_is_greedy(model, new_tokens=8)
 
 
 @torch.no_grad()
@@ -187,12 +193,7 @@ def test_a_4_layer_model_converts_without_a_cross_decoder(tmp_path):
     assert (result.surgery["layout"]["memory_layer"], result.surgery["layout"]["kv_source_layer"]) == (None, None)
     assert "no room for the cross-decoder" in (tmp_path / "out" / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    prompt = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(3))
-    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    seq = prompt
-    for _ in range(6):
-        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    assert out.tolist() == seq.tolist()
+    _assert_cached_generate_is_greedy(model, new_tokens=6)
 
 
 def test_cli_end_to_end(tmp_path):

@@ -35,14 +35,7 @@ FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_bac
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def clean_backend_state(monkeypatch):
-    """Each test starts from the default backend with fresh kernel caches and warnings."""
-    monkeypatch.delenv(kb.ENV_VAR, raising=False)
-    monkeypatch.setattr(kb, "_default_backend", None)
-    monkeypatch.setattr(kb, "_kernel_cache", {})
-    monkeypatch.setattr(kb, "_triton_cache", {})
-    monkeypatch.setattr(kb, "_warned", set())
+pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend
 
 
 def test_kernels_run_here():
