@@ -218,7 +218,7 @@ def test_auto_on_cuda_prefers_mamba_ssm_then_triton_then_torch(monkeypatch):
     name, fn = kb.resolve_backend("causal_conv1d_update", FAKE_CUDA)
     assert name == "triton" and fn.__name__ == "causal_conv1d_update_triton"
     with pytest.warns(RuntimeWarning, match=r"does not support float64 inputs.*suture\[gpu\]"):
-        assert kb.resolve_backend("causal_conv1d", FAKE_CUDA, triton_unsupported="float64 inputs")[0] == "torch"
+        assert kb.resolve_backend("causal_conv1d", FAKE_CUDA, triton_unsupported=lambda: "float64 inputs")[0] == "torch"
     with pytest.warns(RuntimeWarning, match="no Triton kernel"):  # ops without one fall back as before
         assert kb.resolve_backend("selective_scan", FAKE_CUDA)[0] == "torch"
     monkeypatch.setattr(kb, "_kernel_cache", {"selective_state_update": (lambda *a: "cuda-called", None)})

@@ -169,7 +169,7 @@ def _interpreted(fn: Callable[..., Any]) -> bool:
 def triton_limitation(*tensors: torch.Tensor | None, differentiable: bool = False) -> str | None:
     """What suture's Triton kernels cannot do for a call with these inputs, or None: float64 inputs (the kernels
     compute in fp32) and, unless the op is ``differentiable`` on the triton backend, inputs that need gradients.
-    The ops pass it to :func:`resolve_backend` as ``triton_unsupported``."""
+    The ops pass it to :func:`resolve_backend`, deferred, as ``triton_unsupported``."""
     present = [t for t in tensors if t is not None]
     if any(t.dtype == torch.float64 for t in present):
         return "float64 inputs"
@@ -186,8 +186,11 @@ def _library(op: str) -> str:
     return CUDA_KERNELS[op][0].split(".")[0]  # mamba_ssm or causal_conv1d
 
 
+TritonCheck = Callable[[], str | None]  # what suture's Triton kernel lacks for this call (triton_limitation), or None
+
+
 def _choose_on_cuda(
-    op: str, unsupported: str | None = None, triton_unsupported: str | None = None
+    op: str, unsupported: str | None = None, triton_unsupported: TritonCheck | None = None
 ) -> tuple[str, Callable[..., Any] | None, str]:
     """The ``"auto"`` choice for CUDA tensors, without warning: ``(name, fn, why)``."""
     fn, reason = load_kernel(op)
@@ -196,10 +199,11 @@ def _choose_on_cuda(
     cuda_why = f"{_library(op)} does not support {unsupported}" if fn is not None else \
         f"{_library(op)} not importable: {reason}"
     tfn, treason = load_triton_kernel(op)
-    if tfn is not None and triton_unsupported is None:
+    lacking = triton_unsupported() if tfn is not None and triton_unsupported is not None else None
+    if tfn is not None and lacking is None:
         return "triton", tfn, f"{cuda_why}; suture's Triton kernel (triton {_triton_version()})"
     if tfn is not None:
-        triton_why = f"suture's Triton kernel does not support {triton_unsupported}"
+        triton_why = f"suture's Triton kernel does not support {lacking}"
     else:
         triton_why = treason if op not in TRITON_KERNELS else f"suture's Triton kernel not importable: {treason}"
     return "torch", None, f"{cuda_why}; {triton_why}"
@@ -246,15 +250,16 @@ def _warn_once(op: str, message: str) -> None:
 
 def resolve_backend(
     op: str, *tensors: torch.Tensor | None, backend: str | None = None, unsupported: str | None = None,
-    triton_unsupported: str | None = None,
+    triton_unsupported: TritonCheck | None = None,
 ) -> tuple[str, Callable[..., Any] | None]:
     """Decide, for this call, which implementation of ``op`` runs: ``("cuda", fn)``, ``("triton", fn)``,
     ``("torch", None)`` or ``("reference", None)``.
 
     ``tensors`` are the call's inputs (``None`` entries ignored); the first non-None one gives the device.
     ``unsupported`` names a requested feature the CUDA kernel lacks (e.g. ``"initial_state"``) and
-    ``triton_unsupported`` one suture's Triton kernel lacks (:func:`triton_limitation`): under ``"auto"`` the call
-    goes to the next backend in line, under an explicit ``"cuda"`` / ``"triton"`` it raises.
+    ``triton_unsupported`` returns one suture's Triton kernel lacks (:func:`triton_limitation`, deferred: it runs only
+    when a Triton kernel is considered, so CPU calls never pay for it): under ``"auto"`` the call goes to the next
+    backend in line, under an explicit ``"cuda"`` / ``"triton"`` it raises.
     """
     name = get_backend() if backend is None else _check_name(backend, "backend=")
     if name in ("torch", "reference"):
@@ -292,7 +297,8 @@ def resolve_backend(
     return "cuda", fn
 
 
-def _resolve_triton(op: str, device: torch.device, triton_unsupported: str | None) -> tuple[str, Callable[..., Any]]:
+def _resolve_triton(op: str, device: torch.device, triton_unsupported: TritonCheck | None
+                    ) -> tuple[str, Callable[..., Any]]:
     """An explicit ``"triton"``: the kernel, or :class:`KernelUnavailableError` saying what to do."""
     fn, reason = load_triton_kernel(op)
     if fn is None and op not in TRITON_KERNELS:
@@ -311,9 +317,10 @@ def _resolve_triton(op: str, device: torch.device, triton_unsupported: str | Non
             "tensors, and on CPU tensors only in Triton's interpreter (set TRITON_INTERPRET=1 before the first "
             "Triton call; slow, for tests). Move the tensors to a CUDA device or use backend='torch' / 'auto'."
         )
-    if triton_unsupported is not None:
+    lacking = triton_unsupported() if triton_unsupported is not None else None
+    if lacking is not None:
         raise KernelUnavailableError(
-            f"suture's Triton kernel for {op} does not support {triton_unsupported}; use backend='torch' or 'auto' "
+            f"suture's Triton kernel for {op} does not support {lacking}; use backend='torch' or 'auto' "
             "for this call."
         )
     return "triton", fn

@@ -95,7 +95,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None, seq_idx=None, *, bac
     _check(x, weight, bias, activation)
     check_seq_idx(seq_idx, x.shape[0], x.shape[-1], "causal_conv1d")
     name, kernel = resolve_backend("causal_conv1d", x, backend=backend,
-                                   triton_unsupported=triton_limitation(x, weight, bias, differentiable=True))
+                                   triton_unsupported=lambda: triton_limitation(x, weight, bias, differentiable=True))
     if name == "triton":
         return kernel(x, weight, bias, activation, seq_idx)
     if name == "cuda":
@@ -168,7 +168,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     """
     _check_update(x, conv_state, weight, bias, activation)
     name, kernel = resolve_backend("causal_conv1d_update", x, backend=backend,
-                                   triton_unsupported=triton_limitation(x, conv_state, weight, bias))
+                                   triton_unsupported=lambda: triton_limitation(x, conv_state, weight, bias))
     if name in ("cuda", "triton"):
         return kernel(x, conv_state, weight, bias, activation)
     if name == "reference":

@@ -433,7 +433,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """
     _check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
     name, kernel = resolve_backend("selective_state_update", state, backend=backend,
-                                   triton_unsupported=triton_limitation(state, x, dt, A, B, C, D, z, dt_bias))
+                                   triton_unsupported=lambda: triton_limitation(state, x, dt, A, B, C, D, z, dt_bias))
     if name == "reference":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
