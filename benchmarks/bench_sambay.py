@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,12 +70,12 @@ def _out(work: Path, name: str) -> Path:
     return work / name.replace("% ", "pct-").replace(" ", "-")
 
 
-def distilled(name: str, teacher_dir: Path, layer_types: list, overrides: dict, budget: float, n: int, work: Path,
-              redo: bool, console: Console) -> dict:
-    """Convert and distil one student into `work/<name>` (or reuse the one there); its record."""
+def distilled(name: str, teacher, tokenizer, teacher_dir: Path, layer_types: list, overrides: dict, budget: float,
+              n: int, work: Path, redo: bool, console: Console) -> dict:
+    """Convert `teacher` (loaded from `teacher_dir`; distillation leaves it as it is) and distil one student into
+    `work/<name>`, or reuse the one there; its record."""
     out = _out(work, name)
     record_file = out / "bench_record.json"
-    teacher, tokenizer = load_for_scoring(teacher_dir, dtype="float32")
     hybrid = hybridize_model(teacher, layer_types, **overrides)
     if record_file.is_file() and not redo:
         record = json.loads(record_file.read_text())
@@ -84,6 +83,7 @@ def distilled(name: str, teacher_dir: Path, layer_types: list, overrides: dict, 
                 and record["problems_per_level"] == n and record.get("teacher_dir") == str(teacher_dir)):
             console.print(f"{name}: reusing the distilled model in {out}")
             return record
+
     def on_log(record: dict) -> None:
         if "loss" in record and (record["step"] % 100 == 0 or record["step"] == record["steps"]):
             console.print(f"  {name} {record['stage']} {record['step']}/{record['steps']} loss {record['loss']:.4f}")
@@ -251,12 +251,12 @@ def main() -> None:
     console = Console(width=150)
 
     teacher_dir = resolve_teacher(args, console)
-    teacher, _ = load_for_scoring(teacher_dir, dtype="float32")
+    teacher, tokenizer = load_for_scoring(teacher_dir, dtype="float32")
     args.work.mkdir(parents=True, exist_ok=True)
     records = {}
     for name, (layer_types, overrides) in students(teacher, args.mixer, args.window).items():
-        record = distilled(name, teacher_dir, layer_types, overrides, args.budget, args.n, args.work, args.redo,
-                           console)
+        record = distilled(name, teacher, tokenizer, teacher_dir, layer_types, overrides, args.budget, args.n,
+                           args.work, args.redo, console)
         record["kept"] = min(record["distilled"][f"accuracy_{level}"]
                              / max(record["teacher"][f"accuracy_{level}"], 1e-9) for level in LEVELS)
         records[name] = record
