@@ -174,7 +174,8 @@ def test_explicit_triton_without_triton_raises_with_install_command(monkeypatch)
 
 def test_explicit_triton_for_an_op_without_a_triton_kernel_raises():
     with pytest.raises(KernelUnavailableError, match="no Triton kernel for this op yet"):
-        selective_scan_fn(*small_scan_inputs(), backend="triton")
+        mamba_chunk_scan_combined(torch.randn(1, 5, 2, 3), torch.rand(1, 5, 2), -torch.rand(2),
+                                  torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), 4, backend="triton")
 
 
 def test_auto_without_mamba_ssm_or_triton(monkeypatch):

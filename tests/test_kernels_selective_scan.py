@@ -418,7 +418,7 @@ def test_seq_idx_errors_and_cuda_fallback(monkeypatch):
         selective_scan_fn(*args, seq_idx=torch.zeros(2, 10, dtype=torch.long))
     asked = []  # mamba-ssm's selective scan has no seq_idx: the backend choice must know (auto falls back, cuda raises)
 
-    def resolve(op, *tensors, backend=None, unsupported=None):
+    def resolve(op, *tensors, backend=None, unsupported=None, triton_unsupported=None):
         asked.append(unsupported)
         return "torch", None
 

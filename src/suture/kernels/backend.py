@@ -73,6 +73,7 @@ CUDA_KERNELS: dict[str, tuple[str, str]] = {
 
 # op name -> (module, attribute) of suture's Triton implementation; ops missing here have none yet.
 TRITON_KERNELS: dict[str, tuple[str, str]] = {
+    "selective_scan": ("suture.kernels.triton_selective_scan", "selective_scan_triton"),
     "selective_state_update": ("suture.kernels.triton_state_update", "selective_state_update_triton"),
     "causal_conv1d": ("suture.kernels.triton_conv1d", "causal_conv1d_triton"),
     "causal_conv1d_update": ("suture.kernels.triton_conv1d", "causal_conv1d_update_triton"),

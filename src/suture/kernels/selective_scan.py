@@ -282,7 +282,9 @@ def selective_scan_fn(
         (channel ``c`` uses group ``c // (d // g)``). D, delta_bias: ``(d,)``. z: ``(b, d, L)``.
         initial_state: ``(b, d, n)``. seq_idx: ``(b, L)`` int32/int64, the document index of each position in packed
         rows: the state restarts from zero at every document start (:mod:`suture.kernels.documents`).
-        The CUDA kernel supports neither ``initial_state`` nor ``seq_idx``: ``"auto"`` then uses the torch path.
+        The CUDA kernel supports neither ``initial_state`` nor ``seq_idx``: ``"auto"`` then uses suture's Triton
+        kernel (:mod:`suture.kernels.triton_selective_scan`: forward and backward, everything above, fp32 inside)
+        when triton imports, else the torch path. Float64 inputs never take the Triton kernel.
     Returns:
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` (fp32).
     Differentiable w.r.t. every float input on every backend.
@@ -291,10 +293,16 @@ def selective_scan_fn(
     check_seq_idx(seq_idx, u.shape[0], u.shape[-1], "selective_scan")
     unsupported = " and ".join(name for name, t in (("initial_state", initial_state), ("seq_idx", seq_idx))
                                if t is not None) or None
-    name, kernel = resolve_backend("selective_scan", u, backend=backend, unsupported=unsupported)
+    name, kernel = resolve_backend(
+        "selective_scan", u, backend=backend, unsupported=unsupported,
+        triton_unsupported=lambda: triton_limitation(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                                     differentiable=True),
+    )
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "cuda":
         return kernel(*args)
+    if name == "triton":
+        return kernel(*args, initial_state=initial_state, seq_idx=seq_idx)
     if name == "reference":
         return selective_scan_ref(*args, initial_state=initial_state, seq_idx=seq_idx)
     return _selective_scan_torch(*args, initial_state=initial_state, seq_idx=seq_idx)

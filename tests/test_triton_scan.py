@@ -1,0 +1,280 @@
+"""suture's Triton selective scan (forward and backward) against the fp32 reference, and how it is dispatched.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``);
+with one, the same tests run the compiled kernels on CUDA tensors, and the ``gpu``-marked tests add larger shapes.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from kernel_checks import close, packed_seq_idx
+
+pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
+
+import suture.kernels.backend as kb  # noqa: E402
+from suture.kernels import (  # noqa: E402
+    KernelUnavailableError,
+    available_backends,
+    selective_scan_fn,
+    selective_scan_ref,
+)
+from suture.kernels.selective_scan import _selective_scan_torch  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+OPTIONAL = ("D", "z", "delta_bias", "initial_state")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+
+pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vectorized_interpreter_scan():
+    """Triton's interpreter runs ``tl.associative_scan`` with a user combine function one scalar element at a time
+    (~20 s for one small backward). Run it one time step at a time instead, on whole slices: the same combine
+    function, applied in the same order, to the same fp32 values, so the results are identical; only faster."""
+    if GPU:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    def generic_scan(self, input):
+        data = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]  # time first
+        outs = [np.empty_like(x) for x in data]
+        acc = None
+        for i in range(data[0].shape[0]):
+            cur = tuple(self.to_tensor(np.ascontiguousarray(x[i]), arg.dtype) for x, arg in zip(data, input))
+            if acc is not None:
+                ret = self.combine_fn.fn(*acc, *cur)
+                cur = ret if isinstance(ret, tuple) else (ret,)
+            acc = cur
+            for out, t in zip(outs, acc):
+                out[i] = t.handle.data
+        return [self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, self.axis)), arg.dtype)
+                for o, arg in zip(outs, input)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.ScanOps, "generic_scan", generic_scan)
+        yield
+
+
+def test_kernel_runs_here():
+    fn, reason = kb.load_triton_kernel("selective_scan")
+    assert fn is not None, reason
+    assert fn.__name__ == "selective_scan_triton"
+    assert GPU or kb._interpreted(fn), "set TRITON_INTERPRET=1 before triton is imported (tests/conftest.py does)"
+
+
+def make_inputs(b, d, n, L, g, dtype, extras=OPTIONAL, seed=0):
+    """Inputs on DEVICE; g=None: B, C (b, n, L), else grouped (b, g, n, L). Mamba-like ranges; A stays fp32.
+    Only the optional inputs named in ``extras`` are given."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    bc = (b, n, L) if g is None else (b, g, n, L)
+    x = {"u": r(b, d, L), "delta": r(b, d, L) * 0.5 - 1.0, "A": -torch.rand(d, n, generator=gen) * 2 - 0.1,
+         "B": r(*bc), "C": r(*bc), "D": r(d), "z": r(b, d, L), "delta_bias": r(d) * 0.1,
+         "initial_state": r(b, d, n)}
+    return {k: None if k in OPTIONAL and k not in extras else v.to(DEVICE, torch.float32 if k == "A" else dtype)
+            for k, v in x.items()}
+
+
+def run(fn, inputs, softplus, **kw):
+    """Forward + backward of y and the last state with fixed random cotangents; returns (y, last, grads)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    y, last = fn(**{k: leaves.get(k) for k in NAMES}, delta_softplus=softplus, return_last_state=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(y.shape, generator=gen).to(DEVICE, y.dtype)
+    gl = torch.randn(last.shape, generator=gen).to(DEVICE)
+    ((y.float() * gy.float()).sum() + (last * gl).sum()).backward()
+    return y, last, {k: v.grad for k, v in leaves.items()}
+
+
+def check_against_reference(inputs, dtype, softplus, seq_idx=None, **kw):
+    y, last, grads = run(selective_scan_fn, inputs, softplus, seq_idx=seq_idx, backend="triton", **kw)
+    y_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, softplus, seq_idx=seq_idx)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    close(y, y_ref, dtype, "y")
+    close(last, last_ref, dtype, "last state")
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        close(grad, grads_ref[name], dtype, f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "b, d, n, L, g, dtype, extras, softplus",
+    [
+        (2, 6, 5, 33, 2, torch.float32, OPTIONAL, True),  # grouped, every optional input, three chunks
+        (1, 10, 16, 7, None, torch.float32, (), False),  # ungrouped (b, n, L), bare, d short of the block
+        (2, 6, 16, 1, 1, torch.float32, ("z", "initial_state"), True),  # L = 1, one group in the 4-D form
+        (1, 6, 5, 20, 3, torch.float32, ("D", "delta_bias"), False),  # bias without softplus
+        (2, 8, 16, 33, 4, torch.bfloat16, OPTIONAL, True),
+        (1, 6, 5, 7, None, torch.bfloat16, ("D", "z"), True),
+    ],
+)
+def test_matches_reference(b, d, n, L, g, dtype, extras, softplus):
+    check_against_reference(make_inputs(b, d, n, L, g, dtype, extras), dtype, softplus)
+
+
+def test_several_chunks_and_channel_blocks_per_group():
+    """Small tiles: 4-step chunks and 4-channel blocks, two per group (the second half empty), so the checkpoints,
+    the carry between chunks and the atomic sums of dB / dC over blocks all count."""
+    from suture.kernels.triton_selective_scan import _block_sizes, selective_scan_triton
+
+    assert _block_sizes(6, 5, 19, tile=128, block_l=4) == (4, 4, 8)
+    inputs = make_inputs(2, 12, 5, 19, 2, torch.float32)
+    y, last, grads = run(selective_scan_triton, inputs, True, tile=128, block_l=4)
+    y_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, True)
+    close(y, y_ref, torch.float32, "y")
+    close(last, last_ref, torch.float32, "last state")
+    for name, grad in grads.items():
+        close(grad, grads_ref[name], torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seq_idx_matches_reference(dtype):
+    """Packed rows: the state restarts at every document; the initial state only reaches a row's document 0
+    (row 1 starts at document 1, so its initial state gets no gradient)."""
+    inputs = make_inputs(2, 6, 5, 21, 2, dtype)
+    seq_idx = packed_seq_idx([5, 1, 9, 6], (1, [16, 5])).to(DEVICE)
+    check_against_reference(inputs, dtype, True, seq_idx=seq_idx)
+
+
+def test_float16_forward_and_no_grad_call():
+    inputs = make_inputs(1, 6, 5, 9, None, torch.float16)
+    with torch.no_grad():
+        y = selective_scan_fn(**inputs, delta_softplus=True, backend="triton")
+    assert y.dtype == torch.float16
+    close(y.float(), selective_scan_ref(**inputs, delta_softplus=True).float(), torch.bfloat16, "y")
+
+
+def test_strided_inputs():
+    """u and z as slices of one (b, 2d, L) projection, delta channel-last: the kernel reads any strides."""
+    inputs = make_inputs(1, 6, 5, 11, None, torch.float32)
+    xz = torch.cat([inputs["u"], inputs["z"]], dim=1)  # (b, 2d, L)
+    inputs["u"], inputs["z"] = xz[:, :6], xz[:, 6:]
+    inputs["delta"] = inputs["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+    check_against_reference(inputs, torch.float32, True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _no_mamba_ssm(monkeypatch):
+    real = kb.importlib.import_module
+
+    def importer(name):
+        if name.startswith(("mamba_ssm", "causal_conv1d")):
+            raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
+        return real(name)
+    monkeypatch.setattr(kb.importlib, "import_module", importer)
+
+
+def _count_kernel_calls(monkeypatch):
+    import suture.kernels.triton_selective_scan as module
+
+    calls = []
+    real = module._SelectiveScanTriton.apply
+    monkeypatch.setattr(module._SelectiveScanTriton, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_triton_backend_runs_the_kernel_and_auto_on_cpu_stays_torch(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    inputs = {k: v.cpu() for k, v in make_inputs(1, 4, 3, 5, None, torch.float32, ()).items() if v is not None}
+    y_torch = selective_scan_fn(**inputs)  # auto, CPU tensors: the torch path
+    assert calls == []
+    assert kb.resolve_backend("selective_scan", inputs["u"]) == ("torch", None)
+    if not GPU:
+        y_triton = selective_scan_fn(**inputs, backend="triton")
+        assert calls == [1]
+        close(y_triton, y_torch, torch.float32, "y")
+
+
+def test_auto_on_cuda_picks_triton_without_mamba_ssm(monkeypatch):
+    _no_mamba_ssm(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither mamba-ssm missing nor its missing initial_state is worth a warning
+        name, fn = kb.resolve_backend("selective_scan", FAKE_CUDA, unsupported="initial_state",
+                                      triton_unsupported=lambda: None)
+    assert name == "triton" and fn.__name__ == "selective_scan_triton"
+    with pytest.warns(RuntimeWarning, match="does not support float64 inputs"):
+        assert kb.resolve_backend("selective_scan", FAKE_CUDA, triton_unsupported=lambda: "float64 inputs")[0] \
+            == "torch"
+    report = available_backends()["ops"]["selective_scan"]
+    assert report["triton"]["available"] and report["auto"]["cuda"][0] == "triton"
+    assert report["triton"]["implementation"] == "suture.kernels.triton_selective_scan.selective_scan_triton"
+
+
+def test_explicit_triton_limitations(monkeypatch):
+    inputs = make_inputs(1, 4, 3, 5, None, torch.float32, ())
+    doubles = {k: v.double() for k, v in inputs.items() if v is not None}
+    with pytest.raises(KernelUnavailableError, match="does not support float64 inputs"):
+        selective_scan_fn(**doubles, backend="triton")
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}  # gradients are supported
+    assert selective_scan_fn(**leaves, backend="triton").requires_grad
+    monkeypatch.setattr(sys.modules["suture.kernels.triton_selective_scan"], "INTERPRETED", False)
+    cpu = {k: v.detach().cpu() for k, v in leaves.items()}
+    with pytest.raises(KernelUnavailableError, match="TRITON_INTERPRET=1"):
+        selective_scan_fn(**cpu, backend="triton")
+
+
+def test_the_deferred_check_runs_only_when_triton_is_considered(monkeypatch):
+    import suture.kernels.selective_scan as scan_module
+
+    checked = []
+    monkeypatch.setattr(scan_module, "triton_limitation", lambda *a, **k: checked.append(k) or None)
+    inputs = {k: v.cpu() for k, v in make_inputs(1, 4, 3, 5, None, torch.float32, ()).items() if v is not None}
+    selective_scan_fn(**inputs)  # auto on CPU: torch, no check
+    assert checked == []
+    if not GPU:
+        selective_scan_fn(**inputs, backend="triton")
+        assert checked == [{"differentiable": True}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled kernels on a GPU, larger shapes (oracle: the exact torch path, which the reference tests cover)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("g", [None, 4])
+def test_gpu_large_bf16(g):
+    inputs = make_inputs(2, 1024, 16, 2048, g, torch.bfloat16)
+    y, last, grads = run(selective_scan_fn, inputs, True, backend="triton")
+    y_ref, last_ref, grads_ref = run(_selective_scan_torch, inputs, True)
+    close(y, y_ref, torch.bfloat16, "y")
+    close(last, last_ref, torch.bfloat16, "last state")
+    for name, grad in grads.items():
+        close(grad, grads_ref[name], torch.bfloat16, f"d{name}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_large_fp32_packed():
+    inputs = make_inputs(2, 1024, 16, 2048, None, torch.float32)
+    seq_idx = (torch.arange(2048, device="cuda") // 700).expand(2, -1).contiguous()
+    y, last, grads = run(selective_scan_fn, inputs, True, seq_idx=seq_idx, backend="triton")
+    y_ref, last_ref, grads_ref = run(_selective_scan_torch, inputs, True, seq_idx=seq_idx)
+    close(y, y_ref, torch.float32, "y")
+    close(last, last_ref, torch.float32, "last state")
+    for name, grad in grads.items():
+        close(grad, grads_ref[name], torch.float32, f"d{name}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_benchmark_runs():
+    from suture.kernels.triton_selective_scan import benchmark_selective_scan
+
+    result = benchmark_selective_scan(b=1, d=256, L=512, warmup=1, reps=2)
+    assert result["forward_ms"] > 0 and result["backward_ms"] > 0
