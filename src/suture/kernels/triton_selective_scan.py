@@ -29,6 +29,8 @@ go to the torch path (:func:`suture.kernels.backend.triton_limitation`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import triton
 import triton.language as tl
@@ -359,37 +361,51 @@ def selective_scan_triton(
 
 def benchmark_selective_scan(
     b=8, d=1024, n=16, L=2048, dtype=torch.bfloat16, with_z=True, backward=True, grouped=False, warmup=3, reps=10,
-    tile=_TILE, block_l=_BLOCK_L, device="cuda",
+    backend="triton", tile=_TILE, block_l=_BLOCK_L, device="cuda",
 ):
-    """Time :func:`selective_scan_triton` on random Mamba-like inputs (softplus, bias, D, z).
+    """Time one selective scan on random Mamba-like inputs (softplus, delta_bias, D, and z unless ``with_z=False``).
 
-    Returns ``{"forward_ms", "backward_ms" (None without ``backward``), "forward_gbps", "shape"}``, the times as
-    medians over ``reps`` (CUDA events) and ``forward_gbps`` the bytes of u, delta, z, B, C read and y written per
-    forward second (compare with the HBM peak).
+    ``backend`` ``"triton"`` times :func:`selective_scan_triton` with the given ``tile`` / ``block_l``; any other name
+    (``"cuda"``: mamba-ssm, ``"torch"``, ``"reference"``) times :func:`~suture.kernels.selective_scan_fn` on that
+    backend, for comparison on the same inputs. ``grouped`` passes B, C as ``(b, 1, n, L)``.
+
+    Returns ``{"forward_ms", "backward_ms" (None without ``backward``), "forward_gbps", "backend", "shape"}``: median
+    times over ``reps`` calls after ``warmup`` (CUDA events; the backward alone, from a kept graph) and the bytes of
+    u, delta, z, B, C read and y written per second of forward (compare with the HBM peak).
     """
+    from suture.kernels.selective_scan import selective_scan_fn
+
     gen = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
     bc = (b, 1, n, L) if grouped else (b, n, L)
-    u, delta, z = r(b, d, L).to(dtype), (r(b, d, L) * 0.5 - 1.0).to(dtype), r(b, d, L).to(dtype)
+    u, delta = r(b, d, L).to(dtype), (r(b, d, L) * 0.5 - 1.0).to(dtype)
+    z = r(b, d, L).to(dtype) if with_z else None
     B, C = r(*bc).to(dtype), r(*bc).to(dtype)
     A = -torch.rand(d, n, generator=gen).to(device) * 2 - 0.1
     D, bias = r(d), r(d) * 0.1
-    leaves = [t.requires_grad_(backward) for t in (u, delta, A, B, C, D, z if with_z else None, bias) if t is not None]
-    zz = z if with_z else None
+    leaves = [t.requires_grad_(backward) for t in (u, delta, A, B, C, D, z, bias) if t is not None]
 
     def forward():
-        return selective_scan_triton(u, delta, A, B, C, D, zz, bias, True, tile=tile, block_l=block_l)
+        if backend == "triton":
+            return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, tile=tile, block_l=block_l)
+        return selective_scan_fn(u, delta, A, B, C, D, z, bias, True, backend=backend)
 
-    def timed(fn):
+    def timed(fn):  # milliseconds: CUDA events on a GPU, the wall clock on CPU (the interpreter: smoke tests only)
         times = []
         for k in range(warmup + reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
+            if torch.device(device).type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                elapsed = (time.perf_counter() - t0) * 1e3
             if k >= warmup:
-                times.append(start.elapsed_time(end))
+                times.append(elapsed)
         return sorted(times)[len(times) // 2]
 
     with torch.no_grad():
@@ -401,5 +417,6 @@ def benchmark_selective_scan(
         bwd = timed(lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True))
     size = u.element_size()
     moved = b * d * L * size * (4 if with_z else 3) + 2 * B.numel() * size
-    return {"forward_ms": fwd, "backward_ms": bwd, "forward_gbps": moved / fwd / 1e6,
-            "shape": dict(b=b, d=d, n=n, L=L, dtype=str(dtype), with_z=with_z, grouped=grouped)}
+    return {"forward_ms": fwd, "backward_ms": bwd, "forward_gbps": moved / fwd / 1e6, "backend": backend,
+            "shape": dict(b=b, d=d, n=n, L=L, dtype=str(dtype).removeprefix("torch."), with_z=with_z,
+                          grouped=grouped)}
