@@ -6,8 +6,11 @@ with one, the same tests run the compiled kernels on CUDA tensors, and the ``gpu
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -249,6 +252,44 @@ def test_benchmark_function_runs():
     for backend in ("triton", "torch"):
         result = benchmark_selective_scan(**size, warmup=1, reps=1, backend=backend, device=DEVICE.type)
         assert result["forward_ms"] > 0 and result["backward_ms"] > 0 and result["backend"] == backend
+
+
+COMPILE_SCRIPT = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import suture.kernels.triton_selective_scan as m
+
+for dtype, n in (("bf16", 16), ("fp32", 256)):
+    block_d, block_l, block_n = m._block_sizes(1024, n, 2048)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_KEEP=True,
+                 BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=block_n)
+    io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "gy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True)), (m._scan_bwd_kernel, dict(HAS_GLAST=True))):
+        constexprs = {**flags, **extra}
+        signature = {a: "constexpr" if a in constexprs else (f"*{dtype}" if a in io else "*fp32")
+                     if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+        print(fn.__name__, dtype, n, "ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="the GPU tests compile and run the kernels")
+@pytest.mark.skipif(not os.environ.get("SUTURE_COMPILE_CHECK"), reason="set SUTURE_COMPILE_CHECK=1 (~30 s)")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter runs the kernels' semantics, not the compiler: compile both for an H100 (sm_90) ahead of
+    time, which needs no GPU, in a fresh process without TRITON_INTERPRET (bf16 at n = 16; fp32 at n = 256)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(kb.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok") == 4, done.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------
