@@ -168,6 +168,18 @@ def test_strided_inputs():
     check_against_reference(inputs, torch.float32, True)
 
 
+def test_expanded_output_gradient():
+    """``y.sum().backward()`` hands the backward a zero-stride gradient; the unused last state gets none."""
+    inputs = make_inputs(1, 6, 5, 9, 2, torch.float32, ("D", "z"))
+    grads = {}
+    for name, fn, kw in (("triton", selective_scan_fn, dict(backend="triton")), ("ref", selective_scan_ref, {})):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+        fn(**leaves, delta_softplus=True, **kw).sum().backward()
+        grads[name] = {k: v.grad for k, v in leaves.items()}
+    for k, grad in grads["triton"].items():
+        close(grad, grads["ref"][k], torch.float32, f"d{k}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 
