@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from suture.kernels.documents import document_starts
+
 __all__ = ["INTERPRETED", "benchmark_selective_scan", "selective_scan_triton"]
 
 # Elements of one (BLOCK_D, BLOCK_L, BLOCK_N) chunk tile per program. Compiled for sm_90 with 4 warps (ptxas resource
@@ -350,8 +352,6 @@ def selective_scan_triton(
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` fp32.
     Differentiable w.r.t. every float input (gradients in each input's dtype).
     """
-    from suture.kernels.documents import document_starts
-
     b, d, L = u.shape
     Bg = B.unsqueeze(1) if B.dim() == 3 else B  # (b, g, n, L)
     Cg = C.unsqueeze(1) if C.dim() == 3 else C  # (b, g, n, L)
