@@ -250,7 +250,7 @@ def test_available_backends_reports_triton(monkeypatch):
     assert ops["selective_state_update"]["auto"]["cpu"][0] == "torch"
     name, why = ops["selective_state_update"]["auto"]["cuda"]
     assert name == "triton" and "mamba_ssm not importable" in why and "triton 3." in why
-    assert ops["ssd_chunk_scan"]["auto"]["cuda"][0] == "torch"
+    assert ops["ssd_chunk_scan"]["auto"]["cuda"][0] == "triton"
 
 
 # ----------------------------------------------------------------------------------------------------------------
