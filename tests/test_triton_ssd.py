@@ -51,7 +51,8 @@ def check_against_reference(inputs, dtype, chunk, softplus, **kw):
 CASES = {  # b, L, h, p, g, n, chunk, dtype, full (D, z, dt_bias, softplus, initial states)
     "odd-L-grouped": (2, 37, 4, 3, 2, 5, 16, torch.float32, True),
     "blocks-padded": (1, 50, 2, 20, 1, 17, 32, torch.float32, False),  # p, n past one 16-block; L % 32 != 0
-    "two-p-blocks": (1, 19, 2, 70, 2, 3, 16, torch.float32, True),  # p > 64: two programs per head
+    "p-blocks": (1, 19, 2, 70, 2, 3, 16, torch.float32, True),  # p > 32: three programs per head
+    "d_state-130": (1, 20, 2, 20, 1, 130, 16, torch.float32, True),  # n > 128: 16 head channels per program
     "L-1": (1, 1, 2, 2, 1, 3, 16, torch.float32, True),
     "bf16": (2, 37, 4, 3, 2, 5, 16, torch.bfloat16, True),
     "fp16-bare": (1, 33, 2, 4, 1, 8, 32, torch.float16, False),
@@ -82,7 +83,7 @@ def test_ssd_chunk_size_does_not_change_the_result():
     x = on_device(make_inputs(1, 70, 2, 4, 1, 4, torch.float32))
     args, kw = [x[k] for k in NAMES[:5]], dict(D=x["D"], z=x["z"], dt_bias=x["dt_bias"], dt_softplus=True)
     y_ref = ssd_scan_ref(*args, **kw)
-    for chunk in (1, 16, 256):  # raised to 16, as asked, capped at 64
+    for chunk in (1, 16, 256):  # raised to 16, as asked, capped at 32
         close(mamba_chunk_scan_combined(*args, chunk, **kw, backend="triton"), y_ref, torch.float32, f"chunk {chunk}")
     y = mamba_chunk_scan_combined(*args, 16, **kw, backend="triton", return_final_states=False)
     assert isinstance(y, torch.Tensor)

@@ -37,8 +37,13 @@ from suture.kernels.ssd import _NO_LIMIT, _ssd_torch
 
 __all__ = ["INTERPRETED", "mamba_chunk_scan_triton"]
 
-_MAX_CHUNK = 64  # (Q, Q) fp32 tiles in registers: the caller's larger chunk sizes (mamba-ssm's 256) are capped
-_MAX_BLOCK_P = 64
+# Tile sizes: fp32 ieee tl.dot lowers to FMAs, and ptxas (CUDA 13.4, sm_90a) spilled kilobytes per thread, or fell
+# back to 32 registers, once a program's tiles grew past (32 steps, 32 channels, 128 states) at 8 warps or past
+# (32, 32, 64) at 4 warps. So the caller's chunk size (mamba-ssm's default is 256) is capped at 32 steps, and
+# d_state 256 takes 16 head channels per program.
+_MAX_CHUNK = 32
+_MAX_BLOCK_P = 32
+_NUM_WARPS = 8
 _DOC_START = -1e30  # log-decay at a document start: exp() of any sum containing it is 0, and it stays finite
 
 
@@ -84,7 +89,8 @@ def _ssd_fwd_kernel(
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
-    for start in range(0, L, BLOCK_Q):
+    start = 0
+    while start < L:  # not range(0, L, ...): older Triton interpreters cannot take a kernel argument as its bound
         t = (start + offs_q).to(tl.int64)  # (BLOCK_Q,)
         mask_t = t < L
         dt = tl.load(dt_ptr + b * dt_sb + t * dt_sl + hd * dt_sh, mask=mask_t, other=0.0).to(tl.float32)
@@ -128,6 +134,7 @@ def _ssd_fwd_kernel(
             y *= z * tl.sigmoid(z)
         y_ptrs = y_ptr + b * y_sb + t[:, None] * y_sl + hd * y_sh + offs_p[None, :] * y_sp
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
+        start += BLOCK_Q
 
     f_ptrs = final_ptr + b * f_sb + hd * f_sh + offs_p[:, None] * f_sp + offs_n[None, :] * f_sn
     tl.store(f_ptrs, state, mask=state_mask)
@@ -144,7 +151,9 @@ def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
 def _block_sizes(L: int, p: int, n: int, chunk_size: int) -> tuple[int, int, int]:
     """(BLOCK_Q, BLOCK_P, BLOCK_N): powers of two >= 16 (tl.dot's minimum; masks pad them)."""
     block_q = min(max(16, triton.next_power_of_2(chunk_size)), _MAX_CHUNK, max(16, triton.next_power_of_2(L)))
-    return block_q, max(16, min(_MAX_BLOCK_P, triton.next_power_of_2(p))), max(16, triton.next_power_of_2(n))
+    block_n = max(16, triton.next_power_of_2(n))  # the whole state size: one program holds its rows' states
+    block_p = max(16, min(_MAX_BLOCK_P if block_n <= 128 else 16, triton.next_power_of_2(p)))
+    return block_q, block_p, block_n
 
 
 def _launch(x, dt, A, B, C, D, z, dt_bias, initial_states, starts, chunk_size, dt_softplus, dt_limit):
@@ -167,7 +176,7 @@ def _launch(x, dt, A, B, C, D, z, dt_bias, initial_states, starts, chunk_size, d
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
         HAS_DT_LIMIT=has_limit, HAS_H0=initial_states is not None, HAS_SEQ=starts is not None,
         DOC_START=_DOC_START, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n,
-        num_warps=8 if block_q * max(block_p, block_n) >= 64 * 64 else 4,  # big tiles: more registers
+        num_warps=_NUM_WARPS,
     )
     return y, final
 
@@ -201,7 +210,7 @@ def mamba_chunk_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=
     """Mamba-2 SSD scan (validated by the caller), :func:`suture.kernels.ssd.mamba_chunk_scan_combined`'s
     signature: x ``(b, L, h, p)``; dt ``(b, L, h)``; A ``(h,)``; B, C ``(b, L, g, n)``; D ``(h,)`` or ``(h, p)``;
     z ``(b, L, h, p)``; dt_bias ``(h,)``; initial_states ``(b, h, p, n)``; seq_idx ``(b, L)`` int. ``chunk_size``
-    is capped at 64 (and raised to 16); the result does not depend on it.
+    is capped at 32 (and raised to 16); the result does not depend on it.
 
     Returns y ``(b, L, h, p)`` in ``x.dtype``, and with ``return_final_states`` the final states ``(b, h, p, n)``
     fp32. Differentiable (backward on the PyTorch path).
