@@ -71,6 +71,20 @@ def test_ssd_dt_limit_and_per_channel_D():
     check_against_reference(inputs, torch.float32, 16, softplus=True, dt_limit=(0.05, 0.8))
 
 
+def test_ssd_strided_inputs():
+    """Views, as a Mamba-2 layer passes them (x, B, C, z split out of one projection): any strides."""
+    x = on_device(make_inputs(2, 21, 4, 3, 2, 5, torch.float32))
+    wide = lambda t: torch.cat([t, t], dim=-1)[..., : t.shape[-1]]  # noqa: E731 - same values, strided
+    args = [wide(x["x"]), x["dt"].transpose(0, 1).contiguous().transpose(0, 1), x["A"], wide(x["B"]), wide(x["C"])]
+    assert not any(t.is_contiguous() for t in args[:2] + args[3:])
+    kw = dict(D=x["D"], z=wide(x["z"]), dt_bias=x["dt_bias"], initial_states=x["initial_states"], dt_softplus=True,
+              return_final_states=True)
+    y, final = mamba_chunk_scan_combined(*args, 16, **kw, backend="triton")
+    y_ref, final_ref = ssd_scan_ref(*args, **kw)
+    close(y, y_ref, torch.float32, "y")
+    close(final, final_ref, torch.float32, "final states")
+
+
 def test_ssd_seq_idx_matches_reference():
     """Packed rows: documents starting inside and on chunk edges, a one-step document, a row starting at document 1
     (which ignores the initial state)."""
