@@ -3,12 +3,11 @@
 Every op, decode steps included, has a fast exact PyTorch path (the CPU runtime), a CUDA dispatch to mamba-ssm /
 causal-conv1d, and its own plain fp32 reference written independently of the fast path (the test oracle):
 ``selective_scan_ref``, ``selective_state_update_ref``, ``ssd_scan_ref``, ``causal_conv1d_ref`` and
-``causal_conv1d_update_ref``. The Mamba-1 selective scan, the decode steps and the causal conv1d also have suture's
-own Triton kernels (``triton_selective_scan``, ``triton_state_update``, ``triton_conv1d``; triton is imported only
-when they are used). The implementation is
-chosen per call from the tensors' device and the backend setting (``backend=`` argument, :func:`use_backend`,
-:func:`set_backend` or ``SUTURE_KERNEL_BACKEND``): ``"auto"`` (default), ``"torch"``, ``"reference"``, ``"cuda"``
-or ``"triton"``. See :mod:`suture.kernels.backend`.
+``causal_conv1d_update_ref``. Every op also has suture's own Triton kernel (``triton_selective_scan``,
+``triton_ssd``, ``triton_state_update``, ``triton_conv1d``; triton is imported only when they are used).
+The implementation is chosen per call from the tensors' device and the backend setting (``backend=`` argument,
+:func:`use_backend`, :func:`set_backend` or ``SUTURE_KERNEL_BACKEND``): ``"auto"`` (default), ``"torch"``,
+``"reference"``, ``"cuda"`` or ``"triton"``. See :mod:`suture.kernels.backend`.
 
 Shapes (b batch, L length, d channels, n state size, g groups, h heads, p head dim):
 

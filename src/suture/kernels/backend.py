@@ -77,6 +77,7 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "selective_state_update": ("suture.kernels.triton_state_update", "selective_state_update_triton"),
     "causal_conv1d": ("suture.kernels.triton_conv1d", "causal_conv1d_triton"),
     "causal_conv1d_update": ("suture.kernels.triton_conv1d", "causal_conv1d_update_triton"),
+    "ssd_chunk_scan": ("suture.kernels.triton_ssd", "mamba_chunk_scan_triton"),
 }
 NO_TRITON_KERNEL = "suture has no Triton kernel for this op yet"
 

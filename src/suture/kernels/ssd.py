@@ -1,4 +1,4 @@
-"""Mamba-2 SSD (state-space duality): sequential fp32 reference, chunked exact PyTorch path, CUDA dispatch.
+"""Mamba-2 SSD (state-space duality): sequential fp32 reference, chunked exact PyTorch path, CUDA and Triton dispatch.
 
 Semantics follow mamba-ssm's ``mamba_chunk_scan_combined``::
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from suture.kernels.backend import resolve_backend
+from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans, document_starts
 
 __all__ = ["mamba_chunk_scan_combined", "ssd_scan_ref"]
@@ -211,15 +211,23 @@ def mamba_chunk_scan_combined(
         of the chunk).
     Returns:
         y ``(b, L, h, p)`` in ``x.dtype``; with ``return_final_states`` also the final states ``(b, h, p, n)``.
-    Differentiable (plain autograd on the torch path).
+    Differentiable (plain autograd on the torch path). The ``"triton"`` backend (suture's kernel,
+    :mod:`suture.kernels.triton_ssd`) computes in fp32 and recomputes its backward on the torch path; float64 inputs
+    go to the torch path under ``"auto"``.
     """
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"mamba_chunk_scan_combined: chunk_size must be a positive int, got {chunk_size!r}")
     check_seq_idx(seq_idx, x.shape[0], x.shape[1], "mamba_chunk_scan_combined")
-    name, kernel = resolve_backend("ssd_chunk_scan", x, backend=backend)
+    name, kernel = resolve_backend(
+        "ssd_chunk_scan", x, backend=backend,
+        triton_unsupported=lambda: triton_limitation(x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                                     differentiable=True),
+    )
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus,
                   dt_limit=dt_limit, return_final_states=return_final_states)
+    if name == "triton":
+        return kernel(x, dt, A, B, C, chunk_size, **kwargs, seq_idx=seq_idx)
     if name == "cuda":
         if seq_idx is not None:
             kwargs["seq_idx"] = seq_idx.to(torch.int32).contiguous()
