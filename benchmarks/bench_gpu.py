@@ -423,7 +423,7 @@ def compiled_step(model, device: torch.device, backend: str = "inductor"):
     return torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
 
 
-def bench_decode(device, dtype, args, deadline: float, log) -> tuple[list, list]:
+def bench_decode(device, dtype, args, deadline: float, log, on_progress=None) -> tuple[list, list]:
     from transformers import LlamaConfig
 
     config = LlamaConfig(**(TINY if args.tiny else TEACHER))
@@ -457,31 +457,46 @@ def bench_decode(device, dtype, args, deadline: float, log) -> tuple[list, list]
         except Exception as err:  # noqa: BLE001
             prefill.append({"model": name, "length": prefill_len, "error": _error(err)})
         _cleanup(device)
-        step = compiled_step(model, device, args.capture_backend) if name in captured_models else None
-        for batch in batches:
-            for context in contexts:
-                max_len = context + warmup + steps + 1
-                need = cache_bytes(model, batch, max_len, dbytes) + 2 * batch * config.vocab_size * 4
-                free = _free_memory(device)
-                row = {"model": name, "batch": batch, "context": context, "cache_gib": need / GiB}
-                modes = [("eager", model.forward)] + ([("captured", step)] if step is not None
-                                                     and (batch, context) in captured_at else [])
-                for mode, fn in modes:
-                    if free is not None and need > free - 3 * GiB:
-                        row[f"{mode}_note"] = f"skipped: needs {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"
-                        continue
-                    left = deadline - time.perf_counter()
-                    if left < (90 if mode == "captured" and device.type == "cuda" else 5):
-                        row[f"{mode}_note"] = f"skipped: time budget ({left:.0f} s left)"
-                        continue
-                    try:
-                        result = decode_tokens_per_s(model, fn, batch, context, device, dtype, warmup, steps)
-                        row.update({f"{mode}_{key}": value for key, value in result.items()})
-                    except Exception as err:  # noqa: BLE001 - record and go on
-                        row[f"{mode}_error"] = _error(err)
-                    _cleanup(device)
-                decode.append(row)
-                log(f"[decode] {_row_text(row)}")
+        capture_backend, switched = args.capture_backend, False
+        step = compiled_step(model, device, capture_backend) if name in captured_models else None
+        # the largest points first: the target point is measured (and captured) before the time budget runs short
+        for batch, context in sorted(((b, c) for b in batches for c in contexts), key=lambda p: -p[0] * p[1]):
+            max_len = context + warmup + steps + 1
+            need = cache_bytes(model, batch, max_len, dbytes) + 2 * batch * config.vocab_size * 4
+            free = _free_memory(device)
+            row = {"model": name, "batch": batch, "context": context, "cache_gib": need / GiB}
+            modes = [("eager", model.forward)] + ([("captured", step)] if step is not None
+                                                 and (batch, context) in captured_at else [])
+            for mode, fn in modes:
+                if free is not None and need > free - 3 * GiB:
+                    row[f"{mode}_note"] = f"skipped: needs {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"
+                    continue
+                left = deadline - time.perf_counter()
+                if left < (45 if mode == "captured" and device.type == "cuda" else 5):
+                    row[f"{mode}_note"] = f"skipped: time budget ({left:.0f} s left)"
+                    continue
+                try:
+                    result = decode_tokens_per_s(model, fn, batch, context, device, dtype, warmup, steps)
+                    row.update({f"{mode}_{key}": value for key, value in result.items()})
+                except Exception as err:  # noqa: BLE001 - record and go on
+                    row[f"{mode}_error"] = _error(err)
+                    if mode == "captured" and not switched and device.type == "cuda":
+                        # the other way to capture (inductor's code or the eager kernels), for this model from now on
+                        capture_backend = "cudagraphs" if capture_backend == "inductor" else "inductor"
+                        step, switched = compiled_step(model, device, capture_backend), True
+                        _cleanup(device)
+                        try:
+                            result = decode_tokens_per_s(model, step, batch, context, device, dtype, warmup, steps)
+                            row.update({f"{mode}_{key}": value for key, value in result.items()})
+                        except Exception as retry:  # noqa: BLE001
+                            row[f"{mode}_error"] += f"; with backend {capture_backend}: {_error(retry)}"
+                if mode == "captured":
+                    row["captured_backend"] = capture_backend if device.type == "cuda" else "eager (CPU)"
+                _cleanup(device)
+            decode.append(row)
+            log(f"[decode] {_row_text(row)}")
+            if on_progress is not None:
+                on_progress(decode, prefill)
         del model, step
         torch._dynamo.reset()
         _cleanup(device)
@@ -575,7 +590,8 @@ def parse_args(argv=None):
     parser.add_argument("--contexts", default=None, help="comma-separated decode contexts (default 2048,8192,32768)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else exit 0 with a note")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and shapes (debugging, CPU)")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="stop starting new points after this long")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no decode point after this many seconds (no captured one within 45 s of it)")
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/gpu.json "
                                                                 "(gpu_tiny.json with --tiny)")
     args = parser.parse_args(argv)
@@ -634,7 +650,11 @@ def main(argv=None) -> int:
         save()
     if "decode" in args.sections:
         try:
-            payload["decode"], payload["prefill"] = bench_decode(device, dtype, args, deadline, log)
+            def progress(decode, prefill):
+                payload["decode"], payload["prefill"] = decode, prefill
+                save()
+
+            payload["decode"], payload["prefill"] = bench_decode(device, dtype, args, deadline, log, progress)
         except Exception as err:  # noqa: BLE001
             payload["decode_error"] = _error(err)
             log(f"[decode] failed: {payload['decode_error']}")
