@@ -202,10 +202,12 @@ def bench_kernels(device: torch.device, tiny: bool, quick: bool, peak_tbs: float
                 state, xs[0], xs[1], A, B, C, D=D, z=xs[2], dt_bias=bias, dt_softplus=True, backend=bk), nbytes,
                 warmup=5, iters=100)
         conv_state = torch.randn(batch, d, 4, device=device, generator=gen).to(dtype)
-        weight, cbias = torch.randn(d, 4, device=device, generator=gen).to(dtype), torch.zeros(d, device=device).to(dtype)
+        weight = torch.randn(d, 4, device=device, generator=gen).to(dtype)
+        cbias = torch.zeros(d, device=device).to(dtype)
         for backend in ("triton", "torch", "cuda"):
-            record("causal_conv1d_update", backend, f"b={batch} d={d} w=4", lambda bk=backend: kernels.causal_conv1d_update(
-                xs[0], conv_state, weight, cbias, activation="silu", backend=bk), warmup=5, iters=100)
+            record("causal_conv1d_update", backend, f"b={batch} d={d} w=4",
+                   lambda bk=backend: kernels.causal_conv1d_update(xs[0], conv_state, weight, cbias, activation="silu",
+                                                                   backend=bk), warmup=5, iters=100)
 
     # Mamba-2 SSD (the 1B teacher's Mamba-2 shape: 32 heads of 64, 8 groups, d_state 64)
     b, L, h, p, g, n = (1, 64, 4, 16, 2, 16) if tiny else (1, 2048 if quick else 4096, 32, 64, 8, 64)
@@ -217,11 +219,11 @@ def bench_kernels(device: torch.device, tiny: bool, quick: bool, peak_tbs: float
                C=torch.randn(b, L, g, n, device=device, generator=gen).to(dtype),
                chunk_size=256, D=torch.ones(h, device=device), dt_bias=torch.zeros(h, device=device), dt_softplus=True)
     shape = f"b={b} L={L} h={h} p={p} g={g} n={n}"
-    ssd_torch = record("ssd_chunk_scan", "torch", shape, lambda: kernels.mamba_chunk_scan_combined(**ssd, backend="torch"),
-                       warmup=1, iters=3)
+    ssd_torch = record("ssd_chunk_scan", "torch", shape,
+                       lambda: kernels.mamba_chunk_scan_combined(**ssd, backend="torch"), warmup=1, iters=3)
     for backend in ("triton", "cuda"):
-        record("ssd_chunk_scan", backend, shape, lambda bk=backend: kernels.mamba_chunk_scan_combined(**ssd, backend=bk),
-               reference=ssd_torch)
+        record("ssd_chunk_scan", backend, shape,
+               lambda bk=backend: kernels.mamba_chunk_scan_combined(**ssd, backend=bk), reference=ssd_torch)
     return rows
 
 
@@ -424,84 +426,93 @@ def compiled_step(model, device: torch.device, backend: str = "inductor"):
 
 
 def bench_decode(device, dtype, args, deadline: float, log, on_progress=None) -> tuple[list, list]:
+    """Two passes: every model eagerly at every point (and its prefill), then the captured models at the captured
+    points, the target point first, so that the slow compiles come last and the time budget cuts them, not the
+    eager grid. Returns the decode rows (one per model and point) and the prefill rows."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(**(TINY if args.tiny else TEACHER))
     batches = args.batches or ([1, 2] if args.tiny else [1, 64] if args.quick else [1, 8, 64])
     contexts = args.contexts or ([16, 48] if args.tiny else [2048, 32768] if args.quick else [2048, 8192, 32768])
-    captured_at = {(batches[0], contexts[0]), (batches[-1], contexts[-1])}  # launch-bound and the target point
-    # SambaY is left out: transformers' static sliding-window layers count positions in a Python int, on which a
-    # compiled step specialises, so it recompiles step after step
-    captured_models = set(args.capture_models)
+    points = sorted(((b, c) for b in batches for c in contexts), key=lambda p: -p[0] * p[1])  # largest first
+    captured_at = [points[0], points[-1]] if len(points) > 1 else points  # the target point and the launch-bound one
+    # SambaY is not captured by default: transformers' static sliding-window layers count positions in a Python int,
+    # on which a compiled step specialises, so it recompiles step after step
+    layouts = {name: layout for name, layout in model_layouts(config).items() if name in args.models}
     warmup, steps = (3, 5) if args.quick or args.tiny else (5, 10)
     prefill_len = 64 if args.tiny else 2048 if args.quick else 8192
     dbytes = torch.finfo(dtype).bits // 8
-    decode, prefill = [], []
+    rows, prefill = {}, []
     try:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     except AttributeError:
         pass
-    for name, layout in model_layouts(config).items():
-        if name not in args.models:
-            continue
+
+    def measure(name, model, step, mode, batch, context):
+        max_len = context + warmup + steps + 1
+        need = cache_bytes(model, batch, max_len, dbytes) + 2 * batch * config.vocab_size * 4
+        free = _free_memory(device)
+        row = rows.setdefault((name, batch, context), {"model": name, "batch": batch, "context": context,
+                                                        "cache_gib": need / GiB})
+        left = deadline - time.perf_counter()
+        if free is not None and need > free - 3 * GiB:
+            row[f"{mode}_note"] = f"skipped: needs {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"
+        elif left < (45 if mode == "captured" and device.type == "cuda" else 5):
+            row[f"{mode}_note"] = f"skipped: time budget ({left:.0f} s left)"
+        else:
+            try:
+                result = decode_tokens_per_s(model, step, batch, context, device, dtype, warmup, steps)
+                row.update({f"{mode}_{key}": value for key, value in result.items()})
+            except Exception as err:  # noqa: BLE001 - record and go on
+                row[f"{mode}_error"] = _error(err)
+        _cleanup(device)
+        log(f"[decode] {_row_text(row)}")
+        if on_progress is not None:
+            on_progress(list(rows.values()), prefill)
+        return row
+
+    for name, layout in layouts.items():  # pass 1: eager
         try:
             model = build_model(layout, config, device, dtype)
         except Exception as err:  # noqa: BLE001
-            decode.append({"model": name, "error": f"build: {_error(err)}"})
+            rows[(name, 0, 0)] = {"model": name, "error": f"build: {_error(err)}"}
             continue
         params = sum(p.numel() for p in model.parameters())
-        log(f"[decode] {name}: {params / 1e9:.2f}B parameters, layer types {getattr(model.config, 'layer_types', None)}")
+        log(f"[decode] {name}: {params / 1e9:.2f}B parameters, layers {getattr(model.config, 'layer_types', None)}")
         try:
             prefill.append({"model": name, **prefill_tokens_per_s(model, prefill_len, device)})
             log(f"[prefill] {name}: {prefill[-1]['tokens_per_s']:.0f} tokens/s at {prefill_len}")
         except Exception as err:  # noqa: BLE001
             prefill.append({"model": name, "length": prefill_len, "error": _error(err)})
         _cleanup(device)
-        capture_backend, switched = args.capture_backend, False
-        step = compiled_step(model, device, capture_backend) if name in captured_models else None
-        # the largest points first: the target point is measured (and captured) before the time budget runs short
-        for batch, context in sorted(((b, c) for b in batches for c in contexts), key=lambda p: -p[0] * p[1]):
-            max_len = context + warmup + steps + 1
-            need = cache_bytes(model, batch, max_len, dbytes) + 2 * batch * config.vocab_size * 4
-            free = _free_memory(device)
-            row = {"model": name, "batch": batch, "context": context, "cache_gib": need / GiB}
-            modes = [("eager", model.forward)] + ([("captured", step)] if step is not None
-                                                 and (batch, context) in captured_at else [])
-            for mode, fn in modes:
-                if free is not None and need > free - 3 * GiB:
-                    row[f"{mode}_note"] = f"skipped: needs {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"
-                    continue
-                left = deadline - time.perf_counter()
-                if left < (45 if mode == "captured" and device.type == "cuda" else 5):
-                    row[f"{mode}_note"] = f"skipped: time budget ({left:.0f} s left)"
-                    continue
-                try:
-                    result = decode_tokens_per_s(model, fn, batch, context, device, dtype, warmup, steps)
-                    row.update({f"{mode}_{key}": value for key, value in result.items()})
-                except Exception as err:  # noqa: BLE001 - record and go on
-                    row[f"{mode}_error"] = _error(err)
-                    if mode == "captured" and not switched and device.type == "cuda":
-                        # the other way to capture (inductor's code or the eager kernels), for this model from now on
-                        capture_backend = "cudagraphs" if capture_backend == "inductor" else "inductor"
-                        step, switched = compiled_step(model, device, capture_backend), True
-                        _cleanup(device)
-                        try:
-                            result = decode_tokens_per_s(model, step, batch, context, device, dtype, warmup, steps)
-                            row.update({f"{mode}_{key}": value for key, value in result.items()})
-                        except Exception as retry:  # noqa: BLE001
-                            row[f"{mode}_error"] += f"; with backend {capture_backend}: {_error(retry)}"
-                if mode == "captured":
-                    row["captured_backend"] = capture_backend if device.type == "cuda" else "eager (CPU)"
-                _cleanup(device)
-            decode.append(row)
-            log(f"[decode] {_row_text(row)}")
-            if on_progress is not None:
-                on_progress(decode, prefill)
-        del model, step
-        torch._dynamo.reset()
+        for batch, context in points:
+            measure(name, model, model.forward, "eager", batch, context)
+        del model
         _cleanup(device)
-    return decode, prefill
 
+    captured = {}  # pass 2: captured; every captured model stays loaded (weights are small next to the caches)
+    for name in (n for n in layouts if n in args.capture_models):
+        try:
+            model = build_model(layouts[name], config, device, dtype)
+            captured[name] = [model, compiled_step(model, device, args.capture_backend), args.capture_backend, False]
+        except Exception as err:  # noqa: BLE001
+            rows.setdefault((name, 0, 0), {"model": name})["captured_error"] = f"build: {_error(err)}"
+    for batch, context in captured_at:
+        for name, entry in captured.items():
+            model, step, backend, switched = entry
+            row = measure(name, model, step, "captured", batch, context)
+            if "captured_error" in row and not switched and device.type == "cuda":
+                # the other way to capture (inductor's code, or CUDA graphs of the eager kernels), from now on
+                entry[2] = backend = "cudagraphs" if backend == "inductor" else "inductor"
+                entry[1], entry[3] = compiled_step(model, device, backend), True
+                first = row.pop("captured_error")
+                row = measure(name, model, entry[1], "captured", batch, context)
+                row["captured_error_first"] = f"{args.capture_backend}: {first}"
+            row["captured_backend"] = entry[2] if device.type == "cuda" else "eager (CPU)"
+    captured.clear()
+    torch._dynamo.reset()
+    _cleanup(device)
+    return list(rows.values()), prefill
 
 def _row_text(row: dict) -> str:
     parts = [f"{row['model']} b={row.get('batch')} ctx={row.get('context')}"]
@@ -523,7 +534,8 @@ def check_target(decode: list, batch: int, context: int) -> dict:
         a, b = model.get(f"{mode}_tokens_per_s"), base.get(f"{mode}_tokens_per_s")
         if a and b:
             ratio = a / b
-            return {**result, "mode": mode, "ratio": ratio, "status": "PASS" if ratio >= TARGET["min_ratio"] else "FAIL"}
+            status = "PASS" if ratio >= TARGET["min_ratio"] else "FAIL"
+            return {**result, "mode": mode, "ratio": ratio, "status": status}
     why = [row.get(f"{m}_{k}") for row in (model, base) for m in ("eager", "captured") for k in ("note", "error")]
     return {**result, "status": "UNMEASURED", "why": [w for w in why if w] or ["point not run"]}
 
@@ -559,7 +571,7 @@ def print_tables(payload: dict) -> None:
             notes = "; ".join(str(v)[:80] for k, v in r.items() if k.endswith(("_note", "_error")) or k == "error")
             table.add_row(r["model"], str(r.get("batch", "")), str(r.get("context", "")),
                           f"{r['cache_gib']:.2f}" if "cache_gib" in r else "", f"{e:.0f}" if e else "-",
-                          f"{c:.0f}" if c else "-", f"{c / e:.2f}x" if e and c else "",
+                          f"{c:.0f} ({r.get('captured_backend')})" if c else "-", f"{c / e:.2f}x" if e and c else "",
                           f"{peak:.1f}" if peak else "", notes)
         console.print(table)
     if payload.get("prefill"):
@@ -660,7 +672,8 @@ def main(argv=None) -> int:
             log(f"[decode] failed: {payload['decode_error']}")
         decode = payload.get("decode", [])
         if args.tiny:
-            batch, context = max(r.get("batch", 0) for r in decode or [{}]), max(r.get("context", 0) for r in decode or [{}])
+            batch = max((r.get("batch", 0) for r in decode), default=0)
+            context = max((r.get("context", 0) for r in decode), default=0)
         else:
             batch, context = TARGET["batch"], TARGET["context"]
         payload["targets"] = [check_target(decode, batch, context)]

@@ -121,7 +121,8 @@ class Mamba1(MambaKind):
 
     def state_shapes(self, config, batch_size: int) -> dict[str, tuple[int, ...]]:
         sizes = mamba1_sizes(config)
-        return {"conv": (batch_size, sizes.d_inner, sizes.d_conv), "recurrent": (batch_size, sizes.d_inner, sizes.d_state)}
+        return {"conv": (batch_size, sizes.d_inner, sizes.d_conv),  # (b, d_inner, d_conv), the model's dtype
+                "recurrent": (batch_size, sizes.d_inner, sizes.d_state)}  # (b, d_inner, n), fp32
 
     def footprint(self, config, dtype_bytes: int) -> Footprint:
         sizes = mamba1_sizes(config)
