@@ -6,6 +6,7 @@ from .configuration_hybrid import HybridConfig
 from .families import FAMILIES, Family, get_family
 from .mixers import HybridMamba2Mixer, HybridMambaMixer
 from .modeling_hybrid import HybridCache, HybridForCausalLM, HybridMixerDecoderLayer, HybridModel
+from .static_cache import HybridStaticCache, compile_decode
 
 
 def register() -> None:
@@ -29,6 +30,8 @@ __all__ = [
     "HybridMambaMixer",
     "HybridMixerDecoderLayer",
     "HybridModel",
+    "HybridStaticCache",
+    "compile_decode",
     "get_family",
     "register",
 ]

@@ -40,6 +40,7 @@ from ..layer_kinds import LayerKind, get_layer_kind
 from .compat import CACHE_KWARG, resolve_cache
 from .configuration_hybrid import HybridConfig
 from .cross_decoder import SharedStates
+from .static_cache import HybridStaticCache, load_decode_kernels
 from .families import FAMILIES, get_family
 
 # What a mixer's forward may take besides (hidden_states, attention_mask, cache): it gets those it names.
@@ -61,6 +62,13 @@ class HybridCache(DynamicCache):
         """Tokens held by the first KV layer; 0 when no layer holds KV (e.g. every layer is a Mamba layer), which is
         what transformers >= 5.24 assumes for such caches and older releases ask for before prefill."""
         return super().get_seq_length(layer_idx) if _has_kv_layers(self) else 0
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: decoding with the dynamic cache runs eagerly (an all-Mamba layout's cache layers would otherwise
+        make `generate()` compile it); `cache_implementation="static"` (`HybridStaticCache`) is the switch that
+        captures the decode step."""
+        return False
 
 
 class HybridMixerDecoderLayer(GradientCheckpointingLayer):
@@ -253,6 +261,9 @@ class HybridModel(HybridPreTrainedModel):
         return masks
 
 
+_STATIC = ("static",)  # the `cache_implementation`s that build a `HybridStaticCache`
+
+
 def _has_kv_layers(cache: Cache | None) -> bool:
     return cache is not None and any(isinstance(layer, DynamicLayer) for layer in cache.layers)
 
@@ -305,15 +316,19 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ):
-        """`generate()` builds a `HybridCache` (transformers' default cache does not know Mamba layer types)."""
-        wants_dynamic = generation_config.cache_implementation in (None, "dynamic", "offloaded")
+        """`generate()` builds a `HybridCache` (transformers' default cache does not know Mamba layer types), or with
+        `cache_implementation="static"` a `HybridStaticCache`, with which `generate()` compiles the decode step."""
+        implementation = generation_config.cache_implementation
         if model_kwargs.get(CACHE_KWARG) is None and generation_config.use_cache is not False:
-            if not wants_dynamic:
+            if implementation in _STATIC:
+                cache = self._static_cache_for_generation(generation_config, batch_size, max_cache_length)
+            elif implementation in (None, "dynamic", "offloaded"):
+                cache = HybridCache(self.config, offloading=implementation == "offloaded")
+            else:
                 raise ValueError(
-                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by hybrid "
-                    "models; use the default dynamic cache (or 'offloaded')."
+                    f"cache_implementation={implementation!r} is not supported by hybrid models; use the default "
+                    "dynamic cache ('dynamic', 'offloaded') or 'static' (fixed-size, compiled decode steps)."
                 )
-            cache = HybridCache(self.config, offloading=generation_config.cache_implementation == "offloaded")
             if generation_config.is_assistant:
                 cache.activate_past_recording()
             model_kwargs[CACHE_KWARG] = cache
@@ -322,5 +337,39 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
 
+    def _static_cache_for_generation(self, generation_config, batch_size: int, max_cache_length: int):
+        """A `HybridStaticCache` sized as transformers sizes its `StaticCache`: at least `max_cache_len` when set,
+        and never shorter than the previous call's (a shorter cache would recompile the decode step)."""
+        length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0,
+                     getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = length
+        load_decode_kernels(self.device)
+        rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+        return HybridStaticCache(self.config, max_cache_len=length).preallocate(rows, self.dtype, self.device)
 
-__all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridMixerDecoderLayer"]
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache=None, position_ids=None,
+                                  past_key_values=None, **kwargs):
+        """The masks of every mask key present, built ahead of the forward, which `generate()` does for compileable
+        caches so that a compiled decode step gets masks of fixed shapes (transformers' own builder knows no Mamba
+        layer types and would hand on the growing 2D mask). `inputs_embeds` gives only batch, length, dtype and
+        device."""
+        cache = resolve_cache(cache, past_key_values)
+        return self.model._layer_masks(_kinds(config), inputs_embeds, attention_mask, cache, position_ids)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """transformers' inputs, with the 2D padding mask turned into the per-kind masks whenever the cache is a
+        `HybridStaticCache`: transformers does that only when some layer is not a linear-attention layer, and an
+        all-Mamba model's decode step would otherwise get a mask that grows at every step."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache, mask = inputs.get(CACHE_KWARG), inputs.get("attention_mask")
+        if isinstance(cache, HybridStaticCache) and isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            ids = inputs.get("input_ids")
+            shape = ids.shape[:2] if ids is not None else inputs["inputs_embeds"].shape[:2]
+            embeds = torch.empty((*shape, 0), dtype=self.dtype, device=mask.device)  # (b, L, 0): sizes only
+            inputs["attention_mask"] = self.create_masks_for_generate(
+                self.config, embeds, mask, cache, position_ids=inputs.get("position_ids"))
+        return inputs
+
+
+__all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridMixerDecoderLayer",
+           "HybridStaticCache"]

@@ -105,6 +105,7 @@ def set_backend(name: str | None) -> None:
     _default_backend = None if name is None else _check_name(name, "set_backend")
 
 
+@torch.compiler.assume_constant_result  # read once when a compiled region is traced (dynamo cannot trace ContextVar)
 def get_backend() -> str:
     """The backend used when an op is called with ``backend=None``."""
     name = _context_backend.get()

@@ -36,6 +36,11 @@ class FullAttention(AttentionKind):
 
         return DynamicLayer()
 
+    def static_cache_layer(self, config, max_cache_len: int):
+        from transformers.cache_utils import StaticLayer
+
+        return StaticLayer(max_cache_len=max_cache_len)
+
     def build_mask(self, **mask_kwargs):
         from transformers.masking_utils import create_causal_mask
 
@@ -57,6 +62,11 @@ class SlidingAttention(AttentionKind):
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
         return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+
+    def static_cache_layer(self, config, max_cache_len: int):
+        from transformers.cache_utils import StaticSlidingWindowLayer
+
+        return StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=config.sliding_window)
 
     def build_mask(self, **mask_kwargs):
         from transformers.masking_utils import create_sliding_window_causal_mask

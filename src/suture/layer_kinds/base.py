@@ -86,6 +86,18 @@ class LayerKind:
         `DummyLayer` for a layer that keeps nothing, ...)."""
         raise NotImplementedError(f"Layer kind {self.name!r} does not say which cache layer it uses.")
 
+    def static_cache_layer(self, config, max_cache_len: int):
+        """This layer's entry of `HybridStaticCache`: fixed-size tensors updated in place, so that a decode step can
+        be compiled and captured in a CUDA graph (`is_compileable`). By default `cache_layer`, which suits kinds whose
+        state never grows (a conv + SSM state, or nothing); kinds whose cache grows with the context override it."""
+        return self.cache_layer(config)
+
+    def state_shapes(self, config, batch_size: int) -> dict[str, tuple[int, ...]]:
+        """The fixed-size decode states of one layer of this kind for `batch_size` sequences, as the cache holds them:
+        {"conv": shape, "recurrent": shape} (`HybridStaticCache.preallocate` allocates them ahead of the first
+        forward); empty for kinds without such states."""
+        return {}
+
     def build_mask(self, **mask_kwargs):
         """The mask of `mask_key`, from the keyword arguments of transformers' mask builders (`config`,
         `inputs_embeds`, `attention_mask`: the 2D padding mask, the cache, `position_ids`)."""

@@ -119,6 +119,11 @@ class Mamba1(MambaKind):
     def memory(self, config) -> Memory:
         return Memory(width=mamba1_sizes(config).d_inner)  # the GMU gates it without a norm
 
+    def state_shapes(self, config, batch_size: int) -> dict[str, tuple[int, ...]]:
+        sizes = mamba1_sizes(config)
+        return {"conv": (batch_size, sizes.d_inner, sizes.d_conv),  # (b, d_inner, d_conv), the model's dtype
+                "recurrent": (batch_size, sizes.d_inner, sizes.d_state)}  # (b, d_inner, n), fp32
+
     def footprint(self, config, dtype_bytes: int) -> Footprint:
         sizes = mamba1_sizes(config)
         conv = sizes.d_inner * sizes.d_conv * dtype_bytes  # conv state (b, d_inner, d_conv)
@@ -148,6 +153,12 @@ class Mamba2(MambaKind):
         heads, _, head_dim = attention_sizes(config)
         # the GMU normalises per SSM head, as this layer's own gated norm does
         return Memory(width=heads * head_dim, norm_group=head_dim)
+
+    def state_shapes(self, config, batch_size: int) -> dict[str, tuple[int, ...]]:
+        heads, kv_heads, head_dim = attention_sizes(config)
+        conv_dim = (heads + 2 * kv_heads) * head_dim  # [x | B | C]
+        return {"conv": (batch_size, conv_dim, config_value(config, "mamba2_d_conv")),
+                "recurrent": (batch_size, heads, head_dim, head_dim)}  # (b, h, p, n), p = n = head_dim
 
     def footprint(self, config, dtype_bytes: int) -> Footprint:
         heads, kv_heads, head_dim = attention_sizes(config)

@@ -1,0 +1,150 @@
+"""Capturing the decode step: `generate(cache_implementation="static")` builds a `HybridStaticCache` and
+transformers compiles the decode step with it.
+
+- static-cache decoding gives, token for token, what the dynamic cache and greedy decoding without a cache give
+  (Mamba-1, Mamba-2, mixed and SambaY layouts, a left-padded batch);
+- the decode step traces into one graph (`fullgraph=True`) with the eager and aot_eager backends, through
+  `generate()` and through `compile_decode`, and does not recompile from step to step;
+- on a GPU, `generate()`'s own reduce-overhead compile (CUDA graphs) gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_source
+from transformers import CompileConfig
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLayer, StaticSlidingWindowLayer
+
+from suture.architectures import HybridCache, HybridStaticCache, compile_decode
+from suture.surgery import hybridize_model, sambay_layout
+
+NEW_TOKENS = 8
+SETTINGS = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+def _model(mix: str):
+    if mix == "sambay":  # mamba, sliding, mamba, sliding | memory mamba, KV source | gmu, cross-attention
+        source = tiny_source("llama", num_hidden_layers=8)
+        layout = sambay_layout(source.config, window=4)  # a window the prompts outgrow
+        return hybridize_model(source, layout.layer_types, **layout.config_fields).eval()
+    mixes = {"mixed": ["mamba", None, "mamba2"], "mamba": ["mamba"] * 3, "mamba2": ["mamba2"] * 3}
+    return hybridize_model(tiny_source("llama", num_hidden_layers=3), mixes[mix]).eval()
+
+
+def _left_padded(lengths=(9, 4, 6)) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    prompts = [torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    width = max(lengths)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)  # pad id 0 on the left
+    mask = torch.zeros_like(batch)
+    for row, p in enumerate(prompts):
+        batch[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    return batch, mask, prompts
+
+
+@torch.no_grad()
+def _greedy_without_cache(model, prompt: torch.Tensor, n: int) -> list[int]:
+    seq = prompt[None]
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+def _compile_config(backend) -> CompileConfig:
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # let generate() compile on CPU
+    return config
+
+
+@pytest.mark.parametrize("mix", ["mixed", "mamba", "mamba2", "sambay"])
+@torch.no_grad()
+def test_static_cache_generate_equals_dynamic_and_no_cache(mix):
+    model = _model(mix)
+    batch, mask, prompts = _left_padded()
+    static = model.generate(batch, attention_mask=mask, cache_implementation="static", return_dict_in_generate=True,
+                            **SETTINGS)
+    assert isinstance(static.cache, HybridStaticCache) and static.cache.is_compileable
+    dynamic = model.generate(batch, attention_mask=mask, **SETTINGS)
+    assert static.sequences.tolist() == dynamic.tolist()
+    for row, prompt in enumerate(prompts):
+        assert static.sequences[row, batch.shape[1]:].tolist() == _greedy_without_cache(model, prompt, NEW_TOKENS)
+
+
+def test_static_cache_layers_and_preallocation():
+    model = _model("sambay")
+    cache = HybridStaticCache(model.config, max_cache_len=32)
+    assert [type(layer) for layer in cache.layers] == [
+        LinearAttentionLayer, StaticSlidingWindowLayer, LinearAttentionLayer, StaticSlidingWindowLayer,
+        LinearAttentionLayer, StaticLayer, DummyLayer, DummyLayer]
+    assert cache.is_compileable and not HybridCache(model.config).is_compileable
+    cache.preallocate(3, torch.float32, "cpu")
+    assert cache.layers[5].keys.shape == (3, 2, 32, 16)  # (b, kv_heads, max_cache_len, head_dim)
+    assert cache.layers[1].keys.shape == (3, 2, 4, 16)  # the window
+    assert cache.layers[0].conv_states[0].shape == (3, 64, 4)  # (b, d_inner, d_conv)
+    assert cache.layers[0].recurrent_states[0].dtype == torch.float32
+    assert cache.get_seq_length() == 0 and cache.get_conv_state(0) is None  # preallocated, still empty
+    mamba2 = HybridStaticCache(_model("mamba2").config, 8).preallocate(2, torch.float32, "cpu")
+    assert mamba2.get_seq_length() == 0  # no KV layer at all
+    assert mamba2.layers[0].conv_states[0].shape == (2, 128, 4)  # [x | B | C] = (4 + 2 * 2) * 16
+    assert mamba2.layers[0].recurrent_states[0].shape == (2, 4, 16, 16)  # (b, h, p, n)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        HybridStaticCache(model.config, max_cache_len=0)
+
+
+def test_unknown_cache_implementation_names_static():
+    with pytest.raises(ValueError, match="'static'"):
+        _model("mamba").generate(torch.tensor([[5, 6, 7]]), cache_implementation="quantized", **SETTINGS)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@torch.no_grad()
+def test_generate_compiles_the_decode_step_into_one_graph(backend):
+    torch._dynamo.reset()
+    model = _model("mixed")
+    batch, mask, _ = _left_padded()
+    expected = model.generate(batch, attention_mask=mask, **SETTINGS)
+    got = model.generate(batch, attention_mask=mask, cache_implementation="static",
+                         compile_config=_compile_config(backend), **SETTINGS)
+    assert got.tolist() == expected.tolist()
+
+
+@torch.no_grad()
+def test_compile_decode_traces_one_graph_for_every_step():
+    """A manual decode loop on a preallocated cache: one graph, no recompile, the eager logits."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _model("mixed")
+    prompt = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    caches = [HybridStaticCache(model.config, max_cache_len=16).preallocate(2, torch.float32, "cpu")
+              for _ in range(2)]
+    tokens = [model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1) for cache in caches]
+    step = compile_decode(model, backend=counting_backend)
+    for t in range(5, 11):
+        position_ids = torch.full((2, 1), t)
+        eager = model(tokens[0], cache=caches[0], position_ids=position_ids, use_cache=True).logits
+        compiled = step(tokens[1], cache=caches[1], position_ids=position_ids, use_cache=True).logits
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        tokens = [eager[:, -1:].argmax(-1), compiled[:, -1:].argmax(-1)]
+    assert len(graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_reduce_overhead_generate_on_cuda_gives_the_eager_tokens():
+    torch._dynamo.reset()
+    for mix in ("mixed", "mamba"):
+        model = _model(mix).cuda()
+        batch, mask, _ = _left_padded()
+        batch, mask = batch.cuda(), mask.cuda()
+        expected = model.generate(batch, attention_mask=mask, cache_implementation="static", disable_compile=True,
+                                  **SETTINGS)
+        for _ in range(2):  # the second call replays the captured graphs
+            got = model.generate(batch, attention_mask=mask, cache_implementation="static", **SETTINGS)
+            assert got.tolist() == expected.tolist(), mix
+        assert model.generate(batch, attention_mask=mask, **SETTINGS).tolist() == expected.tolist(), mix
