@@ -36,7 +36,7 @@ def run(fn, inputs, softplus, dt_limit=(0.0, float("inf")), **kw):
     args = {k: leaves.get(k) for k in NAMES}
     y, final = fn(**args, dt_softplus=softplus, dt_limit=dt_limit, return_final_states=True, **kw)
     gen = torch.Generator().manual_seed(1)
-    gy, gf = torch.randn(y.shape, generator=gen), torch.randn(final.shape, generator=gen)
+    gy, gf = (torch.randn(t.shape, generator=gen).to(t.device) for t in (y, final))  # CPU draws: same on any device
     ((y.float() * gy).sum() + (final * gf.to(final.dtype)).sum()).backward()
     return y, final, {k: v.grad for k, v in leaves.items()}
 
