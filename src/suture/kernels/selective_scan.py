@@ -357,23 +357,28 @@ def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """Per-head step in fp32; writes the new state into ``state``; returns y (b, h, p) in x's dtype.
 
-    Each group's B/C is broadcast over its heads with views, never repeated.
+    Each group's B/C is broadcast over its heads with views, never repeated. An fp32 state (fp64 with fp64 inputs) is
+    updated in place, with the reference's operations in the same order: no temporary state, no copy back. With
+    autograd on, the state is copied back as before, so gradients reach the inputs.
     """
     cd = _compute_dtype(state, x)
     b, h, p, n = state.shape
     g = B.shape[1]
+    shape5 = (b, g, h // g, p)
+    xf = x.to(cd)
     dt = dt.to(cd) if dt_bias is None else dt.to(cd) + dt_bias.to(cd)  # (b, h, p)
     if dt_softplus:
         dt = F.softplus(dt)
-    shape5 = (b, g, h // g, p)
-    Bh, Ch = B.to(cd)[:, :, None, None, :], C.to(cd)[:, :, None, None, :]  # (b, g, 1, 1, n)
-    dA = torch.exp(dt[..., None] * A.to(cd)).view(*shape5, n)  # (b, g, h/g, p, n)
-    dBx = (dt * x.to(cd)).view(*shape5, 1) * Bh  # (b, g, h/g, p, n)
-    new = state.to(cd).view(*shape5, n) * dA + dBx  # (b, g, h/g, p, n)
-    y = (new * Ch).sum(-1).view(b, h, p)  # (b, h, p)
-    state.copy_(new.view(b, h, p, n))
+    dA = torch.exp_(dt[..., None] * A.to(cd)).view(*shape5, n)  # (b, g, h/g, p, n)
+    dBx = (dt * xf).view(*shape5, 1) * B.to(cd)[:, :, None, None, :]  # (b, g, h/g, p, n)
+    in_place = state.dtype == cd and not torch.is_grad_enabled()
+    old = state.to(cd).view(*shape5, n)  # state itself when in place
+    new = (old.mul_(dA) if in_place else old * dA).add_(dBx)  # (b, g, h/g, p, n)
+    y = (new * C.to(cd)[:, :, None, None, :]).sum(-1).view(b, h, p)  # (b, h, p)
+    if not in_place:
+        state.copy_(new.view(b, h, p, n))
     if D is not None:
-        y = y + x.to(cd) * D.to(cd)
+        y = y + xf * D.to(cd)
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(x.dtype)
