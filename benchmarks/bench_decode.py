@@ -1,12 +1,22 @@
-"""Decode-step latency vs context length: a transformer vs hybrids made from it.
+"""Decode-step latency and bytes read per token vs context length: a transformer vs hybrids made from it.
 
 For each context length the model prefills that many tokens, then decodes single tokens with its cache; we
-report the median milliseconds per decode step. Attention layers read a KV cache that grows with the context,
-Mamba layers read a fixed-size state, so a hybrid's decode cost should grow only through its kept attention
-layers and an all-Mamba model should be flat.
+report the median milliseconds per decode step, and the median over `--repeats` such runs (models and contexts
+interleaved, so a slow spell on a shared machine hits every model alike). Attention layers read a KV cache that
+grows with the context, Mamba layers read and write a fixed-size state, so a hybrid's decode cost should grow only
+through its kept attention layers and an all-Mamba model should be flat.
 
-    python benchmarks/bench_decode.py                 # contexts 256 ... 8192
-    python benchmarks/bench_decode.py --quick         # contexts 256, 1024
+At batch 1 a decode step is bound by the bytes it reads, so each model's bytes per token are reported too, measured
+on the model and its cache after the prefill:
+
+- weights: every parameter a decode step reads (all layers, the final norm, the LM head), of the embedding table
+  only the one row looked up;
+- KV: the keys and values held by the attention layers at that context (read once per step);
+- state: the conv and SSM states of the Mamba layers, counted twice (read and written every step).
+
+    python benchmarks/bench_decode.py                 # contexts 128, 2048, 8192
+    python benchmarks/bench_decode.py --quick         # contexts 128, 1024, one repeat
+    python benchmarks/bench_decode.py --models transformer "hybrid-mamba m1" --repeats 5
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from suture.architectures.compat import CACHE_KWARG, cache_of
 from suture.surgery import hybridize_model, select_layers
 
+MODELS = ("transformer", "hybrid-mamba m1", "hybrid-mamba2 m1", "all-mamba", "all-mamba2")
 
-def build_models(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
+
+def build_models(layers: int, hidden: int, heads: int, kv_heads: int, names=MODELS) -> dict:
+    """The teacher (a random Llama) and the hybrids of `names`; m1 keeps the preset's attention layers."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -34,37 +47,65 @@ def build_models(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
     )
     teacher = LlamaForCausalLM(config).eval()
     replace = set(select_layers(layers, preset="m1").replace)
-    share = f"{layers - len(replace)}/{layers} attn"
-    return {
-        "transformer": teacher,
-        f"hybrid-mamba m1 ({share})": hybridize_model(teacher, ["mamba" if i in replace else None for i in range(layers)]),
-        f"hybrid-mamba2 m1 ({share})": hybridize_model(teacher, ["mamba2" if i in replace else None
-                                                                for i in range(layers)]),
-        "all-mamba": hybridize_model(teacher, ["mamba"] * layers),
-        "all-mamba2": hybridize_model(teacher, ["mamba2"] * layers),
+    layouts = {
+        "hybrid-mamba m1": ["mamba" if i in replace else None for i in range(layers)],
+        "hybrid-mamba2 m1": ["mamba2" if i in replace else None for i in range(layers)],
+        "all-mamba": ["mamba"] * layers,
+        "all-mamba2": ["mamba2"] * layers,
     }
+    return {name: teacher if name == "transformer" else hybridize_model(teacher, layouts[name]) for name in names}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters one decode step reads: all of them but the embedding table, of which one row."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    table = 0 if tied else embedding.numel() * embedding.element_size()  # a tied table is read whole by the head
+    return total - table + embedding.shape[1] * embedding.element_size()
+
+
+def cache_bytes(cache) -> dict:
+    """{"kv": bytes of keys and values held, "state": conv + SSM state bytes, read and written (x2)}."""
+    kv = state = 0
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is not None:
+            kv += layer.keys.nbytes + layer.values.nbytes
+        elif hasattr(cache, "get_conv_state"):
+            state += 2 * sum(t.nbytes for t in (cache.get_conv_state(i), cache.get_recurrent_state(i))
+                             if t is not None)
+    return {"kv": kv, "state": state}
 
 
 @torch.no_grad()
-def decode_ms(model, context: int, steps: int) -> float:
+def decode_run(model, context: int, steps: int) -> tuple[float, dict]:
+    """Median ms per decode step after a prefill of `context` tokens, and the bytes one step reads."""
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (1, context))
     out = model(ids, use_cache=True)
     cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
+    moved = cache_bytes(cache)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         out = model(token, use_cache=True, **{CACHE_KWARG: cache})
         token = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, {"weights": weight_bytes(model), **moved}
+
+
+def decode_ms(model, context: int, steps: int) -> float:
+    """Median ms per decode step after a prefill of `context` tokens (bench_sambay uses it)."""
+    return decode_run(model, context, steps)[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192])
-    parser.add_argument("--quick", action="store_true", help="contexts 256 and 1024 only")
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 2048, 8192])
+    parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, one repeat")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per run (their median is the run's)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per model and context (their median is shown)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -72,28 +113,41 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
     args = parser.parse_args()
-    contexts = [256, 1024] if args.quick else args.contexts
+    contexts, repeats = ([128, 1024], 1) if args.quick else (args.contexts, args.repeats)
     torch.set_num_threads(args.threads)
 
-    models = build_models(args.layers, args.hidden, args.heads, args.kv_heads)
-    results = {name: {} for name in models}
-    for name, model in models.items():
+    models = build_models(args.layers, args.hidden, args.heads, args.kv_heads, args.models)
+    runs = {name: {c: [] for c in contexts} for name in models}
+    moved = {name: {} for name in models}
+    for _ in range(repeats):
         for context in contexts:
-            results[name][context] = decode_ms(model, context, args.steps)
+            for name, model in models.items():
+                ms, moved[name][context] = decode_run(model, context, args.steps)
+                runs[name][context].append(ms)
+    ms = {name: {c: statistics.median(r) for c, r in row.items()} for name, row in runs.items()}
+    mb = {name: {c: sum(b.values()) / 2**20 for c, b in row.items()} for name, row in moved.items()}
 
-    table = Table(title=f"decode ms/token (median of {args.steps}), batch 1, {args.threads} threads, fp32 CPU")
+    title = (f"decode ms/token (median of {repeats} runs of {args.steps} steps) | MiB read per token, batch 1, "
+             f"{args.threads} threads, fp32 CPU")
+    table = Table(title=title)
     table.add_column("model")
     for context in contexts:
         table.add_column(f"ctx {context}", justify="right")
-    table.add_column(f"ratio {contexts[-1]}/{contexts[0]}", justify="right")
-    for name, row in results.items():
-        table.add_row(name, *(f"{row[c]:.2f}" for c in contexts), f"{row[contexts[-1]] / row[contexts[0]]:.2f}x")
+    teacher = ms.get("transformer")
+    if teacher:
+        table.add_column("vs transformer", justify="right")
+    for name in models:
+        cells = [f"{ms[name][c]:.2f} | {mb[name][c]:.1f}" for c in contexts]
+        ratio = [" / ".join(f"{ms[name][c] / teacher[c]:.2f}" for c in contexts)] if teacher else []
+        table.add_row(name, *cells, *ratio)
     Console().print(table)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "setup": {k: v for k, v in vars(args).items() if k != "json"} | {"torch": torch.__version__},
-        "decode_ms_per_token": results,
+        "decode_ms_per_token": ms,
+        "decode_ms_per_token_runs": runs,
+        "bytes_per_token": moved,
     }
     args.json.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.json}")

@@ -279,3 +279,26 @@ def test_cuda_conv_with_seq_idx_matches_reference():
     close(y, y_ref, torch.float32, "y")
     for name, a, e in zip(("x", "weight", "bias"), g, g_ref):
         close(a, e, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("b, d, w, S", [(1, 512, 4, 4), (3, 7, 3, 5), (2, 5, 4, 3), (1, 1, 1, 0)],
+                         ids=["decode-size", "odd-S>w", "S=w-1", "w1-S=0"])
+@pytest.mark.parametrize("x_form", ["(b,d)", "(b,d,1)", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_token_update_is_exact_and_in_place(b, d, w, S, x_form, dtype):
+    """One decode token (the multiply-add path): outputs equal the reference's bit for bit, the state is shifted in
+    its own storage, and it holds the last S inputs after several steps, from any x layout."""
+    gen = torch.Generator().manual_seed(7)
+    xs = torch.randn(6, b, 2 * d, generator=gen, dtype=dtype)[..., ::2]  # (steps, b, d), stride 2 over d
+    weight, bias = torch.randn(d, w, generator=gen, dtype=dtype), torch.randn(d, generator=gen, dtype=dtype)
+    state, state_ref = torch.zeros(b, d, S, dtype=dtype), torch.zeros(b, d, S, dtype=dtype)
+    storage = state.data_ptr()
+    for t in range(6):
+        x = xs[t] if x_form == "strided" else xs[t].contiguous()
+        x = x[..., None] if x_form == "(b,d,1)" else x
+        y = causal_conv1d_update(x, state, weight, bias, "silu", backend="torch")
+        assert y.shape == x.shape
+        assert torch.equal(y, causal_conv1d_update_ref(x, state_ref, weight, bias, "silu")), f"step {t}"
+        assert torch.equal(state, state_ref)
+    assert state.data_ptr() == storage
+    assert torch.equal(state, xs[6 - S :].permute(1, 2, 0)) if S else state.numel() == 0

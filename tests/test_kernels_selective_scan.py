@@ -427,3 +427,53 @@ def test_seq_idx_errors_and_cuda_fallback(monkeypatch):
     selective_scan_fn(*args, initial_state=x["initial_state"], seq_idx=torch.zeros(1, 10, dtype=torch.long))
     selective_scan_fn(*args)
     assert asked == ["seq_idx", "initial_state and seq_idx", None]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@torch.no_grad()
+def test_state_update_without_autograd_updates_the_state_in_place(case, dtype):
+    """Decoding runs without autograd, where an fp32 (fp64) state is updated in place: the reference's outputs and
+    states, bit for bit in fp32 and fp64, and the state keeps its storage."""
+    _, _, state, step = decode_case(*case, dtype, L=3)
+    state_ref, storage = state.clone(), state.data_ptr()
+    for t in range(3):
+        args, kwargs = step(t)
+        y = selective_state_update(state, *args, **kwargs, backend="torch")
+        y_ref = selective_state_update_ref(state_ref, *args, **kwargs)
+        if dtype == torch.bfloat16:
+            close(y, y_ref, dtype, f"y at step {t}")
+            close(state, state_ref, dtype, f"state at step {t}")
+        else:
+            assert torch.equal(y, y_ref) and torch.equal(state, state_ref), f"step {t} differs from the reference"
+    assert state.data_ptr() == storage
+
+
+@pytest.mark.parametrize("b, h, p, n, g", [(2, 6, 5, 4, 3), (1, 3, 1, 7, 1), (3, 4, 3, 1, 4)],
+                         ids=["grouped", "p=1-odd-n", "n=1"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_state_update_per_head_dt_and_A_as_mamba2_passes_them(b, h, p, n, g, grad):
+    """Mamba-2 decode passes dt, dt_bias, D (one per head) and A (one per head) expanded over (p, n): without autograd
+    the torch path computes the decay once per head. Outputs, state and dt's gradient equal a one-step reference
+    scan over the h * p channels."""
+    gen = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    dt_h, A_h, bias_h, D_h = (r(b, h) * 0.5 - 1).requires_grad_(grad), -torch.rand(h, generator=gen) - 0.1, r(h), r(h)
+    x, B, C, z, state = r(b, h, p), r(b, g, n), r(b, g, n), r(b, h, p), r(b, h, p, n)
+    dt, A, dt_bias, D = (dt_h[..., None].expand(b, h, p), A_h[:, None, None].expand(h, p, n),
+                         bias_h[:, None].expand(h, p), D_h[:, None].expand(h, p))
+    c = h * p
+    y_ref, last_ref = selective_scan_ref(
+        x.reshape(b, c, 1), dt.reshape(b, c, 1), A.reshape(c, n), B[..., None], C[..., None], D=D.reshape(c),
+        z=z.reshape(b, c, 1), delta_bias=dt_bias.reshape(c), delta_softplus=True, return_last_state=True,
+        initial_state=state.reshape(b, c, n).clone(),
+    )
+    with torch.set_grad_enabled(grad):
+        y = selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                   backend="torch")
+    close(y.reshape(b, c), y_ref[..., 0], torch.float32, "y")
+    close(state.reshape(b, c, n), last_ref.detach(), torch.float32, "state")
+    if grad:
+        (g_ours,) = torch.autograd.grad(y.sum(), dt_h)
+        (g_ref,) = torch.autograd.grad(y_ref.sum(), dt_h)
+        close(g_ours, g_ref, torch.float32, "dt grad")

@@ -108,3 +108,21 @@ def test_mamba2_mil_init_is_gated_linear_attention_per_head():
     torch.testing.assert_close(x, F.linear(h, attn.v_proj.weight))
     torch.testing.assert_close(C, F.linear(h, attn.q_proj.weight))
     torch.testing.assert_close(B, F.linear(h, attn.k_proj.weight))
+
+
+@torch.no_grad()
+def test_mamba1_decode_recomputes_A_after_A_log_changes():
+    """The decode step keeps A = -exp(A_log) between steps, and computes it again once A_log changes in place (an
+    optimizer step, load_state_dict) or is replaced."""
+    config = HybridConfig.from_source(tiny_source("llama").config, ["mamba", None, None, None])
+    mixer = HybridMambaMixer(config, 0).eval()
+    first = mixer._neg_exp(mixer.A_log)
+    assert mixer._neg_exp(mixer.A_log) is first
+    mixer.A_log.add_(0.5)
+    torch.testing.assert_close(mixer._neg_exp(mixer.A_log), -torch.exp(mixer.A_log), rtol=0, atol=0)
+    mixer.load_state_dict({**mixer.state_dict(), "A_log": torch.zeros_like(mixer.A_log)})
+    assert torch.equal(mixer._neg_exp(mixer.A_log), -torch.ones_like(mixer.A_log))
+    mixer.A_log = torch.nn.Parameter(torch.full_like(mixer.A_log, 1.0))
+    assert torch.equal(mixer._neg_exp(mixer.A_log), -torch.exp(torch.ones_like(mixer.A_log)))
+    with torch.enable_grad():
+        assert mixer._neg_exp(mixer.A_log).requires_grad  # training never sees a cached, detached A

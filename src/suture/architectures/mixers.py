@@ -75,6 +75,23 @@ def _is_decode_step(cache, layer_idx: int, seq_len: int) -> bool:
     )
 
 
+class _NegExpCache:
+    """-exp(A_log) in fp32, computed once per value of A_log while autograd is off (decoding), again after any change:
+    the key is the parameter object itself, its storage and its version counter (every in-place update bumps it).
+    Inference tensors keep no version counter: they are computed every time."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, A_log: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or A_log.is_inference():
+            return -torch.exp(A_log.float())
+        key = self.key
+        if key is None or key[0] is not A_log or key[1:] != (A_log.data_ptr(), A_log._version):
+            self.key, self.value = (A_log, A_log.data_ptr(), A_log._version), -torch.exp(A_log.float())
+        return self.value
+
+
 def _reset_conv(conv1d: nn.Conv1d) -> None:
     """PyTorch's default Conv1d init, through transformers' flag-respecting init functions."""
     init.kaiming_uniform_(conv1d.weight, a=math.sqrt(5))
@@ -118,8 +135,9 @@ class HybridMambaMixer(nn.Module):
 
         self.row_blocks = {"in_proj.weight": {"z": self.d_inner, "x": self.d_xb, "B": self.d_xb, "C": self.d_inner,
                                               "dt": self.dt_rank}}
-        d_in_proj = sum(self.row_blocks["in_proj.weight"].values())
-        self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
+        self._in_sizes = list(self.row_blocks["in_proj.weight"].values())
+        self._neg_exp = _NegExpCache()  # A at decode
+        self.in_proj = nn.Linear(self.hidden_size, sum(self._in_sizes), bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1,
             bias=config.mamba_conv_bias,
@@ -166,44 +184,61 @@ class HybridMambaMixer(nn.Module):
         padded positions. `position_ids` (b or 1, L) that restart inside a row mark packed documents (module doc).
         The memory layer writes its scan output to `shared.memory` (b, L, d_inner)."""
         b, L, _ = hidden_states.shape
-        decode = _is_decode_step(cache, self.layer_idx, L)
+        if _is_decode_step(cache, self.layer_idx, L):
+            return self._step(hidden_states, attention_mask, cache, shared)
         seq_idx = _document_index(position_ids, attention_mask, cache, b)  # (b, L) or None
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
-        z, x, B, C, dt = zxbcdt.split(list(self.row_blocks["in_proj.weight"].values()), dim=-1)
+        z, x, B, C, dt = zxbcdt.split(self._in_sizes, dim=-1)
         x = self._widen_x(_masked(x, attention_mask))  # (b, L, d_inner)
-        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, decode, seq_idx)  # (b, d_in, L)
+        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, False, seq_idx)  # (b, d_in, L)
         x = _masked(x.transpose(1, 2), attention_mask)  # (b, L, d_inner)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); the bias is applied inside the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, n)
         n_b, n_c = self.d_xb // self.d_state, self.d_inner // self.d_state
         gate = None if self.is_memory else z  # the memory is taken before the gate
-        if decode:
-            state = cache.get_recurrent_state(self.layer_idx)  # (b, d_inner, n) fp32, updated in place
-            y = kernels.selective_state_update(
-                state, x[:, 0], dt[:, 0], A, self._widen_groups(B[:, 0].view(b, n_b, self.d_state)),
-                C[:, 0].view(b, n_c, self.d_state), D=self.D, z=None if gate is None else gate[:, 0],
-                dt_bias=self.dt_proj.bias, dt_softplus=True,
-            ).unsqueeze(1)  # (b, 1, d_inner)
-        else:
-            initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-            B = self._widen_groups(B.view(b, L, n_b, self.d_state).transpose(1, 2))  # (b, g, L, n)
-            B = B.transpose(2, 3)  # (b, g, n, L): group j reads KV slice j // repeat
-            C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, L)
-            out = kernels.selective_scan_fn(
-                x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(),
-                z=None if gate is None else gate.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
-                delta_softplus=True, return_last_state=cache is not None, initial_state=initial_state,
-                seq_idx=seq_idx,
-            )
-            if cache is not None:
-                out, last_state = out
-                cache.update_recurrent_state(last_state.float(), self.layer_idx)
-            y = out.transpose(1, 2)  # (b, L, d_inner)
+        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        B = self._widen_groups(B.view(b, L, n_b, self.d_state).transpose(1, 2))  # (b, g, L, n)
+        B = B.transpose(2, 3)  # (b, g, n, L): group j reads KV slice j // repeat
+        C = C.view(b, L, n_c, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, L)
+        out = kernels.selective_scan_fn(
+            x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D=self.D.float(),
+            z=None if gate is None else gate.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, return_last_state=cache is not None, initial_state=initial_state,
+            seq_idx=seq_idx,
+        )
+        if cache is not None:
+            out, last_state = out
+            cache.update_recurrent_state(last_state.float(), self.layer_idx)
+        y = out.transpose(1, 2)  # (b, L, d_inner)
         if self.is_memory:
             if shared is not None:
                 shared.memory = y  # (b, L, d_inner): after the D skip, before the gate
             y = y * F.silu(z)
         return self.out_proj(y)  # (b, L, hidden)
+
+    def _step(self, hidden_states, attention_mask, cache, shared) -> torch.Tensor:
+        """One decode token (b, 1, hidden) -> (b, 1, hidden): the single-step conv and state update, on (b, c) tensors
+        (no sequence axis, no transposes), with A computed once while A_log is unchanged."""
+        b = hidden_states.shape[0]
+        n = self.d_state
+        z, x, B, C, dt = self.in_proj(hidden_states[:, 0]).split(self._in_sizes, dim=-1)  # (b, *)
+        x = self._widen_x(_masked(x[:, None], attention_mask))[:, 0]  # (b, d_inner); attention_mask (b, 1)
+        conv_state = cache.get_conv_state(self.layer_idx)  # (b, d_inner, w), updated in place
+        x = kernels.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                         activation="silu")  # (b, d_inner)
+        x = _masked(x[:, None], attention_mask)[:, 0]  # (b, d_inner)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner); the bias is applied inside the update
+        B = self._widen_groups(B.view(b, self.d_xb // n, n))  # (b, d_inner / n, n)
+        y = kernels.selective_state_update(
+            cache.get_recurrent_state(self.layer_idx), x, dt, self._neg_exp(self.A_log), B,
+            C.view(b, self.d_inner // n, n), D=self.D, z=None if self.is_memory else z, dt_bias=self.dt_proj.bias,
+            dt_softplus=True,
+        )  # (b, d_inner); the state (b, d_inner, n) fp32 is updated in place
+        if self.is_memory:
+            if shared is not None:
+                shared.memory = y[:, None]  # (b, 1, d_inner): after the D skip, before the gate
+            y = y * F.silu(z)
+        return self.out_proj(y)[:, None]  # (b, 1, hidden)
 
 
 class HybridMamba2Mixer(nn.Module):

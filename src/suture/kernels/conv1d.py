@@ -147,10 +147,24 @@ def _conv_update_torch(x, conv_state, weight, bias, activation):
     d, w = weight.shape
     xs = x.unsqueeze(-1) if x.dim() == 2 else x  # (b, d, T)
     T, S = xs.shape[-1], conv_state.shape[-1]
+    if T == 1:
+        return _conv_step_torch(x, xs, conv_state, weight, bias, activation, cd)
     full = torch.cat([conv_state.to(cd), xs.to(cd)], dim=-1)  # (b, d, S + T)
     window = full[..., S + T - (w - 1 + T):]  # (b, d, w - 1 + T): what the T new outputs see
     y = F.conv1d(window, weight.to(cd)[:, None], None if bias is None else bias.to(cd), groups=d)  # (b, d, T)
     conv_state.copy_(full[..., T:])  # shift left by T, append the new inputs
+    return _activate(y, activation).to(x.dtype).view(x.shape)
+
+
+def _conv_step_torch(x, xs, conv_state, weight, bias, activation, cd):
+    """One token: a multiply-add of the window with the weight, no convolution call (a depthwise ``F.conv1d`` costs
+    more than the whole step at decode sizes). The same operations as the reference, so the same numbers."""
+    S, w = conv_state.shape[-1], weight.shape[1]
+    seen = torch.cat([conv_state.to(cd), xs.to(cd)], dim=-1)  # (b, d, S + 1), newest last
+    y = (seen[..., S + 1 - w :] * weight.to(cd)).sum(-1)  # (b, d): sum_k weight[:, k] * x[t - (w - 1) + k]
+    if bias is not None:
+        y += bias.to(cd)
+    conv_state.copy_(seen[..., 1:])  # shift left by one, append the new input
     return _activate(y, activation).to(x.dtype).view(x.shape)
 
 

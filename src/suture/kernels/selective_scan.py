@@ -362,26 +362,40 @@ def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
     return state, x, dt, A, B.reshape(b, g, n), C.reshape(b, g, n), D, z, dt_bias
 
 
+def _same_over_p(t: torch.Tensor, dims: int) -> bool:
+    """Whether t's last ``dims`` axes (p, or p and n) are broadcast (stride 0 or size 1): one value per head."""
+    return all(t.stride(-i) == 0 or t.shape[-i] == 1 for i in range(1, dims + 1))
+
+
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """Per-head step in fp32; writes the new state into ``state``; returns y (b, h, p) in x's dtype.
 
-    Each group's B/C is broadcast over its heads with views, never repeated.
+    Each group's B/C is broadcast over its heads with views, never repeated. An fp32 state (fp64 with fp64 inputs) is
+    updated in place, with the reference's operations in the same order: no temporary state, no copy back. With
+    autograd on, the step reads a copy of the state and writes the new state back, so gradients reach the inputs.
     """
     cd = _compute_dtype(state, x)
     b, h, p, n = state.shape
     g = B.shape[1]
-    dt = dt.to(cd) if dt_bias is None else dt.to(cd) + dt_bias.to(cd)  # (b, h, p)
+    shape5 = (b, g, h // g, p)
+    xf = x.to(cd)
+    in_place = state.dtype == cd and not torch.is_grad_enabled()
+    if in_place and all(t is None or _same_over_p(t, 1) for t in (dt, dt_bias)) and _same_over_p(A, 2):
+        # one dt and one A per head, broadcast over (p, n) (Mamba-2): the same values, computed once per head
+        dt, dt_bias, A = dt[..., :1], None if dt_bias is None else dt_bias[..., :1], A[..., :1, :1]
+    dt = dt.to(cd) if dt_bias is None else dt.to(cd) + dt_bias.to(cd)  # (b, h, p) or (b, h, 1)
     if dt_softplus:
         dt = F.softplus(dt)
-    shape5 = (b, g, h // g, p)
-    Bh, Ch = B.to(cd)[:, :, None, None, :], C.to(cd)[:, :, None, None, :]  # (b, g, 1, 1, n)
-    dA = torch.exp(dt[..., None] * A.to(cd)).view(*shape5, n)  # (b, g, h/g, p, n)
-    dBx = (dt * x.to(cd)).view(*shape5, 1) * Bh  # (b, g, h/g, p, n)
-    new = state.to(cd).view(*shape5, n) * dA + dBx  # (b, g, h/g, p, n)
-    y = (new * Ch).sum(-1).view(b, h, p)  # (b, h, p)
-    state.copy_(new.view(b, h, p, n))
+    dA = torch.exp_(dt[..., None] * A.to(cd))  # (b, h, p, n) or (b, h, 1, 1)
+    dA = dA.view(b, g, h // g, *dA.shape[-2:])  # (b, g, h/g, p, n) or (b, g, h/g, 1, 1)
+    dBx = (dt * xf).view(*shape5, 1) * B.to(cd)[:, :, None, None, :]  # (b, g, h/g, p, n)
+    old = state.to(cd, copy=not in_place).view(*shape5, n)  # a copy under autograd, which saves it for backward
+    new = (old.mul_(dA) if in_place else old * dA).add_(dBx)  # (b, g, h/g, p, n)
+    y = (new * C.to(cd)[:, :, None, None, :]).sum(-1).view(b, h, p)  # (b, h, p)
+    if not in_place:
+        state.copy_(new.view(b, h, p, n))
     if D is not None:
-        y = y + x.to(cd) * D.to(cd)
+        y = y + xf * D.to(cd)
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(x.dtype)
