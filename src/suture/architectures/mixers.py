@@ -78,13 +78,14 @@ def _is_decode_step(cache, layer_idx: int, seq_len: int) -> bool:
 class _NegExpCache:
     """-exp(A_log) in fp32, computed once per value of A_log while autograd is off (decoding), again after any change:
     the key is the parameter object itself, its storage and its version counter (every in-place update bumps it).
-    Inference tensors keep no version counter: they are computed every time."""
+    Inference tensors keep no version counter, and a compiled step cannot read one (the graph computes it, fused):
+    both compute it every time."""
 
     def __init__(self):
         self.key, self.value = None, None
 
     def __call__(self, A_log: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or A_log.is_inference():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or A_log.is_inference():
             return -torch.exp(A_log.float())
         key = self.key
         if key is None or key[0] is not A_log or key[1:] != (A_log.data_ptr(), A_log._version):
