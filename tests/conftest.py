@@ -84,15 +84,16 @@ def fresh_kernel_backend(monkeypatch):
     monkeypatch.setattr(kb, "_warned", set())
 
 
-def hide_kernel_libraries(monkeypatch):
-    """Importing triton, mamba_ssm or causal_conv1d fails as on a machine without them (suture's own modules still
-    import); use with `fresh_kernel_backend`, whose empty caches make the next call import again."""
+def hide_kernel_libraries(monkeypatch, libraries=("triton", "mamba_ssm", "causal_conv1d")):
+    """Importing `libraries` (by default triton, mamba_ssm and causal_conv1d) fails as on a machine without them
+    (suture's own modules still import); use with `fresh_kernel_backend`, whose empty caches make the next call
+    import again."""
     import suture.kernels.backend as kb
 
     real = kb.importlib.import_module
 
     def importer(name):
-        if name.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d"):
+        if name.split(".")[0] in libraries:
             raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
         return real(name)
     monkeypatch.setattr(kb.importlib, "import_module", importer)

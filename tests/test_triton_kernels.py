@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
 
+from conftest import hide_kernel_libraries  # noqa: E402
 import suture.kernels.backend as kb  # noqa: E402
 from suture.kernels import (  # noqa: E402
     KernelUnavailableError,
@@ -194,13 +195,7 @@ def test_conv_update_matches_reference(d, w, S, T, dtype, bias, activation):
 
 
 def _no_mamba_ssm(monkeypatch):
-    real = kb.importlib.import_module
-
-    def importer(name):
-        if name.startswith(("mamba_ssm", "causal_conv1d")):
-            raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
-        return real(name)
-    monkeypatch.setattr(kb.importlib, "import_module", importer)
+    hide_kernel_libraries(monkeypatch, libraries=("mamba_ssm", "causal_conv1d"))  # suture's Triton kernels stay
 
 
 def test_auto_on_cpu_stays_torch_and_leaves_triton_modules_unimported(monkeypatch):

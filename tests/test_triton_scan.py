@@ -20,6 +20,7 @@ from kernel_checks import close, packed_seq_idx
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
 
+from conftest import hide_kernel_libraries  # noqa: E402
 import suture.kernels.backend as kb  # noqa: E402
 from suture.kernels import (  # noqa: E402
     KernelUnavailableError,
@@ -185,13 +186,7 @@ def test_expanded_output_gradient():
 
 
 def _no_mamba_ssm(monkeypatch):
-    real = kb.importlib.import_module
-
-    def importer(name):
-        if name.startswith(("mamba_ssm", "causal_conv1d")):
-            raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
-        return real(name)
-    monkeypatch.setattr(kb.importlib, "import_module", importer)
+    hide_kernel_libraries(monkeypatch, libraries=("mamba_ssm", "causal_conv1d"))  # suture's Triton kernels stay
 
 
 def _count_kernel_calls(monkeypatch):

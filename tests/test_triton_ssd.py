@@ -17,6 +17,7 @@ from test_kernels_ssd import NAMES, make_inputs, run
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
 
+from conftest import hide_kernel_libraries  # noqa: E402
 import suture.kernels.backend as kb  # noqa: E402
 from suture.kernels import KernelUnavailableError, available_backends, mamba_chunk_scan_combined  # noqa: E402
 from suture.kernels import ssd_scan_ref  # noqa: E402
@@ -121,13 +122,7 @@ def test_ssd_large_decays_stay_finite():
 
 
 def _no_mamba_ssm(monkeypatch):
-    real = kb.importlib.import_module
-
-    def importer(name):
-        if name.startswith(("mamba_ssm", "causal_conv1d")):
-            raise RuntimeError(f"{name}: selective_scan_cuda extension not found")
-        return real(name)
-    monkeypatch.setattr(kb.importlib, "import_module", importer)
+    hide_kernel_libraries(monkeypatch, libraries=("mamba_ssm", "causal_conv1d"))  # suture's Triton kernels stay
 
 
 def test_auto_on_cpu_stays_torch_and_leaves_the_kernel_unimported(monkeypatch):
