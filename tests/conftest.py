@@ -97,3 +97,13 @@ def hide_kernel_libraries(monkeypatch, libraries=("triton", "mamba_ssm", "causal
             raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
         return real(name)
     monkeypatch.setattr(kb.importlib, "import_module", importer)
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """The `n` tokens greedy decoding appends to `prompt` (1-D), with a full forward pass per token and no cache: the
+    oracle for cached `generate()`."""
+    seq = prompt[None]
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return seq[0, len(prompt):].tolist()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_source
+from conftest import greedy_without_cache, tiny_source
 from transformers import CompileConfig
 from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLayer, StaticSlidingWindowLayer
 
@@ -42,14 +42,6 @@ def _left_padded(lengths=(9, 4, 6)) -> tuple[torch.Tensor, torch.Tensor, list[to
     return batch, mask, prompts
 
 
-@torch.no_grad()
-def _greedy_without_cache(model, prompt: torch.Tensor, n: int) -> list[int]:
-    seq = prompt[None]
-    for _ in range(n):
-        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    return seq[0, len(prompt):].tolist()
-
-
 def _compile_config(backend) -> CompileConfig:
     config = CompileConfig(backend=backend, fullgraph=True, mode=None)
     config._compile_all_devices = True  # let generate() compile on CPU
@@ -67,7 +59,7 @@ def test_static_cache_generate_equals_dynamic_and_no_cache(mix):
     dynamic = model.generate(batch, attention_mask=mask, **SETTINGS)
     assert static.sequences.tolist() == dynamic.tolist()
     for row, prompt in enumerate(prompts):
-        assert static.sequences[row, batch.shape[1]:].tolist() == _greedy_without_cache(model, prompt, NEW_TOKENS)
+        assert static.sequences[row, batch.shape[1]:].tolist() == greedy_without_cache(model, prompt, NEW_TOKENS)
 
 
 def test_static_cache_layers_and_preallocation():

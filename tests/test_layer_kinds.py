@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_source
+from conftest import greedy_without_cache, tiny_source
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers import initialization as init
@@ -106,14 +106,6 @@ def _prompt(length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, 97, (length,), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def _greedy_without_cache(model, prompt: torch.Tensor, n: int) -> list[int]:
-    seq = prompt[None]
-    for _ in range(n):
-        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    return seq[0, len(prompt):].tolist()
-
-
 # ---------------------------------------------------------------------------------------------------- end to end
 @torch.no_grad()
 def test_a_kind_defined_in_a_test_works_end_to_end(gated_conv, tmp_path):
@@ -142,7 +134,7 @@ def test_a_kind_defined_in_a_test_works_end_to_end(gated_conv, tmp_path):
     out = hybrid.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                           eos_token_id=None)
     for row, p in enumerate(prompts):
-        assert out[row, 7:].tolist() == _greedy_without_cache(hybrid, p, 8), f"row {row}"
+        assert out[row, 7:].tolist() == greedy_without_cache(hybrid, p, 8), f"row {row}"
 
     # save / load through the Auto classes: same config, same logits
     hybrid.save_pretrained(tmp_path / "hybrid")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_source
+from conftest import greedy_without_cache, tiny_source
 from test_generation import enable_checkpointing
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -171,14 +171,6 @@ def test_cached_decoding_equals_full_forward(family, memory_kind):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-@torch.no_grad()
-def _greedy_without_cache(model, prompt: torch.Tensor, n: int) -> list[int]:
-    seq = prompt[None]
-    for _ in range(n):
-        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    return seq[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("memory_kind", ["mamba", "mamba2"])
 @torch.no_grad()
 def test_left_padded_batched_generate_equals_greedy_per_sequence(memory_kind):
@@ -192,7 +184,7 @@ def test_left_padded_batched_generate_equals_greedy_per_sequence(memory_kind):
     out = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
                          eos_token_id=None)
     for row, p in enumerate(prompts):
-        assert out[row, width:].tolist() == _greedy_without_cache(model, p, 10), f"row {row}"
+        assert out[row, width:].tolist() == greedy_without_cache(model, p, 10), f"row {row}"
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
