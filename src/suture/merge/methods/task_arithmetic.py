@@ -36,6 +36,8 @@ Defaults per name and exact behaviour match mergekit 0.1.5 (``merge_methods/regi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from suture.merge.methods import PerModel, merge_method
@@ -142,22 +144,82 @@ def _without_sparsification(params) -> bool:
     return params.get("sparsification") in ("none", None) or all(d >= 1 for d in params.get("density", [1.0]))
 
 
+def _fused(kwargs: dict) -> Callable | None:
+    """Row-block kernel of `task_arithmetic` without sparsification (see `suture.merge.methods`): the same ops in
+    the same order, on reused buffers. Per entry: ``delta_i = (x_i - base) * w_i``, summed as ``stack().sum(0)``
+    (or the consensus of `_consensus`), divided, scaled by ``lambda`` and added to the base."""
+    weight, consensus, normalize = kwargs["weight"], kwargs["consensus"], kwargs["normalize"]
+    lambda_ = kwargs["lambda_"]
+    if not _without_sparsification(kwargs) or consensus not in ("none", None, "sum", "count"):
+        return None
+    total = float(sum(weight))
+
+    def constants(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = torch.tensor(weight, dtype=dtype)[:, None]  # (n, 1): a product by it = by each Python float
+        divisor = torch.tensor(total, dtype=dtype)
+        if divisor.abs() < 1e-8:
+            divisor.fill_(1)
+        return weights, divisor
+
+    def kernel(models: torch.Tensor, base: torch.Tensor, scratch) -> torch.Tensor:
+        n, b = models.shape  # models (n, b), base (b,)
+        weights, divisor = scratch.memo((kernel, models.dtype), lambda: constants(models.dtype))
+        deltas = torch.sub(models, base, out=scratch("deltas", (n, b))).mul_(weights)
+        if consensus in ("none", None):
+            mixed = deltas[0] if n == 1 else torch.sum(deltas, dim=0, out=scratch("mixed", (b,)))
+        else:
+            mixed, divisor = _consensus_block(deltas, weight, consensus, scratch)
+        if normalize:
+            mixed = torch.div(mixed, divisor, out=scratch("mixed", (b,)))
+        out = torch.mul(mixed, lambda_, out=scratch("out", (b,)))  # lambda_ * mixed
+        return torch.add(base, out, out=out)
+
+    return kernel
+
+
+def _consensus_block(deltas: torch.Tensor, weight: list[float], consensus: str, scratch
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_consensus` on the rows of ``deltas`` (N, b), into reused buffers (``deltas`` is modified)."""
+    b = deltas.shape[1]
+    vote = scratch("vote", (b,))
+    if consensus == "sum":
+        vote.copy_(deltas[0])
+        for d in deltas[1:]:
+            vote.add_(d)
+    else:
+        sign = scratch("sign", (b,))
+        torch.sign(deltas[0], out=vote)
+        for d in deltas[1:]:
+            vote.add_(torch.sign(d, out=sign))
+    positive = torch.ge(vote, 0, out=scratch("positive", (b,), torch.bool))
+    mixed, divisor = scratch("mixed", (b,)).zero_(), scratch("divisor", (b,)).zero_()
+    above, below = scratch("above", (b,), torch.bool), scratch("below", (b,), torch.bool)
+    agree = scratch("agree", (b,), torch.bool)
+    for d, w in zip(deltas, weight):
+        torch.where(positive, torch.gt(d, 0, out=above), torch.lt(d, 0, out=below), out=agree)
+        mixed.add_(d.mul_(agree))
+        divisor.add_(agree, alpha=w)
+    divisor.masked_fill_(divisor == 0, 1)
+    return mixed, divisor
+
+
 @merge_method(
-    "dare_ties", needs_base=True, random=True,
+    "dare_ties", needs_base=True, random=True, elementwise=_without_sparsification, fused=_fused,
     defaults={"sparsification": "random", "consensus": "sum", "rescale": True},
     description="DARE random drop (L1 rescale) + TIES sign consensus, on task vectors.",
 )
 @merge_method(
-    "dare_linear", needs_base=True, random=True, defaults={"sparsification": "random", "rescale": True},
+    "dare_linear", needs_base=True, random=True, elementwise=_without_sparsification, fused=_fused,
+    defaults={"sparsification": "random", "rescale": True},
     description="DARE random drop (L1 rescale) + task arithmetic.",
 )
 @merge_method(
-    "ties", needs_base=True, elementwise=_without_sparsification,
+    "ties", needs_base=True, elementwise=_without_sparsification, fused=_fused,
     defaults={"sparsification": "magnitude", "consensus": "sum", "normalize": True},
     description="TIES: magnitude trim to density, sign election, disjoint mean of the agreeing task vectors.",
 )
 @merge_method(
-    "task_arithmetic", needs_base=True, elementwise=_without_sparsification,
+    "task_arithmetic", needs_base=True, elementwise=_without_sparsification, fused=_fused,
     description="Task arithmetic: base + lambda * sum_i w_i (theta_i - base).",
 )
 def task_arithmetic(
