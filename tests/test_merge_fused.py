@@ -29,6 +29,10 @@ CASES = [
     ("ties", {"weight": [1.0, 0.5], "density": 1.0}),
     ("ties", {"weight": [0.7, -0.4, 0.3], "density": 1.0, "normalize": False, "lambda": 1.3}),
     ("ties", {"weight": [1.0, 0.5, 2.0], "density": 1.0, "consensus": "count"}),
+    ("ties", {"weight": [0.5, 0.5], "density": 0.2}),  # the magnitude trim: two passes over the blocks
+    ("ties", {"weight": [1.0, -0.5, 0.3], "density": [0.3, 1.0, 0.0], "lambda": 0.9}),
+    ("ties", {"weight": [0.7, 0.4], "density": [0.01, 0.6], "consensus": "count", "normalize": False}),
+    ("task_arithmetic", {"weight": [0.6, 0.4], "density": [0.5, 0.25], "sparsification": "magnitude"}),
     ("dare_linear", {"weight": [0.4, 1.1], "density": 1.0}),
     ("dare_ties", {"weight": [1.0, 0.5], "density": [1.0, 1.0]}),
 ]
@@ -115,8 +119,9 @@ def test_fused_kernel_equals_the_method_bit_for_bit(name, params, shape):
 
 
 def test_methods_without_a_kernel_for_their_parameters_say_so():
-    ties = METHODS["ties"]
-    assert ties.block_kernel(_resolved(ties, {"weight": [1.0, 1.0], "density": [0.5, 1.0]}, 2), 2) is None
+    ties, dare = METHODS["ties"], METHODS["dare_ties"]
+    assert ties.block_kernel(_resolved(ties, {"weight": [1.0, 1.0], "density": 0.5, "rescale": True}, 2), 2) is None
+    assert dare.block_kernel(_resolved(dare, {"weight": [1.0, 1.0], "density": 0.5}, 2), 2) is None
     linear = METHODS["linear"]
     assert linear.block_kernel(_resolved(linear, {"weight": [1.0, -1.0]}, 2), 2) is None  # linear raises instead
     assert METHODS["slerp"].block_kernel({"t": 0.5}, 1) is None
@@ -130,7 +135,7 @@ def test_blocks_cover_every_entry_once_and_keep_the_last_block_long():
         assert len(parts) == 1 or parts[-1][1] >= min(size, blocks.MIN_BLOCK)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "ties_trimmed"])
 def test_the_engine_writes_the_same_bits_fused_and_generic(tmp_path, monkeypatch, method):
     """Whole merges through the fused path and through `_merge_one` (the generic path) give identical files."""
     import suture.merge.engine as engine
@@ -146,10 +151,12 @@ def test_the_engine_writes_the_same_bits_fused_and_generic(tmp_path, monkeypatch
         tensors["layers.0.b"][:5] = -0.0
         save_file(tensors, path / "model.safetensors")
         paths.append(str(path))
-    weights = {"linear": [0.2, 0.5, 0.3], "task_arithmetic": [0.7, -0.3], "ties": [0.6, 0.4]}[method]
-    recipe = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16", "models": [
-        {"model": p, "parameters": {"weight": w, **({"density": 1.0} if method == "ties" else {})}}
-        for p, w in zip(paths[1:] if method != "linear" else paths, weights)]}
+    weights = {"linear": [0.2, 0.5, 0.3], "task_arithmetic": [0.7, -0.3], "ties": [0.6, 0.4],
+               "ties_trimmed": [0.5, 0.5]}[method]
+    density = {"ties": {"density": 1.0}, "ties_trimmed": {"density": 0.2}}.get(method, {})
+    recipe = {"merge_method": method.removesuffix("_trimmed"), "dtype": "float32", "out_dtype": "bfloat16",
+              "models": [{"model": p, "parameters": {"weight": w, **density}}
+                         for p, w in zip(paths[1:] if method != "linear" else paths, weights)]}
     if method != "linear":
         recipe["base_model"] = paths[0]
     monkeypatch.setattr(blocks, "BLOCK_ENTRIES", 999)  # many blocks, cutting rows

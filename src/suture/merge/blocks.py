@@ -113,7 +113,9 @@ def stream(
     Args:
         readers: one per input row: the `n_models` models in order, then the base if the kernel takes one.
         dtypes: the stored dtype of each input.
-        kernel: (models (n_models, b), base (b,) or None, scratch) -> merged (b,), in `compute_dtype`.
+        kernel: (models (n_models, b), base (b,) or None, scratch, start) -> merged (b,), in `compute_dtype`. A
+            kernel with an `observe` method (same arguments, and `numel`) is shown every block first, then told
+            `ready()`, then merges them: a second read of the inputs, for a statistic of the whole tensor.
         write: (first entry, merged block in `out_dtype`) -> writes it.
         on_nonfinite: called when a block of the inputs holds NaN or inf (it raises, naming the tensor and model);
             None merges them as they are.
@@ -121,7 +123,8 @@ def stream(
     scratch = _scratch()
     scratch.dtype = compute_dtype
     rows, clock = len(readers), _Clock()
-    for start, b in blocks(numel, block):
+
+    def load(start: int, b: int, check: bool) -> tuple:
         key = ("stream", rows, n_models, b, compute_dtype, *dtypes, out_dtype)
         x, models, base, staged, whole, out = scratch.memo(key, lambda: _views(scratch, rows, b, n_models, dtypes,
                                                                                out_dtype))
@@ -134,12 +137,24 @@ def stream(
             for row, part in zip(x, staged):
                 row.copy_(part)
         clock("convert")
-        if on_nonfinite is not None:
+        if check and on_nonfinite is not None:
             low, high = torch.aminmax(x)
             if not (math.isfinite(low.item()) and math.isfinite(high.item())):
                 on_nonfinite()
         clock("check")
-        merged = kernel(models, base, scratch)  # (b,)
+        return models, base, out
+
+    observe = getattr(kernel, "observe", None)
+    if observe is not None:
+        for start, b in blocks(numel, block):
+            models, base, _ = load(start, b, check=True)
+            observe(models, base, scratch, start, numel)
+            clock("kernel")
+        kernel.ready()
+        clock("kernel")
+    for start, b in blocks(numel, block):
+        models, base, out = load(start, b, check=observe is None)
+        merged = kernel(models, base, scratch, start)  # (b,)
         clock("kernel")
         out.copy_(merged)
         clock("cast")

@@ -34,12 +34,13 @@ A user-defined method is one decorated function (the decorator registers it and 
 Variants are parameters, not copies: stacking ``@merge_method`` registers one function under several names, each
 with its own ``defaults`` (``task_arithmetic``, ``ties``, ``dare_linear`` and ``dare_ties`` are one function).
 
-An elementwise method may also give ``fused``: a factory that takes the bound keyword arguments of ``fn`` and
-returns a row-block kernel ``kernel(models, base, scratch) -> Tensor`` (or None where it does not apply). The
-engine then streams a tensor through it in cache-sized blocks of entries, staged in reused buffers
-(``scratch(key, shape, dtype=None)``), instead of calling ``fn`` on whole tensors. A kernel runs the same torch
-ops as ``fn``, in the same order and dtype, on preallocated buffers, so its result equals ``fn``'s bit for bit;
-``fn`` stays the reference (tests/test_merge_fused.py compares the two).
+A method may also give ``fused``: a factory that takes the bound keyword arguments of ``fn`` and returns a block
+kernel ``kernel(models, base, scratch, start) -> Tensor`` (or None where it does not apply). The engine then
+streams a tensor through it in cache-sized blocks of entries, staged in reused buffers (``scratch(key, shape,
+dtype=None)``), instead of calling ``fn`` on whole tensors; a kernel that needs a statistic of the whole tensor
+(TIES' magnitude threshold) first ``observe``s every block (`suture.merge.blocks.stream`). A kernel runs the same
+torch ops as ``fn``, in the same order and dtype, on preallocated buffers, so its result equals ``fn``'s bit for
+bit; ``fn`` stays the reference (tests/test_merge_fused.py compares the two).
 
 A *post-step* (``post_step=True``, e.g. ``aim``) is applied by the engine after any method:
 ``fn(base, merged, *, <statistics>, <shared parameters>) -> Tensor``; call it through the record as
@@ -84,8 +85,8 @@ PerModel = Annotated[list[T], _PER_MODEL]  # a per-model parameter: one value pe
 Statistic = Annotated[T, _STATISTIC]  # a per-tensor statistic from the method's `StatisticsSource`
 Provider = Callable[[str, str], Any]  # (statistic name, tensor name) -> the statistic of that tensor, or None
 Scratch = Callable[..., torch.Tensor]  # (key, shape, dtype=None) -> a work buffer reused across blocks
-# (models (N, b), base (b,) or None, scratch) -> the merged entries (b,), all in the compute dtype
-BlockKernel = Callable[[torch.Tensor, "torch.Tensor | None", Scratch], torch.Tensor]
+# (models (N, b), base (b,) or None, scratch, first entry) -> the merged entries (b,), all in the compute dtype
+BlockKernel = Callable[[torch.Tensor, "torch.Tensor | None", Scratch, int], torch.Tensor]
 
 
 def _kwarg(name: str) -> str:
@@ -158,9 +159,9 @@ class MergeMethod:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
     def block_kernel(self, params: Mapping[str, Any], n_models: int) -> BlockKernel | None:
-        """The method's fused row-block kernel for these (resolved, unbound) parameters, or None where it has none
-        or they make it not elementwise; equal to ``fn`` bit for bit, on any split of the entries into blocks."""
-        if self.fused is None or self.post_step or self.statistics or not self.is_elementwise(params):
+        """The method's fused block kernel for these (resolved, unbound) parameters, or None where it has none for
+        them; equal to ``fn`` bit for bit (see `suture.merge.blocks`)."""
+        if self.fused is None or self.post_step or self.statistics:
             return None
         return self.fused(self.bind(params, n_models))
 

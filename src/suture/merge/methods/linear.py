@@ -22,7 +22,7 @@ def _fused(kwargs: dict) -> Callable | None:
     if normalize and total == 0:
         return None
 
-    def kernel(models: torch.Tensor, base: None, scratch) -> torch.Tensor:
+    def kernel(models: torch.Tensor, base: None, scratch, start: int) -> torch.Tensor:
         result = scratch("out", models.shape[1:]).zero_()  # models (n, b) -> (b,)
         for w, x in zip(weight, models):
             result.add_(x, alpha=w)

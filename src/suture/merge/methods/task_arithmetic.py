@@ -36,8 +36,6 @@ Defaults per name and exact behaviour match mergekit 0.1.5 (``merge_methods/regi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from suture.merge.methods import PerModel, merge_method
@@ -144,37 +142,77 @@ def _without_sparsification(params) -> bool:
     return params.get("sparsification") in ("none", None) or all(d >= 1 for d in params.get("density", [1.0]))
 
 
-def _fused(kwargs: dict) -> Callable | None:
-    """Row-block kernel of `task_arithmetic` without sparsification (see `suture.merge.methods`): the same ops in
-    the same order, on reused buffers. Per entry: ``delta_i = (x_i - base) * w_i``, summed as ``stack().sum(0)``
-    (or the consensus of `_consensus`), divided, scaled by ``lambda`` and added to the base."""
-    weight, consensus, normalize = kwargs["weight"], kwargs["consensus"], kwargs["normalize"]
-    lambda_ = kwargs["lambda_"]
-    if not _without_sparsification(kwargs) or consensus not in ("none", None, "sum", "count"):
+def _fused(kwargs: dict) -> _Kernel | None:
+    """The block kernel of `task_arithmetic` for these keyword arguments (see `suture.merge.methods`), or None:
+    with no sparsification, or the magnitude trim without rescaling (TIES' defaults); random drops (DARE) and L1
+    rescales draw on or sum over the whole tensor in an order blocks cannot repeat, so they keep the function."""
+    trimmed = not _without_sparsification(kwargs)
+    if kwargs["consensus"] not in ("none", None, "sum", "count") or trimmed and (
+            kwargs["sparsification"] != "magnitude" or kwargs["rescale"]):
         return None
-    total = float(sum(weight))
+    return _Kernel(kwargs, trimmed)
 
-    def constants(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = torch.tensor(weight, dtype=dtype)[:, None]  # (n, 1): a product by it = by each Python float
-        divisor = torch.tensor(total, dtype=dtype)
-        if divisor.abs() < 1e-8:
-            divisor.fill_(1)
-        return weights, divisor
 
-    def kernel(models: torch.Tensor, base: torch.Tensor, scratch) -> torch.Tensor:
+class _Kernel:
+    """`task_arithmetic` on a block of entries: the same ops in the same order as the function, on reused buffers.
+    Per entry: ``delta_i = (x_i - base) [* mask_i] * w_i``, summed as ``stack().sum(0)`` (or the consensus of
+    `_consensus`), divided, scaled by ``lambda`` and added to the base.
+
+    With a magnitude trim, `observe` first gathers each trimmed task vector's magnitudes ``|x_i - base|`` over the
+    whole tensor and `ready` takes `_top_magnitude_mask` of them: the mask `sparsify` computes, tie order included.
+    """
+
+    def __init__(self, kwargs: dict, trimmed: bool):
+        self.weight, self.density = kwargs["weight"], kwargs["density"]
+        self.consensus, self.normalize, self.lambda_ = kwargs["consensus"], kwargs["normalize"], kwargs["lambda_"]
+        self.constants: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.magnitudes: dict[int, torch.Tensor] = {}  # trimmed model -> (numel,), while observing
+        self.masks: dict[int, torch.Tensor] = {}  # trimmed model -> (numel,) bool
+        self.trimmed = trimmed
+        if trimmed:
+            self.observe = self._observe
+
+    def _observe(self, models: torch.Tensor, base: torch.Tensor, scratch, start: int, numel: int) -> None:
+        b = models.shape[1]  # models (n, b), base (b,)
+        if not self.magnitudes:
+            self.magnitudes = {i: torch.empty(numel, dtype=models.dtype) for i, d in enumerate(self.density)
+                               if 0 < d < 1}
+        for i, magnitude in self.magnitudes.items():
+            torch.abs(torch.sub(models[i], base, out=scratch("delta", (b,))), out=magnitude[start : start + b])
+
+    def ready(self) -> None:
+        for i in list(self.magnitudes):
+            magnitude = self.magnitudes.pop(i)  # freed as soon as its mask is taken
+            self.masks[i] = _top_magnitude_mask(magnitude, max(1, int(self.density[i] * magnitude.numel())))
+
+    def _constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self.constants:
+            weights = torch.tensor(self.weight, dtype=dtype)[:, None]  # (n, 1): a product by it = by each float
+            divisor = torch.tensor(float(sum(self.weight)), dtype=dtype)
+            if divisor.abs() < 1e-8:
+                divisor.fill_(1)
+            self.constants[dtype] = weights, divisor
+        return self.constants[dtype]
+
+    def __call__(self, models: torch.Tensor, base: torch.Tensor, scratch, start: int) -> torch.Tensor:
         n, b = models.shape  # models (n, b), base (b,)
-        weights, divisor = scratch.memo((kernel, models.dtype), lambda: constants(models.dtype))
-        deltas = torch.sub(models, base, out=scratch("deltas", (n, b))).mul_(weights)
-        if consensus in ("none", None):
+        weights, divisor = self._constants(models.dtype)
+        deltas = torch.sub(models, base, out=scratch("deltas", (n, b)))
+        if self.trimmed:
+            for i, d in enumerate(self.density):
+                if d <= 0:
+                    deltas[i].zero_()
+                elif i in self.masks:
+                    deltas[i].mul_(self.masks[i][start : start + b])
+        deltas.mul_(weights)
+        if self.consensus in ("none", None):
             mixed = deltas[0] if n == 1 else torch.sum(deltas, dim=0, out=scratch("mixed", (b,)))
         else:
-            mixed, divisor = _consensus_block(deltas, weight, consensus, scratch)
-        if normalize:
+            mixed, divisor = _consensus_block(deltas, self.weight, self.consensus, scratch)
+        if self.normalize:
             mixed = torch.div(mixed, divisor, out=scratch("mixed", (b,)))
-        out = torch.mul(mixed, lambda_, out=scratch("out", (b,)))  # lambda_ * mixed
+        out = torch.mul(mixed, self.lambda_, out=scratch("out", (b,)))  # lambda_ * mixed
         return torch.add(base, out, out=out)
-
-    return kernel
 
 
 def _consensus_block(deltas: torch.Tensor, weight: list[float], consensus: str, scratch
