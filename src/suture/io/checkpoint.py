@@ -271,14 +271,24 @@ class CheckpointReader:
 SIZE_FORMS = "a number of bytes or a number with a unit, e.g. '5GB', '500MB' or '2GiB'"
 
 
+# Units of a size, as transformers' `convert_file_size_to_int` reads them (its import costs a merge ~0.5 s):
+# binary with an "i", decimal without, and a lowercase final "b" (e.g. "5Gb") counts bits.
+_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
 def parse_size(size: int | str, name: str = "size") -> int:
     """Bytes from an int, a string of digits, or a string such as "5GB" / "500MiB" (transformers' convention);
     errors name the parameter `name`."""
-    from transformers.utils.hub import convert_file_size_to_int
-
     text = str(size).strip()
+    unit = next((u for u in _UNITS if text.upper().endswith(u)), None)
     try:
-        value = int(text) if isinstance(size, int) or text.isdigit() else convert_file_size_to_int(text)
+        if isinstance(size, int) or text.isdigit():
+            value = int(text)
+        elif unit is None:
+            value = 0
+        else:
+            value = int(text[: -len(unit)]) * _UNITS[unit]
+            value = value // 8 if len(unit) == 2 and text.endswith("b") else value
     except ValueError:
         value = 0
     if value <= 0:
