@@ -21,6 +21,7 @@ CASES = [
     ("linear", {"weight": [0.7, -0.2], "normalize": False}),
     ("linear", {"weight": [1.0, -1.0, 0.25]}),  # weights summing to 0.25: division by a non-power of two
     ("task_arithmetic", {"weight": [0.5, 0.5]}),
+    ("task_arithmetic", {"weight": [1.0, 1.0]}),  # weights and lambda of 1: their products skipped
     ("task_arithmetic", {"weight": [0.4, -1.1, 0.3], "lambda": 0.7}),
     ("task_arithmetic", {"weight": [0.4, 1.1], "normalize": True}),
     ("task_arithmetic", {"weight": [0.7]}),
@@ -30,6 +31,7 @@ CASES = [
     ("ties", {"weight": [0.7, -0.4, 0.3], "density": 1.0, "normalize": False, "lambda": 1.3}),
     ("ties", {"weight": [1.0, 0.5, 2.0], "density": 1.0, "consensus": "count"}),
     ("ties", {"weight": [0.5, 0.5], "density": 0.2}),  # the magnitude trim: two passes over the blocks
+    ("ties", {"weight": [1.0, 1.0], "density": 0.5}),
     ("ties", {"weight": [1.0, -0.5, 0.3], "density": [0.3, 1.0, 0.0], "lambda": 0.9}),
     ("ties", {"weight": [0.7, 0.4], "density": [0.01, 0.6], "consensus": "count", "normalize": False}),
     ("task_arithmetic", {"weight": [0.6, 0.4], "density": [0.5, 0.25], "sparsification": "magnitude"}),
