@@ -76,18 +76,22 @@ def _top_magnitude_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
     Entries tied in magnitude at the threshold are kept in index order until there are exactly ``k``. mergekit keeps
     whichever tied entries its unstable ``argsort`` happens to put first; without ties the two masks are equal.
     """
-    magnitude = delta.abs().reshape(-1)  # (n,)
+    return _top_mask(delta.abs().reshape(-1), k).view_as(delta)
+
+
+def _top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """`_top_magnitude_mask` of the magnitudes ``|delta|`` flattened (n,): a bool (n,) mask."""
     n = magnitude.numel()
     if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
+        return torch.ones_like(magnitude, dtype=torch.bool)
     threshold = kth_largest(magnitude, k)  # NaN ranks above every number, as in mergekit's sort
     if threshold.isnan():
-        return magnitude.isnan().view_as(delta)  # the k largest are NaN
+        return magnitude.isnan()  # the k largest are NaN
     mask = torch.le(magnitude, threshold).logical_not_()  # > threshold, NaN included
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))  # (a bool sum() takes 25x as long)
     if missing > 0:  # fill up with entries equal to the threshold, lowest index first
         mask[(magnitude == threshold).nonzero().squeeze(1)[:missing]] = True
-    return mask.view_as(delta)
+    return mask
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,7 +163,7 @@ class _Kernel:
     `_consensus`), divided, scaled by ``lambda`` and added to the base.
 
     With a magnitude trim, `observe` first gathers each trimmed task vector's magnitudes ``|x_i - base|`` over the
-    whole tensor and `ready` takes `_top_magnitude_mask` of them: the mask `sparsify` computes, tie order included.
+    whole tensor and `ready` takes their `_top_mask`: the mask `sparsify` computes, tie order included.
     """
 
     def __init__(self, kwargs: dict, trimmed: bool):
@@ -183,7 +187,7 @@ class _Kernel:
     def ready(self) -> None:
         for i in list(self.magnitudes):
             magnitude = self.magnitudes.pop(i)  # freed as soon as its mask is taken
-            self.masks[i] = _top_magnitude_mask(magnitude, max(1, int(self.density[i] * magnitude.numel())))
+            self.masks[i] = _top_mask(magnitude, max(1, int(self.density[i] * magnitude.numel())))
 
     def _constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self.constants:
@@ -224,7 +228,12 @@ class _Kernel:
 
 def _consensus_block(deltas: torch.Tensor, weight: list[float], consensus: str, scratch
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_consensus` on the rows of ``deltas`` (N, b), into reused buffers (``deltas`` is modified)."""
+    """`_consensus` on the rows of ``deltas`` (N, b), into reused buffers (``deltas`` is modified), with float ops
+    where `_consensus` has bool ones (torch's bool `where`, `masked_fill` and bool-to-float products are 5-30x slower
+    than float ones). The same results: ``agree = relu(sign(d) * s)``, with ``s`` = +1 where the vote is >= 0 (``-0``
+    included) and -1 below, is 1 exactly where `_consensus` agrees and 0 elsewhere (``sign(NaN)`` is 0 in torch;
+    only the sign of a zero product can differ, which adding to the zeroed sums erases; a NaN vote makes the entry
+    NaN whatever it elects); and ``divisor + 1 - sign(|divisor|)`` is ``divisor[divisor == 0] = 1``."""
     b = deltas.shape[1]
     vote = scratch("vote", (b,))
     if consensus == "sum":
@@ -236,16 +245,15 @@ def _consensus_block(deltas: torch.Tensor, weight: list[float], consensus: str, 
         torch.sign(deltas[0], out=vote)
         for d in deltas[1:]:
             vote.add_(torch.sign(d, out=sign))
-    positive = torch.ge(vote, 0, out=scratch("positive", (b,), torch.bool))
+    elected = torch.copysign(scratch("ones", (b,)).fill_(1), vote.add_(0.0), out=vote)  # +1 / -1; -0 + 0 is +0
     mixed, divisor = scratch("mixed", (b,)).zero_(), scratch("divisor", (b,)).zero_()
-    above, below = scratch("above", (b,), torch.bool), scratch("below", (b,), torch.bool)
-    agree = scratch("agree", (b,), torch.bool)
+    agree = scratch("agree", (b,))
     for d, w in zip(deltas, weight):
-        torch.where(positive, torch.gt(d, 0, out=above), torch.lt(d, 0, out=below), out=agree)
+        torch.sign(d, out=agree).mul_(elected).clamp_min_(0)  # 1 where d has the elected sign, else 0
         mixed.add_(d.mul_(agree))
         divisor.add_(agree, alpha=w)
-    divisor.masked_fill_(divisor == 0, 1)
-    return mixed, divisor
+    unset = torch.abs(divisor, out=agree).sign_().neg_().add_(1)  # 1 where the divisor is 0, else 0
+    return mixed, divisor.add_(unset)
 
 
 @merge_method(
