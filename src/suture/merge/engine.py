@@ -450,7 +450,9 @@ def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_prog
     torch.set_num_threads(max(1, cores // workers))  # restored below
     pool, futures = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="suture-merge"), []
     try:
-        for planned in plan.tensors:
+        # largest first: the workers finish together instead of one merging the last large tensor (an lm_head)
+        # alone while the others wait; the writer's offsets are fixed, so the order does not change the files
+        for planned in sorted(plan.tensors, key=lambda t: torch.Size(t.shape).numel(), reverse=True):
             if tasks.stopped:
                 break
             # the main thread blocks here while the tensors in flight fill the budget: inputs and output, plus fp32
