@@ -12,8 +12,9 @@ files, compute in float32 and write bf16; outputs are compared tensor by tensor.
   else `posix_fadvise(POSIX_FADV_DONTNEED)` on each file), and the disk's own read speed is measured the same way
   with `dd if=FILE of=/dev/null bs=16M`.
 
-Input throughput = the bytes of the three checkpoints / the command's wall time. suture's merge phase is the time
-it reports (`wrote ... in S s`: plan, every tensor, config and card), without the interpreter start and imports.
+Input throughput = the bytes of the three checkpoints / the command's wall time ("GB/s"), and for suture also / its
+merge phase ("phase GB/s"): the time it reports (`wrote ... in S s`: plan, every tensor, config and card), without
+the interpreter start and imports (with drop_caches, the cold runs also load torch itself from disk).
 
 The profile (warm, task arithmetic, in a child process pinned to one core) sums per phase over every tensor: for the
 fused block path (`suture.merge.blocks`: read, convert to fp32, NaN/inf check, the method's kernel, cast to bf16,
@@ -348,13 +349,14 @@ def main() -> None:
     if "disk_read_gb_s" in report:
         print(f"disk: dd bs=16M over the inputs from a dropped cache: {report['disk_read_gb_s']:.2f} GB/s")
     print(f"{'method':<16} {'mergekit s':>10} {'suture s':>9} {'ratio':>6} {'merge phase s':>13} {'mergekit GB/s':>13} "
-          f"{'suture GB/s':>11} {'mergekit MiB':>12} {'suture MiB':>10} {'RSS ratio':>9} {'max |diff|':>10} "
-          f"{'differing':>9}")
+          f"{'suture GB/s':>11} {'phase GB/s':>10} {'mergekit MiB':>12} {'suture MiB':>10} {'RSS ratio':>9} "
+          f"{'max |diff|':>10} {'differing':>9}")
     for r in rows:
+        phase = r.get("suture_merge_phase_s", float("nan"))
         print(f"{r['method']:<16} {r['mergekit_wall_s']:>10.2f} {r['suture_wall_s']:>9.2f} "
-              f"{r['suture_wall_s'] / r['mergekit_wall_s']:>5.2f}x "
-              f"{r.get('suture_merge_phase_s', float('nan')):>13.2f} "
-              f"{r['mergekit_input_gb_s']:>13.2f} {r['suture_input_gb_s']:>11.2f} {r['mergekit_peak_rss_mib']:>12.0f} "
+              f"{r['suture_wall_s'] / r['mergekit_wall_s']:>5.2f}x {phase:>13.2f} "
+              f"{r['mergekit_input_gb_s']:>13.2f} {r['suture_input_gb_s']:>11.2f} {input_gb / phase:>10.2f} "
+              f"{r['mergekit_peak_rss_mib']:>12.0f} "
               f"{r['suture_peak_rss_mib']:>10.0f} {r['suture_peak_rss_mib'] / r['mergekit_peak_rss_mib']:>8.2f}x "
               f"{r['max_abs_diff']:>10.2e} {r['fraction_differing']:>8.3%}")
     if "profile" in report:
