@@ -12,7 +12,9 @@
    the method in fp32 (float64 where the method or the recipe's `dtype` says so) on the chosen device, apply the
    post-steps, cast to the output dtype and write it at its planned offset. A memory budget bounds the bytes in
    flight. Random methods get a generator seeded by (seed, tensor name), so the result does not depend on thread
-   order.
+   order. A method with a fused block kernel for the tensor's parameters (task arithmetic, TIES, linear; see
+   `suture.merge.blocks`) never holds it whole: each block of entries is read, checked, merged and written in
+   buffers that stay in cache, with the same bits as the generic path (`FUSED = False` runs that path only).
 3. **Finish**: config (from the donor, its vocab_size set to the rows written, with overrides), tokenizer and
    generation config, the chat template, the recipe and a model card, all in a temporary directory renamed into
    place when complete.
