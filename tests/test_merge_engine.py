@@ -193,15 +193,18 @@ def test_a_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     base, a = _family(tmp_path, n=2)
     import suture.merge.engine as engine
 
-    real, calls = engine._merge_one, []
+    calls = []
 
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:
-            raise RuntimeError("out of memory")
-        return real(*args, **kwargs)
+    def flaky(real):
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 10:
+                raise RuntimeError("out of memory")
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(engine, "_merge_one", flaky)
+    monkeypatch.setattr(engine, "_merge_one", flaky(engine._merge_one))  # the generic path
+    monkeypatch.setattr(engine.blocks, "stream", flaky(engine.blocks.stream))  # the fused one
     with pytest.raises(RuntimeError, match="out of memory"):
         merge({"merge_method": "task_arithmetic", "base_model": base, "parameters": {"weight": 1.0},
                "models": [{"model": a}]}, tmp_path / "out", workers=2)
@@ -310,6 +313,7 @@ def test_row_blocks_of_elementwise_methods_give_identical_tensors(tmp_path, monk
         save_statistics(scales, tmp_path / "aim.safetensors")
         recipe = {**recipe, "post_steps": [{"method": "aim", "parameters": {"omega": 0.3}}],
                   "statistics": {"aim": str(tmp_path / "aim.safetensors")}}
+    monkeypatch.setattr(engine, "FUSED", False)  # the generic path (the fused kernels: test_merge_fused.py)
     merge(recipe, tmp_path / "whole")
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)  # every matrix in many row blocks
     calls = []

@@ -263,7 +263,8 @@ def test_allow_nonfinite_merges_them_as_mergekit_does_and_tsv_says_why_it_cannot
     recipe.write_text(yaml.safe_dump(_recipe("tsv", base, a, c)))
     result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "tsv"), "--allow-nonfinite"], env=WIDE)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"Tensor {NAMED}: task vector 0 has non-finite values (NaN or inf), which have no SVD" in result.stderr
+    assert any(f"Tensor {name}: task vector {i} has non-finite values (NaN or inf), which have no SVD" in result.stderr
+               for name, i in ((NAMED, 0), ("model.layers.2.mlp.down_proj.weight", 1)))  # whichever is merged first
     recipe.write_text(yaml.safe_dump(_recipe("ties", base, a, c)))
     result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "cli"), "--allow-nonfinite"], env=WIDE)
     assert result.exit_code == 0, result.output

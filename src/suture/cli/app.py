@@ -52,6 +52,20 @@ def _root(
     """suture command line."""
 
 
+def _exit_now() -> None:
+    """End a successful command at once: with torch loaded, the interpreter's teardown (freeing every module)
+    takes another 0.6-0.9 s after the work is done, a third of a small merge's wall time. Everything the command
+    wrote is closed by now; the exit handlers run and the standard streams are flushed first."""
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()  # logging.shutdown and the like
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     """The `suture` command. Ctrl-C exits with status 130 and SIGTERM with 143, after the command has removed its
     partial output, with one line on stderr and no traceback."""
@@ -65,6 +79,8 @@ def main() -> None:
     except KeyboardInterrupt:  # typer turns it into exit code 130 inside a command; this is one outside
         code = 130
     except SystemExit as exit:
+        if exit.code in (0, None):
+            _exit_now()
         if exit.code not in (130, 143):
             raise
         code = exit.code

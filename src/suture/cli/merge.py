@@ -32,7 +32,7 @@ class _RecipeFirst(TyperGroup):
 app = typer.Typer(cls=_RecipeFirst, no_args_is_help=True,
                   help="Merge checkpoints: `suture merge RECIPE.yaml OUT`, or `suture merge long-short ...`.")
 
-_WORKERS = typer.Option(4, help="Worker threads (read, merge and write whole tensors).")
+_WORKERS = typer.Option(None, help="Worker threads, each merging one tensor at a time (default: one per core).")
 _BUDGET = typer.Option("4GB", "--memory-budget", callback=size_option,
                        help="Bound on the tensor bytes in flight (4GB, 500MB or bytes).")
 _DEVICE = typer.Option("cpu", help="Where the math runs: cpu or cuda.")
@@ -49,7 +49,7 @@ def run(
     recipe: Path = typer.Argument(..., help="Merge recipe (YAML; mergekit configs for shared methods work)."),
     out: Path = typer.Argument(..., help="Directory to write the merged checkpoint to."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
-    workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
+    workers: int | None = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
     allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD, allow_nonfinite: bool = _NONFINITE,
 ) -> None:
     """Merge the models of RECIPE into OUT, streaming tensor by tensor."""
@@ -84,7 +84,7 @@ def long_short(
     seed: int = typer.Option(0, help="Seed of the random methods (DARE)."),
     out_dtype: str = typer.Option(None, help="Output dtype (default: the inputs')."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
-    workers: int = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
+    workers: int | None = _WORKERS, memory_budget: str = _BUDGET, device: str = _DEVICE, force: bool = _FORCE,
     allow_pickle: bool = _PICKLE, max_shard_size: str = _SHARD, allow_nonfinite: bool = _NONFINITE,
 ) -> None:
     """Long-to-Short merging in one line, with the paper's settings (`suture.merge.long_short.LONG_SHORT_PARAMETERS`):
@@ -124,7 +124,7 @@ def _execute(recipe, out, dry_run, workers, memory_budget, device, force, allow_
                            allow_pickle=allow_pickle, max_shard_size=max_shard_size, on_progress=on_progress)
     counts = ", ".join(f"{n} {action}" for action, n in result.plan.counts().items())
     console.print(f"wrote {out}: {len(result.plan.tensors)} tensors ({counts}), "
-                  f"{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.1f} s")
+                  f"{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.2f} s")
 
 
 def _print_plan(plan) -> None:

@@ -91,18 +91,33 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         buf = bytearray(end - begin)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
-            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
-            if got == 0:
-                raise OSError(f"{self.path}: unexpected end of file while reading {name!r}.")
-            done += got
+        self._pread(name, memoryview(buf), begin)
         if not buf:
             return torch.empty(shape, dtype=DTYPES[dtype])
         return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Entries [start, start + out.numel()) of tensor `name`, flattened, into the contiguous `out` (of the
+        tensor's dtype): a block read into a buffer the caller reuses, so no memory is allocated (or faulted in)."""
+        dtype, _, begin, end = self.entries[name]
+        size = DTYPES[dtype].itemsize
+        first = begin + start * size
+        if out.dtype != DTYPES[dtype] or not out.is_contiguous() or first + out.numel() * size > end:
+            raise ValueError(f"{self.path}: a read of {out.numel()} {out.dtype} entries of {name!r} from {start} does "
+                             f"not fit the tensor ({(end - begin) // size} {dtype} entries).")
+        self._pread(name, memoryview(out.view(-1).view(torch.uint8).numpy()), first)
+
+    def _pread(self, name: str, view: memoryview, offset: int) -> None:
+        """Fill `view` from the data section at byte `offset` (positioned reads, which release the GIL)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self._data_start + offset + done)
+            if got == 0:
+                raise OSError(f"{self.path}: unexpected end of file while reading {name!r}.")
+            done += got
 
     def close(self) -> None:
         if self._fd is not None:
@@ -217,6 +232,17 @@ class CheckpointReader:
         source = self._source[name]
         return source.read(name) if isinstance(source, SafetensorsFile) else source[name].clone()
 
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Entries [start, start + out.numel()) of tensor `name`, flattened, into `out` (see
+        `SafetensorsFile.read_into`)."""
+        if name not in self.index:
+            raise KeyError(f"{self.path} has no tensor {name!r}.")
+        source = self._source[name]
+        if isinstance(source, SafetensorsFile):
+            source.read_into(name, start, out)
+        else:
+            out.copy_(source[name].reshape(-1)[start : start + out.numel()])
+
     def sha256(self, on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
         """SHA-256 of every weight file (read in 8 MiB blocks)."""
         digests = {}
@@ -245,14 +271,24 @@ class CheckpointReader:
 SIZE_FORMS = "a number of bytes or a number with a unit, e.g. '5GB', '500MB' or '2GiB'"
 
 
+# Units of a size, as transformers' `convert_file_size_to_int` reads them (its import costs a merge ~0.5 s):
+# binary with an "i", decimal without, and a lowercase final "b" (e.g. "5Gb") counts bits.
+_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
 def parse_size(size: int | str, name: str = "size") -> int:
     """Bytes from an int, a string of digits, or a string such as "5GB" / "500MiB" (transformers' convention);
     errors name the parameter `name`."""
-    from transformers.utils.hub import convert_file_size_to_int
-
     text = str(size).strip()
+    unit = next((u for u in _UNITS if text.upper().endswith(u)), None)
     try:
-        value = int(text) if isinstance(size, int) or text.isdigit() else convert_file_size_to_int(text)
+        if isinstance(size, int) or text.isdigit():
+            value = int(text)
+        elif unit is None:
+            value = 0
+        else:
+            value = int(text[: -len(unit)]) * _UNITS[unit]
+            value = value // 8 if len(unit) == 2 and text.endswith("b") else value
     except ValueError:
         value = 0
     if value <= 0:
@@ -309,6 +345,7 @@ class ShardedSafetensorsWriter:
                 self._slots[name] = (fd, 8 + len(raw) + begin, shape, dtype)
             self.total_size += offset
         self._pending = set(self._slots)
+        self._written: dict[str, int] = {}  # bytes written so far of the tensors written in parts
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slots:
@@ -322,6 +359,28 @@ class ShardedSafetensorsWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         self._pending.discard(name)
+
+    def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
+        """Write the contiguous `part` as entries [start, start + part.numel()) of tensor `name`, flattened. A tensor
+        written in parts counts as written once its parts have covered its bytes; each part is written by one thread
+        and parts must not overlap."""
+        if name not in self._slots:
+            raise KeyError(f"Tensor {name!r} is not in the output plan.")
+        fd, offset, shape, dtype = self._slots[name]
+        nbytes = part.numel() * dtype.itemsize
+        if part.dtype != dtype or not part.is_contiguous() or start < 0 or start + part.numel() > math.prod(shape):
+            raise ValueError(f"Tensor {name!r}: a part of {part.numel()} {part.dtype} entries at {start} does not fit "
+                             f"the planned {list(shape)} {dtype}.")
+        view, done, offset = memoryview(part.view(-1).view(torch.uint8).numpy()), 0, offset + start * dtype.itemsize
+        with _naming(self.out_dir / self.weight_map[name]):
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        written = self._written.get(name, 0) + nbytes
+        if written >= math.prod(shape) * dtype.itemsize:
+            self._written.pop(name, None)
+            self._pending.discard(name)
+        else:
+            self._written[name] = written
 
     def _close_files(self) -> None:
         for fd in self._fds:

@@ -12,7 +12,9 @@
    the method in fp32 (float64 where the method or the recipe's `dtype` says so) on the chosen device, apply the
    post-steps, cast to the output dtype and write it at its planned offset. A memory budget bounds the bytes in
    flight. Random methods get a generator seeded by (seed, tensor name), so the result does not depend on thread
-   order.
+   order. A method with a fused block kernel for the tensor's parameters (task arithmetic, TIES, linear; see
+   `suture.merge.blocks`) never holds it whole: each block of entries is read, checked, merged and written in
+   buffers that stay in cache, with the same bits as the generic path (`FUSED = False` runs that path only).
 3. **Finish**: config (from the donor, its vocab_size set to the rows written, with overrides), tokenizer and
    generation config, the chat template, the recipe and a model card, all in a temporary directory renamed into
    place when complete.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -45,6 +48,7 @@ from ..io.checkpoint import (
 )
 from ..io import atomic_output_dir, check_output_dir, read_json
 from ..io.parse import parse_dtype
+from . import blocks
 from .chat_templates import resolve_chat_template
 from .methods import REQUIRED, MergeMethod, get_method
 from .params import gradient_position, layer_index, resolve_parameter
@@ -365,7 +369,7 @@ def merge(
     out: str | Path,
     *,
     force: bool = False,
-    workers: int = 4,
+    workers: int | None = None,
     memory_budget: int | str = "4GB",
     device: str = "cpu",
     allow_pickle: bool = False,
@@ -376,7 +380,8 @@ def merge(
     """Merge the models of `recipe` (a YAML path, a dict or a `MergeRecipe`) into the checkpoint directory `out`.
 
     Args:
-        workers: worker threads (each reads, merges and writes whole tensors).
+        workers: worker threads, each merging one tensor at a time (default: one per core; torch's own threads
+            are set to cores // workers for the run, so the cores are neither idle nor oversubscribed).
         memory_budget: bound on the bytes of tensors in flight (inputs and fp32 work copies), e.g. "4GB".
         device: where the math runs ("cpu", "cuda", "cuda:1"); reads and writes stay on the host.
         statistics: per-method statistic providers overriding the recipe's (see `suture.merge.statistics`).
@@ -426,9 +431,10 @@ def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_prog
             with tasks.running() as go:
                 if not go:
                     return
-                tensor = _merge_one(planned, plan, inputs, method, posts, providers, device)
-                writer.write(planned.name, tensor.to(planned.dtype))
-                del tensor
+                if not (FUSED and _merge_fused(planned, plan, inputs, method, posts, device, writer)):
+                    tensor = _merge_one(planned, plan, inputs, method, posts, providers, device)
+                    writer.write(planned.name, tensor.to(planned.dtype))
+                    del tensor
                 with lock:
                     progress[0] += 1
                     progress[1] += torch.Size(planned.shape).numel() * planned.dtype.itemsize
@@ -440,9 +446,15 @@ def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_prog
         finally:
             budget.release(reserved)
 
-    pool, futures = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="suture-merge"), []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, workers or cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores // workers))  # restored below
+    pool, futures = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="suture-merge"), []
     try:
-        for planned in plan.tensors:
+        # largest first: the workers finish together instead of one merging the last large tensor (an lm_head)
+        # alone while the others wait; the writer's offsets are fixed, so the order does not change the files
+        for planned in sorted(plan.tensors, key=lambda t: torch.Size(t.shape).numel(), reverse=True):
             if tasks.stopped:
                 break
             # the main thread blocks here while the tensors in flight fill the budget: inputs and output, plus fp32
@@ -456,6 +468,7 @@ def _run(plan, inputs, writer, providers, workers, budget_bytes, device, on_prog
     finally:
         tasks.stop_and_wait()
         pool.shutdown(wait=False, cancel_futures=True)  # the workers are idle; queued tasks would do nothing
+        torch.set_num_threads(threads)
     if errors:
         raise errors[0]
 
@@ -502,6 +515,44 @@ class _Tasks:
 
 
 BLOCK_ELEMENTS = 1 << 20  # entries per row block of an elementwise merge: the block's work stays in cache
+FUSED = True  # merge with the methods' fused block kernels where they have one (False: `_merge_one` only)
+
+
+def _merge_fused(planned: PlannedTensor, plan: MergePlan, inputs: _Inputs, method: MergeMethod, posts,
+                 device: str, writer: ShardedSafetensorsWriter) -> bool:
+    """Merge and write `planned` through its method's fused block kernel (`suture.merge.blocks`): equal to
+    `_merge_one` bit for bit, with no whole-tensor copy. False, with nothing done, where no kernel applies (another
+    action, post-steps, another device, a method or parameters without a kernel)."""
+    recipe, name = plan.recipe, planned.name
+    numel = torch.Size(planned.shape).numel()
+    if planned.action != "merge" or posts or device != "cpu" or not numel or (method.needs_base
+                                                                             and not recipe.base_model):
+        return False
+    kernel = method.block_kernel(_resolve(method, recipe, name, gradient_position(name, plan.num_layers),
+                                          len(plan.inputs)), len(plan.inputs))
+    if kernel is None:
+        return False
+    refs = plan.inputs + ([recipe.base_model] if method.needs_base else [])
+    readers, dtypes = [], []
+    for ref in refs:
+        reader = inputs.readers[ref]
+        if isinstance(reader, CheckpointReader):  # positioned block reads from the file
+            readers.append(lambda start, out, reader=reader: reader.read_into(name, start, out))
+            dtypes.append(DTYPES[reader.index[name].dtype])
+        else:  # a tensor computed on reading (LoRA applied): read whole once, checked whole
+            whole = _read(inputs, ref, name, recipe).reshape(-1)
+            readers.append(lambda start, out, whole=whole: out.copy_(whole[start : start + out.numel()]))
+            dtypes.append(whole.dtype)
+
+    def nonfinite() -> None:  # the whole-tensor check raises, naming the first model at fault and the count
+        for ref in dict.fromkeys(refs):
+            _read(inputs, ref, name, recipe)
+        raise ValueError(f"Tensor {name}: an input changed while it was merged (a block held NaN or inf).")
+
+    blocks.stream(numel, readers, dtypes, kernel, len(plan.inputs), _compute_dtype(recipe, method), planned.dtype,
+                  lambda start, part: writer.write_part(name, start, part),
+                  None if recipe.allow_nonfinite else nonfinite)
+    return True
 
 
 def _merge_one(planned: PlannedTensor, plan: MergePlan, inputs: _Inputs, method: MergeMethod, posts, providers,
@@ -527,7 +578,7 @@ def _merge_one(planned: PlannedTensor, plan: MergePlan, inputs: _Inputs, method:
                 return [cut(v) for v in x]
             if x is None:
                 return None
-            return (x[rows] if x.shape == tuple(planned.shape) else x).to(device)
+            return (x[rows] if x.dim() and x.shape == tuple(planned.shape) else x).to(device)  # 0-d: whole
 
         generator = None
         if method.random:

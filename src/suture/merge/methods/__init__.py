@@ -34,6 +34,14 @@ A user-defined method is one decorated function (the decorator registers it and 
 Variants are parameters, not copies: stacking ``@merge_method`` registers one function under several names, each
 with its own ``defaults`` (``task_arithmetic``, ``ties``, ``dare_linear`` and ``dare_ties`` are one function).
 
+A method may also give ``fused``: a factory that takes the bound keyword arguments of ``fn`` and returns a block
+kernel ``kernel(models, base, scratch, start) -> Tensor`` (or None where it does not apply). The engine then
+streams a tensor through it in cache-sized blocks of entries, staged in reused buffers (``scratch(key, shape,
+dtype=None)``), instead of calling ``fn`` on whole tensors; a kernel that needs a statistic of the whole tensor
+(TIES' magnitude threshold) first ``observe``s every block (`suture.merge.blocks.stream`). A kernel runs the same
+torch ops as ``fn``, in the same order and dtype, on preallocated buffers, so its result equals ``fn``'s bit for
+bit; ``fn`` stays the reference (tests/test_merge_fused.py compares the two).
+
 A *post-step* (``post_step=True``, e.g. ``aim``) is applied by the engine after any method:
 ``fn(base, merged, *, <statistics>, <shared parameters>) -> Tensor``; call it through the record as
 ``METHODS["aim"]([merged], base, activation_scale=a, omega=0.4)``.
@@ -57,8 +65,8 @@ if TYPE_CHECKING:
     from suture.merge.recipe import MergeRecipe
 
 __all__ = [
-    "METHODS", "REQUIRED", "MergeMethod", "PerModel", "Provider", "Statistic", "StatisticsSource", "get_method",
-    "merge_method",
+    "METHODS", "REQUIRED", "BlockKernel", "MergeMethod", "PerModel", "Provider", "Statistic", "StatisticsSource",
+    "get_method", "merge_method",
 ]
 
 T = TypeVar("T")
@@ -76,6 +84,9 @@ _PER_MODEL, _STATISTIC = _Marker("PerModel"), _Marker("Statistic")
 PerModel = Annotated[list[T], _PER_MODEL]  # a per-model parameter: one value per model, in the order of `tensors`
 Statistic = Annotated[T, _STATISTIC]  # a per-tensor statistic from the method's `StatisticsSource`
 Provider = Callable[[str, str], Any]  # (statistic name, tensor name) -> the statistic of that tensor, or None
+Scratch = Callable[..., torch.Tensor]  # (key, shape, dtype=None) -> a work buffer reused across blocks
+# (models (N, b), base (b,) or None, scratch, first entry) -> the merged entries (b,), all in the compute dtype
+BlockKernel = Callable[[torch.Tensor, "torch.Tensor | None", Scratch, int], torch.Tensor]
 
 
 def _kwarg(name: str) -> str:
@@ -140,11 +151,19 @@ class MergeMethod:
     post_step: bool = False
     same_shape: bool = True
     elementwise: bool | Callable[[Mapping[str, Any]], bool] = False
+    fused: Callable[[dict[str, Any]], BlockKernel | None] | None = None
 
     def is_elementwise(self, params: Mapping[str, Any]) -> bool:
         """Whether each output entry depends only on the same entry of the inputs (and of same-shape statistics)
         for these parameters: the engine may then merge a large tensor in row blocks of its own choosing."""
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
+
+    def block_kernel(self, params: Mapping[str, Any], n_models: int) -> BlockKernel | None:
+        """The method's fused block kernel for these (resolved, unbound) parameters, or None where it has none for
+        them; equal to ``fn`` bit for bit (see `suture.merge.blocks`)."""
+        if self.fused is None or self.post_step or self.statistics:
+            return None
+        return self.fused(self.bind(params, n_models))
 
     def bind(self, given: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Fill defaults and broadcast scalar per-model values; returns keyword arguments for ``fn``."""
@@ -220,6 +239,7 @@ def merge_method(
     post_step: bool = False,
     same_shape: bool = True,
     elementwise: bool | Callable[[Mapping[str, Any]], bool] = False,
+    fused: Callable[[dict[str, Any]], BlockKernel | None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register the decorated function under ``name`` (see the module docstring); returns it unchanged.
 
@@ -249,7 +269,7 @@ def merge_method(
         METHODS[name] = MergeMethod(
             name=name, fn=fn, needs_base=needs_base, per_model=per_model, shared=shared, dtype=dtype, random=random,
             description=description, n_models=n_models, statistics=stats, statistics_source=statistics,
-            post_step=post_step, same_shape=same_shape, elementwise=elementwise,
+            post_step=post_step, same_shape=same_shape, elementwise=elementwise, fused=fused,
         )
         return fn
 

@@ -7,14 +7,34 @@ Deliberate difference: mergekit divides by a zero weight sum (line 37, no guard)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from suture.merge.methods import PerModel, merge_method
 
 
+def _fused(kwargs: dict) -> Callable | None:
+    """Row-block kernel of `linear` (see `suture.merge.methods`): the same ops in the same order, on a reused
+    buffer. None where `linear` raises (normalising by a zero weight sum), so that error comes from `linear`."""
+    weight, normalize = kwargs["weight"], kwargs["normalize"]
+    total = sum(weight)
+    if normalize and total == 0:
+        return None
+
+    def kernel(models: torch.Tensor, base: None, scratch, start: int) -> torch.Tensor:
+        result = scratch("out", models.shape[1:]).zero_()  # models (n, b) -> (b,)
+        for w, x in zip(weight, models):
+            result.add_(x, alpha=w)
+        return result.div_(total) if normalize else result
+
+    return kernel
+
+
 @merge_method(
     "linear",
     elementwise=True,
+    fused=_fused,
     description="Weighted average of the models (normalised by the weight sum unless normalize: false).",
 )
 def linear(

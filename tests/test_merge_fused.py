@@ -1,0 +1,174 @@
+"""The fused block kernels of the elementwise merge methods equal their reference functions bit for bit.
+
+`suture.merge.blocks.stream` runs a method's kernel over a tensor in blocks of entries; the oracle is the method's
+own function on the whole tensor (`METHODS[name](tensors, base, ...)`, what `merge_state_dicts` and the engine's
+generic path call). Bits are compared (the sign of zero included; NaN payloads not, see `_same_bits`), on odd
+shapes, block sizes that cut rows, mixed input dtypes, negative weights, exact zeros of both signs, NaN and inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from suture.merge import blocks, merge
+from suture.merge.methods import METHODS
+
+CASES = [
+    ("linear", {"weight": [0.3, 0.5, 0.4]}),
+    ("linear", {"weight": [0.7, -0.2], "normalize": False}),
+    ("linear", {"weight": [1.0, -1.0, 0.25]}),  # weights summing to 0.25: division by a non-power of two
+    ("task_arithmetic", {"weight": [0.5, 0.5]}),
+    ("task_arithmetic", {"weight": [1.0, 1.0]}),  # weights and lambda of 1: their products skipped
+    ("task_arithmetic", {"weight": [0.4, -1.1, 0.3], "lambda": 0.7}),
+    ("task_arithmetic", {"weight": [0.4, 1.1], "normalize": True}),
+    ("task_arithmetic", {"weight": [0.7]}),
+    ("task_arithmetic", {"weight": [0.5, -0.5]}),  # weights summing to 0: the divisor guard
+    ("task_arithmetic", {"weight": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}),
+    ("ties", {"weight": [1.0, 0.5], "density": 1.0}),
+    ("ties", {"weight": [0.7, -0.4, 0.3], "density": 1.0, "normalize": False, "lambda": 1.3}),
+    ("ties", {"weight": [1.0, 0.5, 2.0], "density": 1.0, "consensus": "count"}),
+    ("ties", {"weight": [0.5, 0.5], "density": 0.2}),  # the magnitude trim: two passes over the blocks
+    ("ties", {"weight": [1.0, 1.0], "density": 0.5}),
+    ("ties", {"weight": [1.0, -0.5, 0.3], "density": [0.3, 1.0, 0.0], "lambda": 0.9}),
+    ("ties", {"weight": [0.7, 0.4], "density": [0.01, 0.6], "consensus": "count", "normalize": False}),
+    ("task_arithmetic", {"weight": [0.6, 0.4], "density": [0.5, 0.25], "sparsification": "magnitude"}),
+    ("dare_linear", {"weight": [0.4, 1.1], "density": 1.0}),
+    ("dare_ties", {"weight": [1.0, 0.5], "density": [1.0, 1.0]}),
+]
+SHAPES = [(), (1,), (7,), (3, 5), (130, 7), (257, 129)]
+
+
+def _inputs(shape, n, dtypes, seed):
+    """`n` models and a base of `shape`, fine-tune-like, with -0.0, +0.0, equal entries, NaN and inf planted."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    models = [base + 0.1 * torch.randn(shape, generator=gen) for _ in range(n)]
+    flat = [t.view(-1) for t in (*models, base)]
+    k = flat[0].numel()
+    for j, t in enumerate(flat):  # plant specials where there is room
+        for i, value in ((1, -0.0), (2, 0.0), (3, float("nan")), (4, float("inf")), (5, -float("inf"))):
+            if k > 6 * (j + 1) + i:
+                t[6 * (j + 1) + i] = value
+        if k > 3:
+            t[0] = -0.0  # every input -0.0 at entry 0, +0.0 in the last
+            t[-1] = 0.0
+        if k > 60 and j < n:
+            t[50:60] = flat[-1][50:60]  # models equal to the base: zero task vectors
+    return [t.to(d) for t, d in zip((*models, base), dtypes)]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, except that NaN equals NaN: torch's vectorised and scalar loops give NaNs of different payloads
+    (the scalar bf16 cast writes 0x7FC0), so which one an entry gets depends on where the loop's tail falls, in the
+    reference too (its thread count moves the tails)."""
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False
+    keep = ~a.isnan()
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+    return a.dtype == b.dtype and torch.equal(a.view(as_int)[keep], b.view(as_int)[keep])
+
+
+def _streamed(method, params, models, base, compute_dtype, out_dtype, block):
+    n = len(models)
+    kernel = method.block_kernel({k: v for k, v in params.items()}, n)
+    assert kernel is not None
+    rows = [*models, *([base] if method.needs_base else [])]
+    flats = [r.reshape(-1) for r in rows]
+    out = torch.empty(models[0].shape, dtype=out_dtype).view(-1)
+
+    def write(start, part):
+        out[start : start + part.numel()] = part
+
+    readers = [lambda start, buf, f=f: buf.copy_(f[start : start + buf.numel()]) for f in flats]
+    blocks.stream(out.numel(), readers, [r.dtype for r in rows], kernel, n, compute_dtype, out_dtype, write,
+                  block=block)
+    return out.view(models[0].shape)
+
+
+def _resolved(method, params, n):
+    """`params` completed with the method's defaults, per-model values as lists (as the engine resolves them)."""
+    given = {**method.per_model, **method.shared, **params}
+    return {k: [v] * n if k in method.per_model and not isinstance(v, list) else v for k, v in given.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name,params", CASES)
+def test_fused_kernel_equals_the_method_bit_for_bit(name, params, shape):
+    method = METHODS[name]
+    n = len(params["weight"])
+    params = _resolved(method, params, n)
+    for seed, (in_dtype, compute_dtype, out_dtype) in enumerate([
+            (torch.bfloat16, torch.float32, torch.bfloat16), (torch.float32, torch.float32, torch.float32),
+            (torch.float16, torch.float64, torch.bfloat16)]):
+        dtypes = [in_dtype] * (n + 1)
+        if seed == 2 and n > 1:
+            dtypes[1] = torch.bfloat16  # mixed input dtypes: converted row by row
+        *models, base = _inputs(shape, n, dtypes, seed)
+        generator = torch.Generator().manual_seed(0)
+        expected = method(models, base if method.needs_base else None, generator=generator,
+                          compute_dtype=compute_dtype, **params).to(out_dtype)
+        # torch's sum over 5 or more rows treats the last (width mod 32) columns of a call apart: with blocks
+        # starting at multiples of 32 (as `blocks.BLOCK_ENTRIES`) they are the same columns as in one call
+        sizes = [64, 1024, 1 << 15] + ([1000] if n <= 4 else [])
+        sizes += [1, 5] if n <= 4 and math.prod(shape) < 2000 else []
+        for block in sizes:
+            got = _streamed(method, params, models, base, compute_dtype, out_dtype, block)
+            assert got.shape == expected.shape
+            assert _same_bits(got, expected), (name, shape, block, dtypes)
+
+
+def test_methods_without_a_kernel_for_their_parameters_say_so():
+    ties, dare = METHODS["ties"], METHODS["dare_ties"]
+    assert ties.block_kernel(_resolved(ties, {"weight": [1.0, 1.0], "density": 0.5, "rescale": True}, 2), 2) is None
+    assert dare.block_kernel(_resolved(dare, {"weight": [1.0, 1.0], "density": 0.5}, 2), 2) is None
+    linear = METHODS["linear"]
+    assert linear.block_kernel(_resolved(linear, {"weight": [1.0, -1.0]}, 2), 2) is None  # linear raises instead
+    assert METHODS["slerp"].block_kernel({"t": 0.5}, 1) is None
+
+
+def test_blocks_cover_every_entry_once_and_keep_the_last_block_long():
+    for numel, size in ((1, 64), (100, 64), (130, 64), (128, 64), (1000, 7), (5, 1)):
+        parts = blocks.blocks(numel, size)
+        assert [start for start, _ in parts] == sorted(start for start, _ in parts)
+        assert sum(n for _, n in parts) == numel and all(a + n == b for (a, n), (b, _) in zip(parts, parts[1:]))
+        assert len(parts) == 1 or parts[-1][1] >= min(size, blocks.MIN_BLOCK)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "ties_trimmed"])
+def test_the_engine_writes_the_same_bits_fused_and_generic(tmp_path, monkeypatch, method):
+    """Whole merges through the fused path and through `_merge_one` (the generic path) give identical files."""
+    import suture.merge.engine as engine
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (300, 70), "layers.0.w": (65, 33), "layers.0.b": (33,), "norm": (), "big": (5000, 13)}
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"m{i}"
+        path.mkdir()
+        tensors = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+        tensors["layers.0.b"][:5] = -0.0
+        save_file(tensors, path / "model.safetensors")
+        paths.append(str(path))
+    weights = {"linear": [0.2, 0.5, 0.3], "task_arithmetic": [0.7, -0.3], "ties": [0.6, 0.4],
+               "ties_trimmed": [0.5, 0.5]}[method]
+    density = {"ties": {"density": 1.0}, "ties_trimmed": {"density": 0.2}}.get(method, {})
+    recipe = {"merge_method": method.removesuffix("_trimmed"), "dtype": "float32", "out_dtype": "bfloat16",
+              "models": [{"model": p, "parameters": {"weight": w, **density}}
+                         for p, w in zip(paths[1:] if method != "linear" else paths, weights)]}
+    if method != "linear":
+        recipe["base_model"] = paths[0]
+    monkeypatch.setattr(blocks, "BLOCK_ENTRIES", 999)  # many blocks, cutting rows
+    calls = []
+    real = engine.MergeMethod.__call__
+    monkeypatch.setattr(engine.MergeMethod, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    merge(recipe, tmp_path / "fused", workers=2)
+    assert not calls  # every tensor went through the kernel
+    monkeypatch.setattr(engine, "FUSED", False)
+    merge(recipe, tmp_path / "generic", workers=2)
+    assert calls
+    fused = (tmp_path / "fused" / "model.safetensors").read_bytes()
+    assert fused == (tmp_path / "generic" / "model.safetensors").read_bytes()
