@@ -10,7 +10,7 @@ CONSTRAINTS := constraints.txt
 # transformers range declared in pyproject.toml.
 COMPAT_TESTS ?= tests/test_generation.py tests/test_hybrid_model.py tests/test_mixers.py tests/test_config.py \
 	tests/test_export.py tests/test_hybridize.py tests/test_merge_engine.py tests/test_lora.py tests/test_layer_kinds.py \
-	tests/test_packing.py tests/test_sambay.py
+	tests/test_packing.py tests/test_sambay.py tests/test_decode_capture.py
 TRANSFORMERS_FLOOR = $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
 .PHONY: setup demo test test-compat test-compat-oldest test-compat-newest lock bench clean

@@ -17,6 +17,7 @@ from transformers import CompileConfig
 from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLayer, StaticSlidingWindowLayer
 
 from suture.architectures import HybridCache, HybridStaticCache, compile_decode
+from suture.architectures.compat import cache_of
 from suture.surgery import hybridize_model, sambay_layout
 
 NEW_TOKENS = 8
@@ -55,7 +56,7 @@ def test_static_cache_generate_equals_dynamic_and_no_cache(mix):
     batch, mask, prompts = _left_padded()
     static = model.generate(batch, attention_mask=mask, cache_implementation="static", return_dict_in_generate=True,
                             **SETTINGS)
-    assert isinstance(static.cache, HybridStaticCache) and static.cache.is_compileable
+    assert isinstance(cache_of(static), HybridStaticCache) and cache_of(static).is_compileable
     dynamic = model.generate(batch, attention_mask=mask, **SETTINGS)
     assert static.sequences.tolist() == dynamic.tolist()
     for row, prompt in enumerate(prompts):
