@@ -69,6 +69,13 @@ class MambaKind(LayerKind):
 
         return LinearAttentionLayer()
 
+    def footprint(self, config, dtype_bytes: int) -> Footprint:
+        """The states of `state_shapes` for one sequence: the conv state in the model's dtype, the SSM state fp32."""
+        shapes = self.state_shapes(config, 1)
+        conv = math.prod(shapes["conv"]) * dtype_bytes
+        ssm = math.prod(shapes["recurrent"]) * _FP32_BYTES
+        return Footprint(state_bytes_per_sequence=conv + ssm)
+
     def build_mask(self, **mask_kwargs):
         """The 2D padding mask (None when there is no padding). Packed rows (position ids restarting inside a row) are
         split into documents by transformers' attention masks only when there is neither a padding mask nor a cache;
@@ -124,11 +131,6 @@ class Mamba1(MambaKind):
         return {"conv": (batch_size, sizes.d_inner, sizes.d_conv),  # (b, d_inner, d_conv), the model's dtype
                 "recurrent": (batch_size, sizes.d_inner, sizes.d_state)}  # (b, d_inner, n), fp32
 
-    def footprint(self, config, dtype_bytes: int) -> Footprint:
-        sizes = mamba1_sizes(config)
-        conv = sizes.d_inner * sizes.d_conv * dtype_bytes  # conv state (b, d_inner, d_conv)
-        ssm = sizes.d_inner * sizes.d_state * _FP32_BYTES  # SSM state (b, d_inner, n)
-        return Footprint(state_bytes_per_sequence=conv + ssm)
 
 
 @register_layer_kind
@@ -160,9 +162,3 @@ class Mamba2(MambaKind):
         return {"conv": (batch_size, conv_dim, config_value(config, "mamba2_d_conv")),
                 "recurrent": (batch_size, heads, head_dim, head_dim)}  # (b, h, p, n), p = n = head_dim
 
-    def footprint(self, config, dtype_bytes: int) -> Footprint:
-        heads, kv_heads, head_dim = attention_sizes(config)
-        conv_dim = (heads + 2 * kv_heads) * head_dim  # [x | B | C]
-        conv = conv_dim * config_value(config, "mamba2_d_conv") * dtype_bytes  # conv state (b, conv_dim, d_conv)
-        ssm = heads * head_dim * head_dim * _FP32_BYTES  # SSM state (b, h, p, n) with p = n = head_dim
-        return Footprint(state_bytes_per_sequence=conv + ssm)
