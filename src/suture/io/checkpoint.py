@@ -353,11 +353,7 @@ class ShardedSafetensorsWriter:
         fd, offset, shape, dtype = self._slots[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"Tensor {name!r}: planned {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}.")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view, done = memoryview(data), 0
-        with _naming(self.out_dir / self.weight_map[name]):
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+        self._pwrite(name, fd, tensor.detach().to("cpu").contiguous(), offset)
         self._pending.discard(name)
 
     def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
@@ -371,16 +367,21 @@ class ShardedSafetensorsWriter:
         if part.dtype != dtype or not part.is_contiguous() or start < 0 or start + part.numel() > math.prod(shape):
             raise ValueError(f"Tensor {name!r}: a part of {part.numel()} {part.dtype} entries at {start} does not fit "
                              f"the planned {list(shape)} {dtype}.")
-        view, done, offset = memoryview(part.view(-1).view(torch.uint8).numpy()), 0, offset + start * dtype.itemsize
-        with _naming(self.out_dir / self.weight_map[name]):
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+        self._pwrite(name, fd, part, offset + start * dtype.itemsize)
         written = self._written.get(name, 0) + nbytes
         if written >= math.prod(shape) * dtype.itemsize:
             self._written.pop(name, None)
             self._pending.discard(name)
         else:
             self._written[name] = written
+
+    def _pwrite(self, name: str, fd: int, data: torch.Tensor, offset: int) -> None:
+        """Write the bytes of the contiguous CPU tensor `data` at byte `offset` of `fd` (positioned writes, which
+        release the GIL); an OS error names the shard file."""
+        view, done = memoryview(data.reshape(-1).view(torch.uint8).numpy()), 0
+        with _naming(self.out_dir / self.weight_map[name]):
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
 
     def _close_files(self) -> None:
         for fd in self._fds:
