@@ -130,12 +130,14 @@ def test_matches_reference(b, d, n, L, g, dtype, extras, softplus):
 
 def test_several_chunks_and_channel_blocks_per_group():
     """Small tiles: 4-step chunks and 4-channel blocks, two per group (the second half empty), so the checkpoints,
-    the carry between chunks and the atomic sums of dB / dC over blocks all count."""
-    from suture.kernels.triton_selective_scan import _block_sizes, selective_scan_triton
+    the carry between chunks and the atomic sums of dB / dC over blocks all count; the forward's 2-step tiles put a
+    checkpoint on every second tile, and its 4-channel blocks split the group too."""
+    from suture.kernels.triton_selective_scan import _block_sizes, _forward_blocks, selective_scan_triton
 
     assert _block_sizes(6, 5, 19, tile=128, block_l=4) == (4, 4, 8)
+    assert _forward_blocks(6, 5, 4, state=32, fwd_l=2) == (4, 2)
     inputs = make_inputs(2, 12, 5, 19, 2, torch.float32)
-    y, last, grads = run(selective_scan_triton, inputs, True, tile=128, block_l=4)
+    y, last, grads = run(selective_scan_triton, inputs, True, tile=128, block_l=4, fwd_state=32, fwd_l=2)
     y_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, True)
     close(y, y_ref, torch.float32, "y")
     close(last, last_ref, torch.float32, "last state")
@@ -271,10 +273,11 @@ import suture.kernels.triton_selective_scan as m
 
 for dtype, n in (("bf16", 16), ("fp32", 256)):
     block_d, block_l, block_n = m._block_sizes(1024, n, 2048)
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_KEEP=True,
-                 BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=block_n)
+    fwd_d, fwd_l = m._forward_blocks(1024, n, block_l)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_KEEP=True, BLOCK_N=block_n)
     io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "gy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
-    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True)), (m._scan_bwd_kernel, dict(HAS_GLAST=True))):
+    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True, BLOCK_D=fwd_d, BLOCK_L=fwd_l, CKPT_L=block_l)),
+                      (m._scan_bwd_kernel, dict(HAS_GLAST=True, BLOCK_D=block_d, BLOCK_L=block_l))):
         constexprs = {**flags, **extra}
         signature = {a: "constexpr" if a in constexprs else (f"*{dtype}" if a in io else "*fp32")
                      if a.endswith("_ptr") else "i32" for a in fn.arg_names}

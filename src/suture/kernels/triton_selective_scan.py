@@ -9,15 +9,17 @@ Semantics are :func:`suture.kernels.selective_scan.selective_scan_ref`'s::
 
 with ``exp(delta_t * A)`` replaced by 0 where a document starts (``seq_idx``, :mod:`suture.kernels.documents`).
 
-Forward: one program per (batch row, group of B/C, ``BLOCK_D`` channels of that group) walks the sequence in chunks of
-``BLOCK_L`` steps, the ``(BLOCK_D, n)`` state in registers, fp32 throughout. Per chunk it loads ``(BLOCK_D, BLOCK_L)``
-tiles of u / delta / z (coalesced along L) and ``(BLOCK_L, n)`` tiles of B / C, computes ``exp(delta * A)`` and
-``delta * B * u`` for that chunk only (never ``(b, d, L, n)`` in memory), and gets the chunk's states with one
-associative scan over time (pairs ``(a, b)`` composing ``h -> a h + b``: products of decays <= 1, no division).
-When a gradient is needed it also stores the state entering every chunk (``L / BLOCK_L`` states per channel).
+Forward: one program per (batch row, group of B/C, ``BLOCK_D`` channels of that group), on one warp, walks the
+sequence one step at a time with the ``(BLOCK_D, n)`` state in registers, fp32 throughout: per step one
+``exp(delta * A)``, one multiply-add into the state and one reduction over ``n`` - the least arithmetic the recurrence
+allows. u / delta / z are loaded and y stored as ``(BLOCK_D, BLOCK_L)`` tiles (coalesced along L); inside a tile the
+steps are unrolled and each selects its column from the registers. When a gradient is needed it also stores the state
+entering every ``CKPT_L`` steps (the backward's chunk). This replaced a chunked associative scan over
+``(BLOCK_D, BLOCK_L, n)`` tiles, which does ``log2(BLOCK_L)`` times the arithmetic and was ~3x slower on an H100.
 
-Backward: the same programs walk the chunks in reverse. Each recomputes its chunk's states from the checkpoint, then
-the adjoint ``g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` with one reverse associative scan (the decay of
+Backward: one program per (batch row, group, channels) walks the ``BLOCK_L``-step chunks in reverse. Each
+recomputes its chunk's states from the checkpoint with one associative scan over time (pairs ``(a, b)`` composing
+``h -> a h + b``: products of decays <= 1, no division), then the adjoint ``g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` with one reverse associative scan (the decay of
 step ``t + 1`` enters at position ``t``: each scan element carries its own decay so that no shifted load or second
 exp is needed), and every input gradient is an elementwise product reduced over ``n`` (du, ddelta, dz), over time
 (dA, dD, ddelta_bias: per-row partials summed in torch) or over the group's channels (dB, dC: atomic adds into fp32
@@ -39,13 +41,16 @@ from suture.kernels.documents import document_starts
 
 __all__ = ["INTERPRETED", "benchmark_selective_scan", "selective_scan_triton"]
 
-# Elements of one (BLOCK_D, BLOCK_L, BLOCK_N) chunk tile per program, and steps per chunk. Timed on an H100 (bf16,
-# b=4, d=2048, L=2048, n=16, forward): tile 2048 x 32 steps 1.42 ms, x 16 steps 1.94 ms, x 64 steps 1.45 ms; tiles of
-# 512 / 1024 / 4096 were slower. Compiled for sm_90 with 4 warps: at n = 16 the backward fits in 255 registers without
-# spilling, at n = 256 it spills ~100 bytes.
+# Backward: elements of one (BLOCK_D, BLOCK_L, BLOCK_N) chunk tile per program, and steps per chunk (also the
+# checkpoint interval). Timed on an H100 (bf16, b=4, d=2048, L=2048, n=16): the chunked forward this layout once
+# served took 1.42 ms at tile 2048 x 32 steps, 1.94 ms x 16 steps; tiles of 512 / 1024 / 4096 were slower. Compiled
+# for sm_90 with 4 warps: at n = 16 the backward fits in 255 registers without spilling, at n = 256 it spills ~100 B.
 _TILE = 2048
-_BLOCK_L = 32  # steps per chunk (fewer for n > 128): also the checkpoint interval of the backward
-
+_BLOCK_L = 32  # steps per chunk (fewer for n > 128)
+# Forward: state entries per program and steps per register tile, on one warp. Same H100 shape: 0.46 ms with
+# 16 channels x 16 states x 16 steps; 8 channels 0.55 ms, 32 channels 0.85 ms (2 warps: 0.49 ms), 32 steps 0.72 ms.
+_FWD_STATE = 256
+_FWD_L = 16
 
 @triton.jit
 def _combine(a1, b1, a2, b2):
@@ -112,7 +117,7 @@ def _scan_fwd_kernel(
     z_sb, z_sd, z_sl, h0_sb, h0_sd, h0_sn, keep_sb, keep_sl, y_sb, y_sd, y_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, CKPT_L: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * u_sb can pass 2**31
     grp = tl.program_id(1)
@@ -123,6 +128,7 @@ def _scan_fwd_kernel(
     mask_n = offs_n < n
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * A_sd + offs_n[None, :] * A_sn, mask=mask_dn, other=0.0).to(tl.float32)
+    A = A * 1.4426950408889634  # exp(delta A) = exp2(delta A log2(e))
     if HAS_H0:
         h = tl.load(h0_ptr + b * h0_sb + offs_d[:, None] * h0_sd + offs_n[None, :] * h0_sn, mask=mask_dn,
                     other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
@@ -130,32 +136,54 @@ def _scan_fwd_kernel(
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    u_rows = u_ptr + b * u_sb + offs_d * u_sd  # (BLOCK_D,) row starts
+    dt_rows = delta_ptr + b * dt_sb + offs_d * dt_sd
+    z_rows = z_ptr + b * z_sb + offs_d * z_sd
+    y_rows = y_ptr + b * y_sb + offs_d * y_sd
+    B_cols = B_ptr + b * B_sb + grp * B_sg + offs_n * B_sn  # (BLOCK_N,) state positions of step 0
+    C_cols = C_ptr + b * C_sb + grp * C_sg + offs_n * C_sn
     state_offs = offs_d[:, None] * n + offs_n[None, :]  # (BLOCK_D, BLOCK_N) into a contiguous (d, n) state
-    is_last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, :, None]
-    n_chunks = tl.cdiv(L, BLOCK_L)
-    for c in range(0, n_chunks):
-        if SAVE:  # the state entering the chunk, for the backward: ckpt (b, n_chunks, d, n)
-            tl.store(ckpt_ptr + (b * n_chunks + c) * d * n + state_offs, h, mask=mask_dn)
-        offs_l = c * BLOCK_L + tl.arange(0, BLOCK_L)
+    steps = tl.arange(0, BLOCK_L)
+    n_ckpt = tl.cdiv(L, CKPT_L)
+    for c in range(0, tl.cdiv(L, BLOCK_L)):
+        l0 = c * BLOCK_L
+        if SAVE:  # the state entering every CKPT_L steps, for the backward: ckpt (b, n_ckpt, d, n)
+            if c % (CKPT_L // BLOCK_L) == 0:
+                tl.store(ckpt_ptr + (b * n_ckpt + l0 // CKPT_L) * d * n + state_offs, h, mask=mask_dn)
+        offs_l = l0 + steps
         mask_l = offs_l < L
-        u, delta, dsoft, Bt, Ct, dA, dBu = _chunk(
-            u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, keep_ptr, A, b, grp, offs_d, mask_d, offs_n, mask_n, offs_l,
-            mask_l, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl, keep_sb,
-            keep_sl, HAS_BIAS, SOFTPLUS, HAS_KEEP,
-        )
-        a, s = tl.associative_scan((dA, dBu), axis=1, combine_fn=_combine)
-        hs = a * h[:, None, :] + s  # (BLOCK_D, BLOCK_L, BLOCK_N): the state after each step
-        y = tl.sum(hs * Ct[None, :, :], axis=2)  # (BLOCK_D, BLOCK_L)
+        mask_dl = mask_d[:, None] & mask_l[None, :]
+        u = tl.load(u_rows[:, None] + offs_l[None, :] * u_sl, mask=mask_dl, other=0.0).to(tl.float32)
+        delta = tl.load(dt_rows[:, None] + offs_l[None, :] * dt_sl, mask=mask_dl, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            delta += bias[:, None]
+        if SOFTPLUS:
+            delta = _softplus(delta)
+        delta = tl.where(mask_dl, delta, 0.0)  # (BLOCK_D, BLOCK_L); 0 past L: such steps leave the state alone
+        du = delta * u
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + b * keep_sb + offs_l * keep_sl, mask=mask_l, other=1.0)  # (BLOCK_L,)
+        y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        for t in tl.static_range(BLOCK_L):  # unrolled: the step's column is selected from the register tiles
+            at_t = steps == t
+            delta_t = tl.sum(tl.where(at_t[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
+            du_t = tl.sum(tl.where(at_t[None, :], du, 0.0), axis=1)
+            mask_t = mask_n & ((l0 + t + offs_n * 0) < L)
+            B_t = tl.load(B_cols + (l0 + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)  # (BLOCK_N,)
+            C_t = tl.load(C_cols + (l0 + t) * C_sl, mask=mask_t, other=0.0).to(tl.float32)
+            dA = tl.exp2(delta_t[:, None] * A)  # (BLOCK_D, BLOCK_N)
+            if HAS_KEEP:
+                dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
+            h = dA * h + du_t[:, None] * B_t[None, :]
+            y = tl.where(at_t[None, :], tl.sum(h * C_t[None, :], axis=1)[:, None], y)
         if HAS_D:
             y += Dv[:, None] * u
-        mask_dl = mask_d[:, None] & mask_l[None, :]
         if HAS_Z:
-            z = tl.load(z_ptr + b * z_sb + offs_d[:, None] * z_sd + offs_l[None, :] * z_sl, mask=mask_dl,
-                        other=0.0).to(tl.float32)
+            z = tl.load(z_rows[:, None] + offs_l[None, :] * z_sl, mask=mask_dl, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        tl.store(y_ptr + b * y_sb + offs_d[:, None] * y_sd + offs_l[None, :] * y_sl, y.to(y_ptr.dtype.element_ty),
-                 mask=mask_dl)
-        h = tl.sum(tl.where(is_last, hs, 0.0), axis=1)  # steps past L keep the state: the last one is the state
+        tl.store(y_rows[:, None] + offs_l[None, :] * y_sl, y.to(y_ptr.dtype.element_ty), mask=mask_dl)
     tl.store(last_ptr + b * d * n + state_offs, h, mask=mask_dn)
 
 
@@ -266,6 +294,14 @@ def _block_sizes(dg: int, n: int, L: int, tile: int = _TILE, block_l: int = _BLO
     return block_d, block_l, block_n
 
 
+def _forward_blocks(dg: int, n: int, ckpt_l: int, state: int = _FWD_STATE, fwd_l: int = _FWD_L) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_L) of the forward: as many channels as keep ``BLOCK_D x BLOCK_N`` at ``state`` entries, and
+    ``fwd_l`` steps per tile, at most the backward's checkpoint interval ``ckpt_l`` (both powers of two, so the
+    forward's tiles fall on the checkpoints)."""
+    block_d = max(1, min(triton.next_power_of_2(dg), state // triton.next_power_of_2(n)))
+    return block_d, min(fwd_l, ckpt_l)
+
+
 def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
     return (0,) * dims if t is None else tuple(t.stride())
 
@@ -275,16 +311,17 @@ class _SelectiveScanTriton(torch.autograd.Function):
     (0 where a document starts) or None. Outputs y ``(b, d, L)`` in u's dtype and the last state ``(b, d, n)`` fp32."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, softplus, blocks):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, softplus, blocks, fwd_blocks):
         b, d, L = u.shape
         g, n = B.shape[1], A.shape[1]
-        block_d, block_l, block_n = blocks
+        _, block_l, block_n = blocks
+        fwd_d, fwd_l = fwd_blocks
         n_chunks = triton.cdiv(L, block_l)
         save = any(ctx.needs_input_grad[:9])
         y = torch.empty((b, d, L), dtype=u.dtype, device=u.device)  # (b, d, L)
         last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)  # (b, d, n)
         ckpt = torch.empty((b, n_chunks, d, n) if save else (1,), dtype=torch.float32, device=u.device)
-        grid = (b, g, triton.cdiv(d // g, block_d))
+        grid = (b, g, triton.cdiv(d // g, fwd_d))
         _scan_fwd_kernel[grid](
             u, delta, A, B, C, u if D is None else D, u if z is None else z,  # placeholders are unread
             u if delta_bias is None else delta_bias, u if initial_state is None else initial_state,
@@ -294,7 +331,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             *_strides(initial_state, 3), *_strides(keep, 2), *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             HAS_H0=initial_state is not None, HAS_KEEP=keep is not None, SAVE=save,
-            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=block_n,
+            BLOCK_D=fwd_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=block_l, num_warps=1,
         )
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, ckpt)
@@ -335,20 +372,22 @@ class _SelectiveScanTriton(torch.autograd.Function):
             du, ddelta, dA.sum(0).to(A.dtype), cast(dB, B), cast(dC, C),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-            cast(dh0, initial_state), None, None, None,
+            cast(dh0, initial_state), None, None, None, None,
         )
 
 
 def selective_scan_triton(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    initial_state=None, seq_idx=None, *, tile=_TILE, block_l=_BLOCK_L,
+    initial_state=None, seq_idx=None, *, tile=_TILE, block_l=_BLOCK_L, fwd_state=_FWD_STATE, fwd_l=_FWD_L,
 ):
     """Selective scan (validated by the caller, :func:`suture.kernels.selective_scan.selective_scan_fn`).
 
     Args:
         u, delta, z: ``(b, d, L)``. A: ``(d, n)``. B, C: ``(b, n, L)`` or grouped ``(b, g, n, L)``, ``g | d``.
         D, delta_bias: ``(d,)``. initial_state: ``(b, d, n)``. seq_idx: ``(b, L)`` int or None.
-        tile, block_l: elements per chunk tile and steps per chunk (:func:`_block_sizes`; for tuning).
+        tile, block_l: the backward's elements per chunk tile and steps per chunk (:func:`_block_sizes`);
+        fwd_state, fwd_l: the forward's state entries per program and steps per tile (:func:`_forward_blocks`).
+        All four are for tuning.
     Returns:
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` fp32.
     Differentiable w.r.t. every float input (gradients in each input's dtype).
@@ -357,9 +396,11 @@ def selective_scan_triton(
     Bg = B.unsqueeze(1) if B.dim() == 3 else B  # (b, g, n, L)
     Cg = C.unsqueeze(1) if C.dim() == 3 else C  # (b, g, n, L)
     keep = None if seq_idx is None else (~document_starts(seq_idx)).float()  # (b, L)
-    blocks = _block_sizes(d // Bg.shape[1], A.shape[1], L, tile, block_l)
+    dg, n = d // Bg.shape[1], A.shape[1]
+    blocks = _block_sizes(dg, n, L, tile, block_l)
+    fwd_blocks = _forward_blocks(dg, n, blocks[1], fwd_state, fwd_l)
     y, last = _SelectiveScanTriton.apply(u, delta, A, Bg, Cg, D, z, delta_bias, initial_state, keep,
-                                         delta_softplus, blocks)
+                                         delta_softplus, blocks, fwd_blocks)
     return (y, last) if return_last_state else y
 
 
