@@ -13,7 +13,6 @@ import types
 from pathlib import Path
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from kernel_checks import close, packed_seq_idx
@@ -38,36 +37,6 @@ OPTIONAL = ("D", "z", "delta_bias", "initial_state")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend
-
-
-@pytest.fixture(scope="module", autouse=True)
-def vectorized_interpreter_scan():
-    """Triton's interpreter runs ``tl.associative_scan`` with a user combine function one scalar element at a time
-    (~20 s for one small backward). Run it one time step at a time instead, on whole slices: the same combine
-    function, applied in the same order, to the same fp32 values, so the results are identical; only faster."""
-    if GPU:
-        yield
-        return
-    from triton.runtime import interpreter
-
-    def generic_scan(self, input):
-        data = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]  # time first
-        outs = [np.empty_like(x) for x in data]
-        acc = None
-        for i in range(data[0].shape[0]):
-            cur = tuple(self.to_tensor(np.ascontiguousarray(x[i]), arg.dtype) for x, arg in zip(data, input))
-            if acc is not None:
-                ret = self.combine_fn.fn(*acc, *cur)
-                cur = ret if isinstance(ret, tuple) else (ret,)
-            acc = cur
-            for out, t in zip(outs, acc):
-                out[i] = t.handle.data
-        return [self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, self.axis)), arg.dtype)
-                for o, arg in zip(outs, input)]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.ScanOps, "generic_scan", generic_scan)
-        yield
 
 
 def test_kernel_runs_here():
@@ -129,15 +98,14 @@ def test_matches_reference(b, d, n, L, g, dtype, extras, softplus):
 
 
 def test_several_chunks_and_channel_blocks_per_group():
-    """Small tiles: 4-step chunks and 4-channel blocks, two per group (the second half empty), so the checkpoints,
-    the carry between chunks and the atomic sums of dB / dC over blocks all count; the forward's 2-step tiles put a
-    checkpoint on every second tile, and its 4-channel blocks split the group too."""
-    from suture.kernels.triton_selective_scan import _block_sizes, _forward_blocks, selective_scan_triton
+    """Small tiles: 4-step backward chunks and 4-channel blocks, two per group (the second half empty), so the
+    checkpoints, the carry between chunks and the atomic sums of dB / dC over blocks all count; the forward's 2-step
+    tiles put a checkpoint on every second tile."""
+    from suture.kernels.triton_selective_scan import _block_sizes, selective_scan_triton
 
-    assert _block_sizes(6, 5, 19, tile=128, block_l=4) == (4, 4, 8)
-    assert _forward_blocks(6, 5, 4, state=32, fwd_l=2) == (4, 2)
+    assert _block_sizes(6, 5, 19, state=32, fwd_l=2, bwd_l=4) == (4, 8, 2, 4)  # backward chunks: 2 tiles each
     inputs = make_inputs(2, 12, 5, 19, 2, torch.float32)
-    y, last, grads = run(selective_scan_triton, inputs, True, tile=128, block_l=4, fwd_state=32, fwd_l=2)
+    y, last, grads = run(selective_scan_triton, inputs, True, state=32, fwd_l=2, bwd_l=4)
     y_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, True)
     close(y, y_ref, torch.float32, "y")
     close(last, last_ref, torch.float32, "last state")
@@ -272,12 +240,12 @@ from triton.compiler import ASTSource
 import suture.kernels.triton_selective_scan as m
 
 for dtype, n in (("bf16", 16), ("fp32", 256)):
-    block_d, block_l, block_n = m._block_sizes(1024, n, 2048)
-    fwd_d, fwd_l = m._forward_blocks(1024, n, block_l)
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_KEEP=True, BLOCK_N=block_n)
+    block_d, block_n, fwd_l, bwd_l = m._block_sizes(1024, n, 2048)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_KEEP=True, BLOCK_D=block_d,
+                 BLOCK_N=block_n)
     io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "gy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
-    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True, BLOCK_D=fwd_d, BLOCK_L=fwd_l, CKPT_L=block_l)),
-                      (m._scan_bwd_kernel, dict(HAS_GLAST=True, BLOCK_D=block_d, BLOCK_L=block_l))):
+    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True, BLOCK_L=fwd_l, CKPT_L=bwd_l)),
+                      (m._scan_bwd_kernel, dict(HAS_GLAST=True, BLOCK_L=fwd_l, CKPT_L=bwd_l))):
         constexprs = {**flags, **extra}
         signature = {a: "constexpr" if a in constexprs else (f"*{dtype}" if a in io else "*fp32")
                      if a.endswith("_ptr") else "i32" for a in fn.arg_names}

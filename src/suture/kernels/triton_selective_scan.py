@@ -17,13 +17,13 @@ steps are unrolled and each selects its column from the registers. When a gradie
 entering every ``CKPT_L`` steps (the backward's chunk). This replaced a chunked associative scan over
 ``(BLOCK_D, BLOCK_L, n)`` tiles, which does ``log2(BLOCK_L)`` times the arithmetic and was ~3x slower on an H100.
 
-Backward: one program per (batch row, group, channels) walks the ``BLOCK_L``-step chunks in reverse. Each
-recomputes its chunk's states from the checkpoint with one associative scan over time (pairs ``(a, b)`` composing
-``h -> a h + b``: products of decays <= 1, no division), then the adjoint ``g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` with one reverse associative scan (the decay of
-step ``t + 1`` enters at position ``t``: each scan element carries its own decay so that no shifted load or second
-exp is needed), and every input gradient is an elementwise product reduced over ``n`` (du, ddelta, dz), over time
-(dA, dD, ddelta_bias: per-row partials summed in torch) or over the group's channels (dB, dC: atomic adds into fp32
-buffers). ``dL/d(delta A)_t = g_t (h_t - delta_t B_t u_t)``, the decayed previous state, again without division.
+Backward: the same programs walk the ``BLOCK_L``-step chunks in reverse. Each recomputes its chunk's states from
+the checkpoint, step by step as the forward does, into a small per-program scratch buffer (``BLOCK_L`` states:
+cache-resident), then walks the chunk backwards with the adjoint ``g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A)
+g_{t+1}`` in registers. Every input gradient is a product reduced over ``n`` (du, ddelta), over time (dA, dD,
+ddelta_bias: per-row partials summed in torch) or over the group's channels (dB, dC: gathered per chunk, then atomic
+adds into fp32 buffers). ``dL/d(delta A)_t = g_t exp(delta_t A) h_{t-1}``, read from the scratch: no division.
+The atomic adds make dB and dC not bit-reproducible from run to run.
 
 Arithmetic is fp32 whatever the input dtypes; outputs and gradients are stored in each input's dtype. Float64 inputs
 go to the torch path (:func:`suture.kernels.backend.triton_limitation`).
@@ -41,29 +41,15 @@ from suture.kernels.documents import document_starts
 
 __all__ = ["INTERPRETED", "benchmark_selective_scan", "selective_scan_triton"]
 
-# Backward: elements of one (BLOCK_D, BLOCK_L, BLOCK_N) chunk tile per program, and steps per chunk (also the
-# checkpoint interval). Timed on an H100 (bf16, b=4, d=2048, L=2048, n=16): the chunked forward this layout once
-# served took 1.42 ms at tile 2048 x 32 steps, 1.94 ms x 16 steps; tiles of 512 / 1024 / 4096 were slower. Compiled
-# for sm_90 with 4 warps: at n = 16 the backward fits in 255 registers without spilling, at n = 256 it spills ~100 B.
-_TILE = 2048
-_BLOCK_L = 32  # steps per chunk (fewer for n > 128)
-# Forward: state entries per program and steps per register tile, on one warp. Same H100 shape: 0.46 ms with
-# 16 channels x 16 states x 16 steps; 8 channels 0.55 ms, 32 channels 0.85 ms (2 warps: 0.49 ms), 32 steps 0.72 ms.
-_FWD_STATE = 256
+# State entries per program (BLOCK_D channels x BLOCK_N states, in registers), steps per forward tile, steps per
+# backward chunk (the checkpoint interval) and warps. Timed on an H100 (bf16, b=4, d=2048, L=2048, n=16), forward:
+# 0.46 ms with 16 channels x 16 states x 16-step tiles on one warp; 8 channels 0.55 ms, 32 channels 0.85 ms (2 warps
+# 0.49 ms), 32-step tiles 0.72 ms. The chunked associative scan it replaced took 1.42 ms at its best tiling.
+_STATE = 256
 _FWD_L = 16
-
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    """Scan over time: ``h -> a1 h + b1`` (earlier), then ``h -> a2 h + b2``."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _combine_adjoint(p1, s1, f1, p2, s2, f2):
-    """Reverse scan of the adjoint. A segment of steps ``[i, j]`` is ``(p, s, f)``: ``g_i = s + p * x`` where ``x``
-    is what flows into step ``j`` from after it, and ``f`` is the decay of step ``i`` (what flows out of the segment
-    is ``f * g_i``). ``(p1, s1, f1)`` is the later segment, ``(p2, s2, f2)`` the earlier one."""
-    return p2 * f1 * p1, s2 + p2 * f1 * s1, f2
+_BWD_L = 64
+_FWD_WARPS = 1
+_BWD_WARPS = 2
 
 
 @triton.jit
@@ -76,37 +62,27 @@ def _softplus(x):
 
 
 @triton.jit
-def _chunk(
-    u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, keep_ptr, A, b, grp, offs_d, mask_d, offs_n, mask_n, offs_l, mask_l,
-    u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl, keep_sb, keep_sl,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_KEEP: tl.constexpr,
+def _tile(
+    u_ptr, delta_ptr, keep_ptr, b, offs_d, mask_d, offs_l, L, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, keep_sb,
+    keep_sl, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
-    """Load one chunk and build its scan elements. Returns u, delta (BLOCK_D, BLOCK_L) fp32 (delta after bias and
-    softplus, 0 past L: such steps leave the state alone), dsoft (d softplus / d input, or 1), B, C (BLOCK_L, BLOCK_N),
-    dA = exp(delta A) (0 at document starts) and dBu = delta B u, both (BLOCK_D, BLOCK_L, BLOCK_N)."""
-    mask_dl = mask_d[:, None] & mask_l[None, :]
+    """One tile of steps ``offs_l``: u and delta (BLOCK_D, BLOCK_L) fp32 (delta after bias and softplus, 0 past L:
+    such steps leave the state alone), dsoft (d softplus / d input, or 1), keep (BLOCK_L,) (1 without seq_idx) and
+    the tile's mask."""
+    mask_dl = mask_d[:, None] & (offs_l < L)[None, :]
     u = tl.load(u_ptr + b * u_sb + offs_d[:, None] * u_sd + offs_l[None, :] * u_sl, mask=mask_dl, other=0.0)
-    u = u.to(tl.float32)
     delta = tl.load(delta_ptr + b * dt_sb + offs_d[:, None] * dt_sd + offs_l[None, :] * dt_sl, mask=mask_dl,
                     other=0.0).to(tl.float32)
     if HAS_BIAS:
-        delta += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        delta += bias[:, None]
     dsoft = tl.full(delta.shape, 1.0, tl.float32)
     if SOFTPLUS:
         dsoft = tl.sigmoid(delta)
         delta = _softplus(delta)
-    delta = tl.where(mask_dl, delta, 0.0)
-    mask_ln = mask_l[:, None] & mask_n[None, :]
-    Bt = tl.load(B_ptr + b * B_sb + grp * B_sg + offs_l[:, None] * B_sl + offs_n[None, :] * B_sn, mask=mask_ln,
-                 other=0.0).to(tl.float32)  # (BLOCK_L, BLOCK_N)
-    Ct = tl.load(C_ptr + b * C_sb + grp * C_sg + offs_l[:, None] * C_sl + offs_n[None, :] * C_sn, mask=mask_ln,
-                 other=0.0).to(tl.float32)  # (BLOCK_L, BLOCK_N)
-    dA = tl.exp(delta[:, :, None] * A[:, None, :])  # (BLOCK_D, BLOCK_L, BLOCK_N)
+    keep = tl.full(offs_l.shape, 1.0, tl.float32)
     if HAS_KEEP:
-        keep = tl.load(keep_ptr + b * keep_sb + offs_l * keep_sl, mask=mask_l, other=1.0)  # (BLOCK_L,)
-        dA = dA * keep[None, :, None]
-    dBu = (delta * u)[:, :, None] * Bt[None, :, :]  # (BLOCK_D, BLOCK_L, BLOCK_N)
-    return u, delta, dsoft, Bt, Ct, dA, dBu
+        keep = tl.load(keep_ptr + b * keep_sb + offs_l * keep_sl, mask=offs_l < L, other=1.0)
+    return u.to(tl.float32), tl.where(mask_dl, delta, 0.0), dsoft, keep, mask_dl
 
 
 @triton.jit
@@ -136,11 +112,10 @@ def _scan_fwd_kernel(
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    u_rows = u_ptr + b * u_sb + offs_d * u_sd  # (BLOCK_D,) row starts
-    dt_rows = delta_ptr + b * dt_sb + offs_d * dt_sd
-    z_rows = z_ptr + b * z_sb + offs_d * z_sd
+    z_rows = z_ptr + b * z_sb + offs_d * z_sd  # (BLOCK_D,) row starts
     y_rows = y_ptr + b * y_sb + offs_d * y_sd
     B_cols = B_ptr + b * B_sb + grp * B_sg + offs_n * B_sn  # (BLOCK_N,) state positions of step 0
     C_cols = C_ptr + b * C_sb + grp * C_sg + offs_n * C_sn
@@ -153,18 +128,10 @@ def _scan_fwd_kernel(
             if c % (CKPT_L // BLOCK_L) == 0:
                 tl.store(ckpt_ptr + (b * n_ckpt + l0 // CKPT_L) * d * n + state_offs, h, mask=mask_dn)
         offs_l = l0 + steps
-        mask_l = offs_l < L
-        mask_dl = mask_d[:, None] & mask_l[None, :]
-        u = tl.load(u_rows[:, None] + offs_l[None, :] * u_sl, mask=mask_dl, other=0.0).to(tl.float32)
-        delta = tl.load(dt_rows[:, None] + offs_l[None, :] * dt_sl, mask=mask_dl, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            delta += bias[:, None]
-        if SOFTPLUS:
-            delta = _softplus(delta)
-        delta = tl.where(mask_dl, delta, 0.0)  # (BLOCK_D, BLOCK_L); 0 past L: such steps leave the state alone
+        u, delta, _, keep, mask_dl = _tile(
+            u_ptr, delta_ptr, keep_ptr, b, offs_d, mask_d, offs_l, L, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl,
+            keep_sb, keep_sl, bias, HAS_BIAS, SOFTPLUS, HAS_KEEP)  # (BLOCK_D, BLOCK_L), keep (BLOCK_L,)
         du = delta * u
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + b * keep_sb + offs_l * keep_sl, mask=mask_l, other=1.0)  # (BLOCK_L,)
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for t in tl.static_range(BLOCK_L):  # unrolled: the step's column is selected from the register tiles
             at_t = steps == t
@@ -190,27 +157,34 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, keep_ptr, ckpt_ptr, gy_ptr, glast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, scratch_ptr,
     L, d, dg, n, g_count,
     u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, A_sd, A_sn, B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl,
     z_sb, z_sd, z_sl, keep_sb, keep_sl, gy_sb, gy_sd, gy_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_GLAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, CKPT_L: tl.constexpr,
 ):
     # Gradient outputs: du, ddelta, dz (b, d, L) in their inputs' dtypes; dB, dC (b, g, n, L) fp32 zeros, added to
     # atomically; dA (b, d, n), dD, dbias (b, d) fp32 per-row partials; dh0 (b, d, n) fp32. All contiguous.
+    # scratch: (programs, CKPT_L, BLOCK_D, BLOCK_N) fp32, this program's states of the chunk being differentiated.
+    # Channels past the group (masked) have A = 0, no input and a zero state: they add nothing to the sums over d.
     b = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    blk = tl.program_id(2)
+    offs_c = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < dg
     offs_d = grp * dg + offs_c
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * A_sd + offs_n[None, :] * A_sn, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634  # exp(delta A) = exp2(delta A log2(e)), as the forward computes it
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_offs = offs_d[:, None] * n + offs_n[None, :]
     if HAS_GLAST:  # what flows into the last step from after it: dL/d(last state)
         carry = tl.load(glast_ptr + b * d * n + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
@@ -219,59 +193,105 @@ def _scan_bwd_kernel(
     gA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    is_first = (tl.arange(0, BLOCK_L) == 0)[None, :, None]
+    program = (b * g_count + grp) * tl.num_programs(2) + blk
+    scratch = scratch_ptr + program * CKPT_L * BLOCK_D * BLOCK_N \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]  # (BLOCK_D, BLOCK_N) of step 0
+    B_cols = B_ptr + b * B_sb + grp * B_sg + offs_n * B_sn  # (BLOCK_N,) state positions of step 0
+    C_cols = C_ptr + b * C_sb + grp * C_sg + offs_n * C_sn
     bc_offs = (b * g_count + grp) * n * L + offs_n[None, :] * L  # (1, BLOCK_N) into contiguous (b, g, n, L)
-    n_chunks = tl.cdiv(L, BLOCK_L)
-    for i in range(0, n_chunks):
+    steps = tl.arange(0, BLOCK_L)
+    n_chunks = tl.cdiv(L, CKPT_L)
+    for i in range(0, n_chunks):  # chunks of CKPT_L steps, last first, each walked in tiles of BLOCK_L steps
         c = n_chunks - 1 - i
-        offs_l = c * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask_l = offs_l < L
-        mask_dl = mask_d[:, None] & mask_l[None, :]
-        h = tl.load(ckpt_ptr + (b * n_chunks + c) * d * n + state_offs, mask=mask_dn, other=0.0)
-        u, delta, dsoft, Bt, Ct, dA, dBu = _chunk(
-            u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, keep_ptr, A, b, grp, offs_d, mask_d, offs_n, mask_n, offs_l,
-            mask_l, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl, keep_sb,
-            keep_sl, HAS_BIAS, SOFTPLUS, HAS_KEEP,
-        )
-        a, s = tl.associative_scan((dA, dBu), axis=1, combine_fn=_combine)
-        hs = a * h[:, None, :] + s  # (BLOCK_D, BLOCK_L, BLOCK_N)
-        gy = tl.load(gy_ptr + b * gy_sb + offs_d[:, None] * gy_sd + offs_l[None, :] * gy_sl, mask=mask_dl,
-                     other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_L)
-        dl_offs = b * d * L + offs_d[:, None] * L + offs_l[None, :]  # into contiguous (b, d, L) gradients
-        if HAS_Z:  # y = (y_ssm + D u) silu(z)
-            z = tl.load(z_ptr + b * z_sb + offs_d[:, None] * z_sd + offs_l[None, :] * z_sl, mask=mask_dl,
-                        other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
-            out = tl.sum(hs * Ct[None, :, :], axis=2)
-            if HAS_D:
-                out += Dv[:, None] * u
-            tl.store(dz_ptr + dl_offs, (gy * out * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty),
-                     mask=mask_dl)
-            gy = gy * z * sz  # now dL/d(y_ssm + D u)
-        if HAS_D:
-            gD += tl.sum(gy * u, axis=1)
-            du = gy * Dv[:, None]
-        else:
-            du = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        tl.atomic_add(dC_ptr + bc_offs + offs_l[:, None], tl.sum(gy[:, :, None] * hs, axis=0),
-                      mask=mask_l[:, None] & mask_n[None, :])  # dC_t = sum over channels of dy_t h_t
-        p, s_adj, _ = tl.associative_scan(
-            (tl.full(dA.shape, 1.0, tl.float32), gy[:, :, None] * Ct[None, :, :], dA), axis=1,
-            combine_fn=_combine_adjoint, reverse=True,
-        )
-        gh = s_adj + p * carry[:, None, :]  # (BLOCK_D, BLOCK_L, BLOCK_N): dL/dh_t
-        carry = tl.sum(tl.where(is_first, dA * gh, 0.0), axis=1)  # flows into the previous chunk's last step
-        gBu = tl.sum(gh * Bt[None, :, :], axis=2)  # (BLOCK_D, BLOCK_L): <g_t, B_t>
-        du += gBu * delta
-        tl.atomic_add(dB_ptr + bc_offs + offs_l[:, None], tl.sum(gh * (delta * u)[:, :, None], axis=0),
-                      mask=mask_l[:, None] & mask_n[None, :])  # dB_t = sum over channels of g_t delta_t u_t
-        g_dA = gh * (hs - dBu)  # dL/d(delta A): g_t times the decayed previous state dA_t h_{t-1}
-        gA += tl.sum(g_dA * delta[:, :, None], axis=1)
-        ddelta = gBu * u + tl.sum(g_dA * A[:, None, :], axis=2)
-        ddelta = tl.where(mask_dl, ddelta * dsoft, 0.0)  # steps past L carry g but are no inputs
-        gbias += tl.sum(ddelta, axis=1)
-        tl.store(du_ptr + dl_offs, du.to(du_ptr.dtype.element_ty), mask=mask_dl)
-        tl.store(ddelta_ptr + dl_offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_dl)
+        # Recompute the chunk's states from its checkpoint, step by step as the forward does, into the scratch.
+        h_start = tl.load(ckpt_ptr + (b * n_chunks + c) * d * n + state_offs, mask=mask_dn, other=0.0)
+        h = h_start
+        for k in range(0, CKPT_L // BLOCK_L):
+            offs_l = c * CKPT_L + k * BLOCK_L + steps
+            u, delta, dsoft, keep, mask_dl = _tile(
+                u_ptr, delta_ptr, keep_ptr, b, offs_d, mask_d, offs_l, L, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl,
+                keep_sb, keep_sl, bias, HAS_BIAS, SOFTPLUS, HAS_KEEP)
+            du = delta * u
+            for t in tl.static_range(BLOCK_L):
+                at_t = steps == t
+                delta_t = tl.sum(tl.where(at_t[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
+                du_t = tl.sum(tl.where(at_t[None, :], du, 0.0), axis=1)
+                mask_t = mask_n & ((c * CKPT_L + k * BLOCK_L + t + offs_n * 0) < L)
+                B_t = tl.load(B_cols + (c * CKPT_L + k * BLOCK_L + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)
+                dA = tl.exp2(delta_t[:, None] * A2)  # (BLOCK_D, BLOCK_N)
+                if HAS_KEEP:
+                    dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
+                h = dA * h + du_t[:, None] * B_t[None, :]
+                tl.store(scratch + (k * BLOCK_L + t) * BLOCK_D * BLOCK_N, h)
+        # The adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, backwards through the chunk.
+        for kk in range(0, CKPT_L // BLOCK_L):
+            k = CKPT_L // BLOCK_L - 1 - kk
+            offs_l = c * CKPT_L + k * BLOCK_L + steps
+            mask_l = offs_l < L
+            u, delta, dsoft, keep, mask_dl = _tile(
+                u_ptr, delta_ptr, keep_ptr, b, offs_d, mask_d, offs_l, L, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl,
+                keep_sb, keep_sl, bias, HAS_BIAS, SOFTPLUS, HAS_KEEP)
+            gy = tl.load(gy_ptr + b * gy_sb + offs_d[:, None] * gy_sd + offs_l[None, :] * gy_sl, mask=mask_dl,
+                         other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_L)
+            if HAS_Z:
+                z = tl.load(z_ptr + b * z_sb + offs_d[:, None] * z_sd + offs_l[None, :] * z_sl, mask=mask_dl,
+                            other=0.0).to(tl.float32)
+                dz = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+            du_in = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+            ddelta = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+            dB = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+            dC = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(BLOCK_L):
+                t = BLOCK_L - 1 - s
+                at_t = steps == t
+                delta_t = tl.sum(tl.where(at_t[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
+                u_t = tl.sum(tl.where(at_t[None, :], u, 0.0), axis=1)
+                gy_t = tl.sum(tl.where(at_t[None, :], gy, 0.0), axis=1)
+                mask_t = mask_n & ((c * CKPT_L + k * BLOCK_L + t + offs_n * 0) < L)
+                B_t = tl.load(B_cols + (c * CKPT_L + k * BLOCK_L + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)
+                C_t = tl.load(C_cols + (c * CKPT_L + k * BLOCK_L + t) * C_sl, mask=mask_t, other=0.0).to(tl.float32)
+                h_t = tl.load(scratch + (k * BLOCK_L + t) * BLOCK_D * BLOCK_N)
+                if t > 0:
+                    h_prev = tl.load(scratch + (k * BLOCK_L + t - 1) * BLOCK_D * BLOCK_N)
+                else:
+                    if k > 0:
+                        h_prev = tl.load(scratch + (k * BLOCK_L - 1) * BLOCK_D * BLOCK_N)
+                    else:
+                        h_prev = h_start
+                if HAS_Z:  # y = (y_ssm + D u) silu(z)
+                    z_t = tl.sum(tl.where(at_t[None, :], z, 0.0), axis=1)
+                    sz = tl.sigmoid(z_t)
+                    out = tl.sum(h_t * C_t[None, :], axis=1)
+                    if HAS_D:
+                        out += Dv * u_t
+                    dz = tl.where(at_t[None, :], (gy_t * out * sz * (1.0 + z_t * (1.0 - sz)))[:, None], dz)
+                    gy_t = gy_t * z_t * sz  # now dL/d(y_ssm + D u)
+                dA = tl.exp2(delta_t[:, None] * A2)
+                if HAS_KEEP:
+                    dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
+                gh = carry + gy_t[:, None] * C_t[None, :]  # (BLOCK_D, BLOCK_N): g_t
+                dC = tl.where(at_t[:, None], tl.sum(gy_t[:, None] * h_t, axis=0)[None, :], dC)
+                dB = tl.where(at_t[:, None], tl.sum(gh * (delta_t * u_t)[:, None], axis=0)[None, :], dB)
+                gBu = tl.sum(gh * B_t[None, :], axis=1)  # (BLOCK_D,): <g_t, B_t>
+                g_dA = gh * dA * h_prev  # dL/d(delta A): g_t times the decayed previous state
+                gA += g_dA * delta_t[:, None]
+                grad_du = gBu * delta_t
+                if HAS_D:
+                    gD += gy_t * u_t
+                    grad_du += gy_t * Dv
+                du_in = tl.where(at_t[None, :], grad_du[:, None], du_in)
+                ddelta = tl.where(at_t[None, :], (gBu * u_t + tl.sum(g_dA * A, axis=1))[:, None], ddelta)
+                carry = dA * gh  # flows into step t - 1
+            ddelta = tl.where(mask_dl, ddelta * dsoft, 0.0)  # steps past L carry g but are no inputs
+            gbias += tl.sum(ddelta, axis=1)
+            dl_offs = b * d * L + offs_d[:, None] * L + offs_l[None, :]  # into contiguous (b, d, L) gradients
+            tl.store(du_ptr + dl_offs, du_in.to(du_ptr.dtype.element_ty), mask=mask_dl)
+            tl.store(ddelta_ptr + dl_offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_dl)
+            if HAS_Z:
+                tl.store(dz_ptr + dl_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask_dl)
+            mask_ln = mask_l[:, None] & mask_n[None, :]
+            tl.atomic_add(dB_ptr + bc_offs + offs_l[:, None], dB, mask=mask_ln)  # summed over the group's channels
+            tl.atomic_add(dC_ptr + bc_offs + offs_l[:, None], dC, mask=mask_ln)
     tl.store(dA_ptr + b * d * n + state_offs, gA, mask=mask_dn)
     if HAS_H0:
         tl.store(dh0_ptr + b * d * n + state_offs, carry, mask=mask_dn)
@@ -285,21 +305,15 @@ def _scan_bwd_kernel(
 INTERPRETED = type(_scan_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _block_sizes(dg: int, n: int, L: int, tile: int = _TILE, block_l: int = _BLOCK_L) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_L, BLOCK_N): the whole state size, ``block_l`` steps (fewer for short sequences and for states
-    too big for ``tile``), and as many channels of one group as keep the chunk tile at ``tile`` elements."""
+def _block_sizes(dg: int, n: int, L: int, state: int = _STATE, fwd_l: int = _FWD_L, bwd_l: int = _BWD_L
+                 ) -> tuple[int, int, int, int]:
+    """(BLOCK_D, BLOCK_N, forward tile steps, backward chunk steps): the whole state size, as many channels of one
+    group as keep ``BLOCK_D x BLOCK_N`` at ``state`` entries, and the steps (powers of two, at most the sequence's:
+    the forward's tiles fall on the backward's checkpoints)."""
     block_n = triton.next_power_of_2(n)
-    block_l = min(block_l, triton.next_power_of_2(L), max(1, tile // block_n))
-    block_d = max(1, min(triton.next_power_of_2(dg), tile // (block_l * block_n)))
-    return block_d, block_l, block_n
-
-
-def _forward_blocks(dg: int, n: int, ckpt_l: int, state: int = _FWD_STATE, fwd_l: int = _FWD_L) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_L) of the forward: as many channels as keep ``BLOCK_D x BLOCK_N`` at ``state`` entries, and
-    ``fwd_l`` steps per tile, at most the backward's checkpoint interval ``ckpt_l`` (both powers of two, so the
-    forward's tiles fall on the checkpoints)."""
-    block_d = max(1, min(triton.next_power_of_2(dg), state // triton.next_power_of_2(n)))
-    return block_d, min(fwd_l, ckpt_l)
+    block_d = max(1, min(triton.next_power_of_2(dg), state // block_n))
+    bwd_l = min(bwd_l, triton.next_power_of_2(L))
+    return block_d, block_n, min(fwd_l, bwd_l), bwd_l
 
 
 def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
@@ -311,17 +325,16 @@ class _SelectiveScanTriton(torch.autograd.Function):
     (0 where a document starts) or None. Outputs y ``(b, d, L)`` in u's dtype and the last state ``(b, d, n)`` fp32."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, softplus, blocks, fwd_blocks):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, softplus, blocks):
         b, d, L = u.shape
         g, n = B.shape[1], A.shape[1]
-        _, block_l, block_n = blocks
-        fwd_d, fwd_l = fwd_blocks
-        n_chunks = triton.cdiv(L, block_l)
+        block_d, block_n, fwd_l, bwd_l = blocks
+        n_chunks = triton.cdiv(L, bwd_l)
         save = any(ctx.needs_input_grad[:9])
         y = torch.empty((b, d, L), dtype=u.dtype, device=u.device)  # (b, d, L)
         last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)  # (b, d, n)
         ckpt = torch.empty((b, n_chunks, d, n) if save else (1,), dtype=torch.float32, device=u.device)
-        grid = (b, g, triton.cdiv(d // g, fwd_d))
+        grid = (b, g, triton.cdiv(d // g, block_d))
         _scan_fwd_kernel[grid](
             u, delta, A, B, C, u if D is None else D, u if z is None else z,  # placeholders are unread
             u if delta_bias is None else delta_bias, u if initial_state is None else initial_state,
@@ -331,7 +344,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             *_strides(initial_state, 3), *_strides(keep, 2), *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             HAS_H0=initial_state is not None, HAS_KEEP=keep is not None, SAVE=save,
-            BLOCK_D=fwd_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=block_l, num_warps=1,
+            BLOCK_D=block_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=bwd_l, num_warps=_FWD_WARPS,
         )
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, ckpt)
@@ -343,7 +356,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, initial_state, keep, ckpt = ctx.saved_tensors
         b, d, L = u.shape
         g, n = B.shape[1], A.shape[1]
-        block_d, block_l, block_n = ctx.blocks
+        block_d, block_n, fwd_l, bwd_l = ctx.blocks
         f32 = dict(dtype=torch.float32, device=u.device)
         du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), \
             torch.empty_like(delta, memory_format=torch.contiguous_format)  # (b, d, L)
@@ -355,39 +368,39 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dh0 = None if initial_state is None else torch.empty((b, d, n), **f32)
         glast = None if glast is None else glast.float().contiguous()
         grid = (b, g, triton.cdiv(d // g, block_d))
+        scratch = torch.empty((b * g * grid[2], bwd_l, block_d, block_n), **f32)  # each program's chunk states
         _scan_bwd_kernel[grid](
             u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
             u if keep is None else keep, ckpt, gy, dA if glast is None else glast,
             du, ddelta, du if dz is None else dz, dB, dC, dA, dA if dD is None else dD,
-            dA if dbias is None else dbias, dA if dh0 is None else dh0,
+            dA if dbias is None else dbias, dA if dh0 is None else dh0, scratch,
             L, d, d // g, n, g,
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 3),
             *_strides(keep, 2), *gy.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(ctx.softplus),
             HAS_H0=initial_state is not None, HAS_KEEP=keep is not None, HAS_GLAST=glast is not None,
-            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=block_n,
+            BLOCK_D=block_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=bwd_l, num_warps=_BWD_WARPS,
         )
         cast = lambda grad, like: None if like is None else grad.to(like.dtype)  # noqa: E731
         return (
             du, ddelta, dA.sum(0).to(A.dtype), cast(dB, B), cast(dC, C),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-            cast(dh0, initial_state), None, None, None, None,
+            cast(dh0, initial_state), None, None, None,
         )
 
 
 def selective_scan_triton(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    initial_state=None, seq_idx=None, *, tile=_TILE, block_l=_BLOCK_L, fwd_state=_FWD_STATE, fwd_l=_FWD_L,
+    initial_state=None, seq_idx=None, *, state=_STATE, fwd_l=_FWD_L, bwd_l=_BWD_L,
 ):
     """Selective scan (validated by the caller, :func:`suture.kernels.selective_scan.selective_scan_fn`).
 
     Args:
         u, delta, z: ``(b, d, L)``. A: ``(d, n)``. B, C: ``(b, n, L)`` or grouped ``(b, g, n, L)``, ``g | d``.
         D, delta_bias: ``(d,)``. initial_state: ``(b, d, n)``. seq_idx: ``(b, L)`` int or None.
-        tile, block_l: the backward's elements per chunk tile and steps per chunk (:func:`_block_sizes`);
-        fwd_state, fwd_l: the forward's state entries per program and steps per tile (:func:`_forward_blocks`).
-        All four are for tuning.
+        state, fwd_l, bwd_l: state entries per program, steps per forward tile and per backward chunk
+            (:func:`_block_sizes`; for tuning).
     Returns:
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` fp32.
     Differentiable w.r.t. every float input (gradients in each input's dtype).
@@ -396,21 +409,19 @@ def selective_scan_triton(
     Bg = B.unsqueeze(1) if B.dim() == 3 else B  # (b, g, n, L)
     Cg = C.unsqueeze(1) if C.dim() == 3 else C  # (b, g, n, L)
     keep = None if seq_idx is None else (~document_starts(seq_idx)).float()  # (b, L)
-    dg, n = d // Bg.shape[1], A.shape[1]
-    blocks = _block_sizes(dg, n, L, tile, block_l)
-    fwd_blocks = _forward_blocks(dg, n, blocks[1], fwd_state, fwd_l)
+    blocks = _block_sizes(d // Bg.shape[1], A.shape[1], L, state, fwd_l, bwd_l)
     y, last = _SelectiveScanTriton.apply(u, delta, A, Bg, Cg, D, z, delta_bias, initial_state, keep,
-                                         delta_softplus, blocks, fwd_blocks)
+                                         delta_softplus, blocks)
     return (y, last) if return_last_state else y
 
 
 def benchmark_selective_scan(
     b=8, d=1024, n=16, L=2048, dtype=torch.bfloat16, with_z=True, backward=True, grouped=False, warmup=3, reps=10,
-    backend="triton", tile=_TILE, block_l=_BLOCK_L, device="cuda",
+    backend="triton", device="cuda", **tuning,
 ):
     """Time one selective scan on random Mamba-like inputs (softplus, delta_bias, D, and z unless ``with_z=False``).
 
-    ``backend`` ``"triton"`` times :func:`selective_scan_triton` with the given ``tile`` / ``block_l``; any other name
+    ``backend`` ``"triton"`` times :func:`selective_scan_triton` with ``tuning`` (state, fwd_l, bwd_l); any other name
     (``"cuda"``: mamba-ssm, ``"torch"``, ``"reference"``) times :func:`~suture.kernels.selective_scan_fn` on that
     backend, for comparison on the same inputs. ``grouped`` passes B, C as ``(b, 1, n, L)``.
 
@@ -432,7 +443,7 @@ def benchmark_selective_scan(
 
     def forward():
         if backend == "triton":
-            return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, tile=tile, block_l=block_l)
+            return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, **tuning)
         return selective_scan_fn(u, delta, A, B, C, D, z, bias, True, backend=backend)
 
     def timed(fn):  # milliseconds: CUDA events on a GPU, the wall clock on CPU (the interpreter: smoke tests only)
