@@ -393,6 +393,7 @@ class _SSDTriton(torch.autograd.Function):
         return _launch(x, dt, A, B, C, D, z, dt_bias, initial_states, starts, chunk_size, dt_softplus, dt_limit)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no graph of the backward: second derivatives raise
     def backward(ctx, gy, gfinal):
         x, dt, A, B, C, D, z, dt_bias, initial_states, starts = ctx.saved_tensors
         chunk_size, dt_softplus, dt_limit = ctx.options
