@@ -118,6 +118,69 @@ def test_ssd_large_decays_stay_finite():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Backward: the Triton kernel's gradients, one feature at a time (the cases above cover the full combinations)
+
+WITHOUT = {  # the full inputs less one feature ("softplus": dt is passed through softplus beforehand instead)
+    "no-z": ("z",), "no-D": ("D",), "no-dt-bias": ("dt_bias",), "no-initial-states": ("initial_states",),
+    "no-softplus": ("softplus",), "bare": ("z", "D", "dt_bias", "initial_states", "softplus"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("drop", WITHOUT.values(), ids=WITHOUT.keys())
+def test_ssd_backward_without_each_feature(drop, dtype):
+    inputs = make_inputs(2, 29, 4, 3, 2, 5, dtype, seed=5)
+    softplus = "softplus" not in drop
+    if not softplus:
+        inputs["dt"] = torch.nn.functional.softplus(inputs["dt"].float()).to(dtype)
+    inputs = on_device({k: None if k in drop else v for k, v in inputs.items()})
+    check_against_reference(inputs, dtype, 16, softplus=softplus)
+
+
+@pytest.mark.parametrize("g", [1, 4], ids=["g1", "g4"])
+def test_ssd_backward_groups_and_channel_blocks(g):
+    """All heads sharing B / C, and none: dB / dC are atomic sums over heads and over head-channel blocks (p = 40)."""
+    inputs = on_device(make_inputs(1, 21, 4, 40, g, 7, torch.float32, seed=g))
+    check_against_reference(inputs, torch.float32, 16, softplus=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ssd_backward_seq_idx(dtype):
+    """Packed rows with the dt limit, per-channel D and an initial state (row 0's document 0 only)."""
+    seq_idx = packed_seq_idx([5, 11, 1, 16, 8], (2, [16, 25])).to(DEVICE)
+    inputs = on_device(make_inputs(2, 41, 4, 3, 2, 5, dtype, D_per_channel=True, seed=7))
+    check_against_reference(inputs, dtype, 16, softplus=True, dt_limit=(0.05, 2.0), seq_idx=seq_idx)
+
+
+def test_ssd_backward_runs_the_kernel_for_either_output_alone(monkeypatch):
+    """Only y or only the final state reaches the loss; strided upstream gradients; the Triton backward runs."""
+    import suture.kernels.triton_ssd as ts
+
+    calls, launch_bwd = [], ts._launch_bwd
+
+    def counted(*args):
+        calls.append(args)
+        return launch_bwd(*args)
+
+    monkeypatch.setattr(ts, "_launch_bwd", counted)
+    inputs = on_device(make_inputs(1, 19, 2, 4, 1, 6, torch.float32, seed=9))
+    for which in (0, 1):
+        grads = []
+        for fn in (ssd_scan_ref, triton_scan(16)):
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+            out = fn(**leaves, dt_softplus=True, return_final_states=True)[which]
+            up = torch.randn(out.shape[::-1], generator=torch.Generator().manual_seed(2)).to(DEVICE)
+            out.backward(up.permute(*reversed(range(out.dim()))))  # a non-contiguous gradient
+            grads.append({k: v.grad for k, v in leaves.items()})
+        for k, ref in grads[0].items():
+            if ref is None:  # z and D do not reach the final state
+                assert grads[1][k] is None or not grads[1][k].any(), k
+            else:
+                close(grads[1][k], ref, torch.float32, f"output {which}: grad {k}")
+    assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Backend choice
 
 
@@ -158,10 +221,27 @@ def test_explicit_triton_refuses_float64():
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_ssd_large(dtype):
+    """Outputs, final states and every gradient (the Triton backward) at a Mamba-2-like shape."""
     inputs = on_device(make_inputs(2, 1000, 8, 64, 2, 128, dtype))
     seq_idx = packed_seq_idx([300, 3, 1, 696], [64, 936]).cuda()
+    tol = torch.bfloat16  # fp32 too: the long sequential reference sums in another order
     for packed in (None, seq_idx):
-        y_ref, f_ref, _ = run(ssd_scan_ref, inputs, softplus=True, seq_idx=packed)
-        y, f, _ = run(triton_scan(64), inputs, softplus=True, seq_idx=packed)
-        close(y, y_ref, dtype if dtype == torch.bfloat16 else torch.bfloat16, "y")
-        close(f, f_ref, dtype if dtype == torch.bfloat16 else torch.bfloat16, "final")
+        y_ref, f_ref, g_ref = run(ssd_scan_ref, inputs, softplus=True, seq_idx=packed)
+        y, f, g = run(triton_scan(64), inputs, softplus=True, seq_idx=packed)
+        close(y, y_ref, tol, "y")
+        close(f, f_ref, tol, "final")
+        for k in g_ref:
+            close(g[k], g_ref[k], tol, f"grad {k}, seq_idx {packed is not None}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_gpu_ssd_backward_d_state_256_and_grouped():
+    """d_state 256 (16 head channels per program) and 8 heads per group, without z and D."""
+    inputs = make_inputs(1, 300, 8, 64, 1, 256, torch.bfloat16, seed=4)
+    inputs = on_device({k: None if k in ("z", "D") else v for k, v in inputs.items()})
+    _, f_ref, g_ref = run(ssd_scan_ref, inputs, softplus=True)
+    _, f, g = run(triton_scan(32), inputs, softplus=True)
+    close(f, f_ref, torch.bfloat16, "final")
+    for k in g_ref:
+        close(g[k], g_ref[k], torch.bfloat16, f"grad {k}")

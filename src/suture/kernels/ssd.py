@@ -212,8 +212,8 @@ def mamba_chunk_scan_combined(
     Returns:
         y ``(b, L, h, p)`` in ``x.dtype``; with ``return_final_states`` also the final states ``(b, h, p, n)``.
     Differentiable (plain autograd on the torch path). The ``"triton"`` backend (suture's kernel,
-    :mod:`suture.kernels.triton_ssd`) computes in fp32 and recomputes its backward on the torch path; float64 inputs
-    go to the torch path under ``"auto"``.
+    :mod:`suture.kernels.triton_ssd`) computes in fp32, its backward too (a Triton kernel); float64 inputs go to the
+    torch path under ``"auto"``.
     """
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
