@@ -115,6 +115,7 @@ def stream(
         readers: one per input row: the `n_models` models in order, then the base if the kernel takes one.
         dtypes: the stored dtype of each input.
         kernel: (models (n_models, b), base (b,) or None, scratch, start) -> merged (b,), in `compute_dtype`. A
+            kernel with a `begin` method is told `begin(numel, compute_dtype)` first (DARE draws its masks). A
             kernel with an `observe` method (same arguments, and `numel`) is shown every block first, then told
             `ready()`, then merges them: a second read of the inputs, for a statistic of the whole tensor.
         write: (first entry, merged block in `out_dtype`) -> writes it.
@@ -145,6 +146,10 @@ def stream(
         clock("check")
         return models, base, out
 
+    begin = getattr(kernel, "begin", None)
+    if begin is not None:
+        begin(numel, compute_dtype)
+        clock("kernel")
     observe = getattr(kernel, "observe", None)
     if observe is not None:
         for start, b in blocks(numel, block):
