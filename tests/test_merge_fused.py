@@ -154,7 +154,7 @@ def test_fused_slerp_equals_slerp_in_both_branches(shape, other):
         for in_dtype, out_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
             x, b = other_tensor.to(in_dtype), base.to(in_dtype)
             expected = method([x], b, t=t).to(out_dtype)
-            for block in (64, 1000, 1 << 17):
+            for block in (64, 1000, 1 << 17) if math.prod(shape) < 1000 else (1000, 1 << 17):
                 got = _streamed(method, {"t": t}, [x], b, torch.float32, out_dtype, block)
                 assert _same_bits(got, expected), (other, shape, block, in_dtype)
 
@@ -167,7 +167,7 @@ def test_whole_tensor_sums_depend_on_neither_the_cuts_nor_the_thread_count():
     try:
         for n_threads in (1, 2, 3, 8):
             torch.set_num_threads(n_threads)
-            for cut in (1, 7, 1000, 16384, 1 << 17, 300_007):
+            for cut in (999, 5003, 16384, 1 << 17, 300_007):
                 total, magnitudes = sums.Sum(), sums.Sum()
                 for start in range(0, values.numel(), cut):
                     part = values[start : start + cut].clone()  # fresh, aligned copies: no dependence on addresses
@@ -239,14 +239,14 @@ def test_the_engine_writes_the_same_bits_fused_and_generic(tmp_path, monkeypatch
                "ties_trimmed": [0.5, 0.5], "ties_rescaled": [0.5, 0.5], "dare_ties": [0.6, 0.4],
                "dare_linear": [0.6, 0.4], "slerp": [None]}[method]
     density = {"ties": {"density": 1.0}, "ties_trimmed": {"density": 0.2},
-               "ties_rescaled": {"density": 0.3, "rescale": True}, "dare_ties": {"density": 0.4},
+               "ties_rescaled": {"density": 0.3}, "dare_ties": {"density": 0.4},
                "dare_linear": {"density": 0.7}}.get(method, {})
     recipe = {"merge_method": method.removesuffix("_trimmed").removesuffix("_rescaled"), "dtype": "float32",
               "out_dtype": "bfloat16", "seed": 5,
               "models": [{"model": p, "parameters": {"weight": w, **density} if w is not None else {}}
                          for p, w in zip(paths[1:] if method != "linear" else paths, weights)]}
-    if method == "slerp":
-        recipe["parameters"] = {"t": 0.3}
+    if method in ("slerp", "ties_rescaled"):
+        recipe["parameters"] = {"t": 0.3} if method == "slerp" else {"rescale": True}
     if method != "linear":
         recipe["base_model"] = paths[0]
     monkeypatch.setattr(blocks, "BLOCK_ENTRIES", 999)  # many blocks, cutting rows
