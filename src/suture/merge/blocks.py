@@ -3,7 +3,8 @@
 A tensor whose method has a row-block kernel (`MergeMethod.block_kernel`) is never held whole: for each block of
 `BLOCK_ENTRIES` entries (flattened), every input's entries are read straight from its file into a reused staging
 buffer (`CheckpointReader.read_into`), converted to the compute dtype in one copy, checked for NaN / inf, merged
-by the kernel, cast to the output dtype and written at their offset (`ShardedSafetensorsWriter.write_part`). The
+by the kernel, cast to the output dtype and written at their offset (`ShardedSafetensorsWriter.write_part`). The only
+whole-tensor state is what a method's masks need: TIES' fp32 magnitudes until its masks are taken, bool masks. The
 buffers are allocated once per worker thread and stay in cache, so a block costs no allocation, no page fault and
 no whole-tensor temporary; the method's arithmetic is the same ops as its reference, so the output is the same bits.
 """
