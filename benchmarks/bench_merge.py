@@ -2,10 +2,11 @@
 then where suture's merge phase spends its time, next to this machine's floor for the same bytes.
 
 Writes three random Llama-shaped checkpoints (bf16, safetensors; a base and two fine-tunes of it; ~1 GB each at 8
-layers, ~0.6 GB at 4), then runs `task_arithmetic` and `ties` (density 0.2) over them with `mergekit-yaml` and with
-`suture merge` (run as `python -m suture` from this interpreter, so the suture on PYTHONPATH is the one measured),
-each in a fresh process under `/usr/bin/time -v` (peak RSS = "Maximum resident set size"). Both tools read the same
-files, compute in float32 and write bf16; outputs are compared tensor by tensor.
+layers, ~0.6 GB at 4), then runs `task_arithmetic` and `ties` (density 0.2; `--methods` can add `dare_ties`,
+density 0.5, and `slerp`, t 0.4) over them with `mergekit-yaml` and with `suture merge` (run as `python -m suture`
+from this interpreter, so the suture on PYTHONPATH is the one measured), each in a fresh process under
+`/usr/bin/time -v` (peak RSS = "Maximum resident set size"). Both tools read the same files, compute in float32 and
+write bf16; outputs are compared tensor by tensor.
 
 - warm (default): every checkpoint is read once before the runs, so the inputs come from the page cache;
 - `--cold`: the page cache of the inputs is dropped before every run (`/proc/sys/vm/drop_caches` where writable,
@@ -269,7 +270,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="suture --workers (default: the cores).")
     parser.add_argument("--cold", action="store_true", help="Drop the inputs' page cache before every run.")
     parser.add_argument("--methods", nargs="*", default=["task_arithmetic", "ties"],
-                        help="Methods run side by side (none: the profile only).")
+                        choices=["task_arithmetic", "ties", "dare_ties", "slerp"],
+                        help="Methods run side by side (none: the profile only). dare_ties (density 0.5) draws "
+                             "other random masks than mergekit, so its outputs differ.")
     parser.add_argument("--keep", type=Path, help="Directory to build the checkpoints in and keep (reused if there).")
     parser.add_argument("--no-profile", action="store_true", help="Skip the in-process profile and floor.")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "merge.json")
@@ -301,6 +304,11 @@ def main() -> None:
             "ties": {"merge_method": "ties", "base_model": str(base), "models": [
                 {"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.2}},
                 {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.2}}]},
+            "dare_ties": {"merge_method": "dare_ties", "base_model": str(base), "models": [
+                {"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.5}},
+                {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.5}}]},
+            "slerp": {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(ft1)}],
+                      "parameters": {"t": 0.4}},
         }
         for method in args.methods:
             recipe = {**recipes[method], "dtype": "float32", "out_dtype": "bfloat16"}

@@ -3,7 +3,8 @@
 A tensor whose method has a row-block kernel (`MergeMethod.block_kernel`) is never held whole: for each block of
 `BLOCK_ENTRIES` entries (flattened), every input's entries are read straight from its file into a reused staging
 buffer (`CheckpointReader.read_into`), converted to the compute dtype in one copy, checked for NaN / inf, merged
-by the kernel, cast to the output dtype and written at their offset (`ShardedSafetensorsWriter.write_part`). The
+by the kernel, cast to the output dtype and written at their offset (`ShardedSafetensorsWriter.write_part`). The only
+whole-tensor state is what a method's masks need: TIES' fp32 magnitudes until its masks are taken, bool masks. The
 buffers are allocated once per worker thread and stay in cache, so a block costs no allocation, no page fault and
 no whole-tensor temporary; the method's arithmetic is the same ops as its reference, so the output is the same bits.
 """
@@ -115,6 +116,7 @@ def stream(
         readers: one per input row: the `n_models` models in order, then the base if the kernel takes one.
         dtypes: the stored dtype of each input.
         kernel: (models (n_models, b), base (b,) or None, scratch, start) -> merged (b,), in `compute_dtype`. A
+            kernel with a `begin` method is told `begin(numel, compute_dtype)` first (DARE draws its masks). A
             kernel with an `observe` method (same arguments, and `numel`) is shown every block first, then told
             `ready()`, then merges them: a second read of the inputs, for a statistic of the whole tensor.
         write: (first entry, merged block in `out_dtype`) -> writes it.
@@ -145,6 +147,10 @@ def stream(
         clock("check")
         return models, base, out
 
+    begin = getattr(kernel, "begin", None)
+    if begin is not None:
+        begin(numel, compute_dtype)
+        clock("kernel")
     observe = getattr(kernel, "observe", None)
     if observe is not None:
         for start, b in blocks(numel, block):

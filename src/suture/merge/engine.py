@@ -12,9 +12,10 @@
    the method in fp32 (float64 where the method or the recipe's `dtype` says so) on the chosen device, apply the
    post-steps, cast to the output dtype and write it at its planned offset. A memory budget bounds the bytes in
    flight. Random methods get a generator seeded by (seed, tensor name), so the result does not depend on thread
-   order. A method with a fused block kernel for the tensor's parameters (task arithmetic, TIES, linear; see
-   `suture.merge.blocks`) never holds it whole: each block of entries is read, checked, merged and written in
-   buffers that stay in cache, with the same bits as the generic path (`FUSED = False` runs that path only).
+   order. A method with a fused block kernel for the tensor's parameters (linear, task arithmetic, TIES, DARE,
+   slerp; see `suture.merge.blocks`) never holds it whole: each block of entries is read, checked, merged and
+   written in buffers that stay in cache, with the same bits as the generic path (`FUSED = False` runs that path
+   only); what a kernel does hold whole (TIES' magnitudes, DARE's bool masks) its method says.
 3. **Finish**: config (from the donor, its vocab_size set to the rows written, with overrides), tokenizer and
    generation config, the chat template, the recipe and a model card, all in a temporary directory renamed into
    place when complete.
@@ -528,8 +529,9 @@ def _merge_fused(planned: PlannedTensor, plan: MergePlan, inputs: _Inputs, metho
     if planned.action != "merge" or posts or device != "cpu" or not numel or (method.needs_base
                                                                              and not recipe.base_model):
         return False
+    generator = torch.Generator().manual_seed(_tensor_seed(recipe.seed, name)) if method.random else None
     kernel = method.block_kernel(_resolve(method, recipe, name, gradient_position(name, plan.num_layers),
-                                          len(plan.inputs)), len(plan.inputs))
+                                          len(plan.inputs)), len(plan.inputs), generator)
     if kernel is None:
         return False
     refs = plan.inputs + ([recipe.base_model] if method.needs_base else [])

@@ -38,7 +38,8 @@ A method may also give ``fused``: a factory that takes the bound keyword argumen
 kernel ``kernel(models, base, scratch, start) -> Tensor`` (or None where it does not apply). The engine then
 streams a tensor through it in cache-sized blocks of entries, staged in reused buffers (``scratch(key, shape,
 dtype=None)``), instead of calling ``fn`` on whole tensors; a kernel that needs a statistic of the whole tensor
-(TIES' magnitude threshold) first ``observe``s every block (`suture.merge.blocks.stream`). A kernel runs the same
+(TIES' magnitude threshold, slerp's angle) first ``observe``s every block (`suture.merge.blocks.stream`); whole-
+tensor sums are `suture.merge.sums.Sum`s in both, so they do not depend on the cuts. A kernel runs the same
 torch ops as ``fn``, in the same order and dtype, on preallocated buffers, so its result equals ``fn``'s bit for
 bit; ``fn`` stays the reference (tests/test_merge_fused.py compares the two).
 
@@ -158,12 +159,16 @@ class MergeMethod:
         for these parameters: the engine may then merge a large tensor in row blocks of its own choosing."""
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
-    def block_kernel(self, params: Mapping[str, Any], n_models: int) -> BlockKernel | None:
+    def block_kernel(self, params: Mapping[str, Any], n_models: int, generator: torch.Generator | None = None
+                     ) -> BlockKernel | None:
         """The method's fused block kernel for these (resolved, unbound) parameters, or None where it has none for
-        them; equal to ``fn`` bit for bit (see `suture.merge.blocks`)."""
+        them; equal to ``fn`` bit for bit (see `suture.merge.blocks`), drawing from ``generator`` as ``fn`` would."""
         if self.fused is None or self.post_step or self.statistics:
             return None
-        return self.fused(self.bind(params, n_models))
+        bound = self.bind(params, n_models)
+        if "generator" in inspect.signature(self.fn).parameters:
+            bound["generator"] = generator
+        return self.fused(bound)
 
     def bind(self, given: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Fill defaults and broadcast scalar per-model values; returns keyword arguments for ``fn``."""

@@ -17,7 +17,8 @@ Defaults per name and exact behaviour match mergekit 0.1.5 (``merge_methods/regi
 - ``weight`` is required; ``density`` defaults to 1. ``ties`` normalises by default, so with ONE task vector the
   weight cancels (only ``lambda`` scales); ``task_arithmetic``, ``dare_linear`` and ``dare_ties`` do not normalise.
 - DARE does not rescale survivors by exactly ``1 / density``: it multiplies them by ``|delta|_1 / |kept|_1``
-  (L1-norm matching, ``sparsify.py:23-53``), and skips the rescale when either norm is < 1e-7.
+  (L1-norm matching, ``sparsify.py:23-53``), and skips the rescale when either norm is < 1e-7. The norms are
+  summed in fixed chunks (`suture.merge.sums`), not by ``torch.sum``, whose bits change with the thread count.
   ``rescale`` defaults to true for DARE and false otherwise; TIES with ``rescale: true`` does the same.
 - Magnitude trim keeps ``max(1, int(density * numel))`` entries (floor, at least one), the largest ``|delta|``
   (mergekit sorts them, ``sparsify.py:56-78``; we select them with ``kthvalue``, 3-4x faster); ``density >= 1``
@@ -41,19 +42,27 @@ import sys
 import torch
 
 from suture.merge.methods import PerModel, merge_method
+from suture.merge.sums import FEED, Sum, l1
 
 
-def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
     """``delta`` times ``mask`` (in place), L1-rescaled when ``rescale``. A product, as in mergekit, not a fill:
     a NaN or inf entry (merged under ``allow_nonfinite``) stays non-finite instead of silently becoming 0."""
-    before = delta.abs().sum() if rescale else None
+    before = l1(delta) if rescale else None
     kept = delta.mul_(mask)
     if not rescale:
         return kept
-    after = kept.abs().sum()  # L1 matching, as mergekit (not 1 / density)
+    scale = l1_scale(before, l1(kept), kept.dtype)
+    return kept if scale is None else kept.mul_(scale)
+
+
+def l1_scale(before: float, after: float, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor | None:
+    """The L1 rescale ``before / after`` of a sparsified task vector (L1 norms before and after, as mergekit, not
+    1 / density) as a 0-d tensor of ``dtype``, or None (no rescale) when either norm is < ``eps``. The norms are
+    `suture.merge.sums` sums, so the fused kernel, fed block by block, gets the same bits."""
     if before < eps or after < eps:
-        return kept
-    return kept.mul_(before / after)
+        return None
+    return torch.tensor(before / after, dtype=dtype)
 
 
 def sparsify(
@@ -153,46 +162,85 @@ def _without_sparsification(params) -> bool:
 
 def _fused(kwargs: dict) -> _Kernel | None:
     """The block kernel of `task_arithmetic` for these keyword arguments (see `suture.merge.methods`), or None:
-    with no sparsification, or the magnitude trim without rescaling (TIES' defaults); random drops (DARE) and L1
-    rescales draw on or sum over the whole tensor in an order blocks cannot repeat, so they keep the function."""
-    trimmed = not _without_sparsification(kwargs)
-    if kwargs["consensus"] not in ("none", None, "sum", "count") or trimmed and (
-            kwargs["sparsification"] != "magnitude" or kwargs["rescale"]):
+    for an unknown sparsification or consensus (the function raises), and for random drops without a generator
+    (they would draw from torch's global generator, in an order the worker threads decide)."""
+    sparsification = "none" if _without_sparsification(kwargs) else kwargs["sparsification"]
+    if kwargs["consensus"] not in ("none", None, "sum", "count") or sparsification not in (
+            "none", "magnitude", "random") or sparsification == "random" and kwargs.get("generator") is None:
         return None
-    return _Kernel(kwargs, trimmed)
+    return _Kernel(kwargs, sparsification)
 
 
 class _Kernel:
     """`task_arithmetic` on a block of entries: the same ops in the same order as the function, on reused buffers.
-    Per entry: ``delta_i = (x_i - base) [* mask_i] * w_i``, summed as ``stack().sum(0)`` (or the consensus of
-    `_consensus`), divided, scaled by ``lambda`` and added to the base.
+    Per entry: ``delta_i = (x_i - base) [* mask_i [* scale_i]] * w_i``, summed as ``stack().sum(0)`` (or the
+    consensus of `_consensus`), divided, scaled by ``lambda`` and added to the base.
 
-    With a magnitude trim, `observe` first gathers each trimmed task vector's magnitudes ``|x_i - base|`` over the
-    whole tensor and `ready` takes their `_top_mask`: the mask `sparsify` computes, tie order included.
+    The masks and L1 scales are those `sparsify` computes, tie order and random stream included:
+
+    - magnitude trim: `observe` gathers each trimmed task vector's magnitudes ``|x_i - base|`` over the whole tensor
+      (held whole, fp32: the threshold is an exact k-th largest and ties are kept lowest index first) and `ready`
+      takes their `_top_mask` and frees them;
+    - random drop: `begin` draws each dropped model's mask from the tensor's generator, model after model, as
+      `sparsify` does. torch's CPU ``bernoulli`` with a tensor of probabilities draws one number per entry, serially,
+      in entry order, whatever the output dtype: a bool mask drawn into a bool tensor is `sparsify`'s float mask
+      (tests/test_merge_fused.py checks it). Held whole, one byte per entry: the draws of model i start where
+      model i-1's end, and torch's generator cannot skip ahead, so drawing them block by block would take one
+      generator per model and a pass over the whole stream to reach each start;
+    - L1 rescale: `observe` adds ``|delta_i|`` and ``|delta_i * mask_i|`` to `suture.merge.sums.Sum` sums (for the
+      trim, the second is taken from the magnitudes in `ready`), which give the bits `sparsify`'s ``l1`` does.
     """
 
-    def __init__(self, kwargs: dict, trimmed: bool):
+    def __init__(self, kwargs: dict, sparsification: str):
         self.weight, self.density = kwargs["weight"], kwargs["density"]
         self.consensus, self.normalize, self.lambda_ = kwargs["consensus"], kwargs["normalize"], kwargs["lambda_"]
+        self.sparsification, self.generator = sparsification, kwargs.get("generator")
         self.constants: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the models whose task vector is masked: dropped (density < 1) or trimmed (0 < density < 1)
+        low = 0 if sparsification == "magnitude" else float("-inf")
+        self.masked = [i for i, d in enumerate(self.density) if low < d < 1] if sparsification != "none" else []
         self.magnitudes: dict[int, torch.Tensor] = {}  # trimmed model -> (numel,), while observing
-        self.masks: dict[int, torch.Tensor] = {}  # trimmed model -> (numel,) bool
-        self.trimmed = trimmed
-        if trimmed:
+        self.masks: dict[int, torch.Tensor] = {}  # masked model -> (numel,) bool
+        self.rescale = bool(kwargs["rescale"] and self.masked)
+        self.sums = {i: (Sum(), Sum()) for i in self.masked} if self.rescale else {}  # L1 before, after
+        self.scales: dict[int, torch.Tensor | None] = {}  # masked model -> 0-d L1 scale (None: none)
+        if sparsification == "magnitude" and self.masked or self.rescale:
             self.observe = self._observe
+
+    def begin(self, numel: int, dtype: torch.dtype) -> None:
+        self.dtype = dtype  # the compute dtype
+        if self.sparsification != "random":
+            return
+        for i in self.masked:  # model order: the order `task_arithmetic` calls `sparsify` in
+            p = torch.full((1,), self.density[i], dtype=dtype).expand(numel)  # `sparsify`'s probabilities
+            self.masks[i] = torch.empty(numel, dtype=torch.bool).bernoulli_(p, generator=self.generator)
 
     def _observe(self, models: torch.Tensor, base: torch.Tensor, scratch, start: int, numel: int) -> None:
         b = models.shape[1]  # models (n, b), base (b,)
-        if not self.magnitudes:
-            self.magnitudes = {i: torch.empty(numel, dtype=models.dtype) for i, d in enumerate(self.density)
-                               if 0 < d < 1}
-        for i, magnitude in self.magnitudes.items():
-            torch.abs(torch.sub(models[i], base, out=scratch("delta", (b,))), out=magnitude[start : start + b])
+        if self.sparsification == "magnitude" and not self.magnitudes:
+            self.magnitudes = {i: torch.empty(numel, dtype=models.dtype) for i in self.masked}
+        for i in self.masked:
+            delta = torch.sub(models[i], base, out=scratch("delta", (b,)))
+            if self.sparsification == "magnitude":
+                magnitude = torch.abs(delta, out=self.magnitudes[i][start : start + b])
+                if self.rescale:
+                    self.sums[i][0].add(magnitude)
+                continue
+            before, after = self.sums[i]
+            before.add(torch.abs(delta, out=scratch("magnitude", (b,))))
+            after.add(torch.abs(delta.mul_(self.masks[i][start : start + b]), out=scratch("magnitude", (b,))))
 
     def ready(self) -> None:
         for i in list(self.magnitudes):
-            magnitude = self.magnitudes.pop(i)  # freed as soon as its mask is taken
-            self.masks[i] = _top_mask(magnitude, max(1, int(self.density[i] * magnitude.numel())))
+            magnitude = self.magnitudes.pop(i)  # freed as soon as its mask (and kept L1 norm) is taken
+            self.masks[i] = mask = _top_mask(magnitude, max(1, int(self.density[i] * magnitude.numel())))
+            if self.rescale:  # |delta * mask| is |delta| * mask: |delta| where kept, 0 (NaN for NaN, inf) elsewhere
+                after, work = self.sums[i][1], torch.empty(min(FEED, magnitude.numel()), dtype=magnitude.dtype)
+                for start in range(0, magnitude.numel(), FEED):
+                    m = min(FEED, magnitude.numel() - start)
+                    after.add(torch.mul(magnitude[start : start + m], mask[start : start + m], out=work[:m]))
+        for i, (before, after) in self.sums.items():
+            self.scales[i] = l1_scale(before.result(), after.result(), self.dtype)
 
     def _constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self.constants:
@@ -207,12 +255,14 @@ class _Kernel:
         n, b = models.shape  # models (n, b), base (b,)
         weights, divisor = self._constants(models.dtype)
         deltas = torch.sub(models, base, out=scratch("deltas", (n, b)))
-        if self.trimmed:
+        if self.sparsification == "magnitude":
             for i, d in enumerate(self.density):
                 if d <= 0:
-                    deltas[i].zero_()
-                elif i in self.masks:
-                    deltas[i].mul_(self.masks[i][start : start + b])
+                    deltas[i].zero_()  # `sparsify` returns zeros
+        for i in self.masked:
+            deltas[i].mul_(self.masks[i][start : start + b])
+            if self.scales.get(i) is not None:
+                deltas[i].mul_(self.scales[i])
         if any(w != 1 for w in self.weight):  # x * 1.0 is x, bit for bit (NaNs are quiet after the subtraction)
             deltas.mul_(weights)
         if self.consensus not in ("none", None):
