@@ -1,19 +1,38 @@
 """Evaluate any causal LM checkpoint on the workload: greedy answers on the test split, per difficulty level.
 
 Works for every model `AutoModelForCausalLM` loads (the zoo's transformers, suture hybrids, merges), as long as
-it uses the workload tokenizer (saved next to the weights).
+it uses the workload tokenizer (saved next to the weights). Two tasks (`TASKS`): the arithmetic chains (default)
+and digit sorting, the domain model's skill (`evaluate(path, task="sorting")`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .task import LEVELS, Problem, generate, parse_answer
+from . import sorting
+from .task import LEVELS, generate
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """A task the evaluator scores: its difficulty levels and its problem generator, called as
+    ``generate(split, n, seed=seed, level=level)``; its problems have ``prompt`` and ``is_correct(response)``."""
+
+    name: str
+    levels: tuple[str, ...]
+    generate: Callable[..., list]
+
+
+TASKS: dict[str, EvalTask] = {
+    "arithmetic": EvalTask("arithmetic", tuple(LEVELS), generate),
+    "sorting": EvalTask("sorting", tuple(sorting.LEVELS), sorting.generate_sorting),
+}
 
 
 @dataclass
@@ -31,6 +50,7 @@ class EvalReport:
     model: str
     levels: dict[str, LevelResult]
     seed: int
+    task: str = "arithmetic"
 
     @property
     def accuracy(self) -> float:
@@ -49,14 +69,15 @@ class EvalReport:
     def summary(self) -> str:
         """One line: overall and per-level accuracy and length, and throughput."""
         per_level = " ".join(f"{r.level} {r.accuracy:.3f}/{r.mean_response_tokens:.1f}" for r in self.levels.values())
+        on = "" if self.task == "arithmetic" else f" on {self.task}"
         return (
-            f"{self.model}: accuracy {self.accuracy:.3f}, mean length {self.mean_response_tokens:.1f} tokens "
+            f"{self.model}{on}: accuracy {self.accuracy:.3f}, mean length {self.mean_response_tokens:.1f} tokens "
             f"[{per_level}] (accuracy/length), {self.tokens_per_second:.0f} tokens/s"
         )
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "seed": self.seed, "accuracy": self.accuracy,
+            "model": self.model, "task": self.task, "seed": self.seed, "accuracy": self.accuracy,
             "mean_response_tokens": self.mean_response_tokens, "tokens_per_second": self.tokens_per_second,
             "levels": {name: asdict(r) for name, r in self.levels.items()},
         }
@@ -65,11 +86,11 @@ class EvalReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def score(problems: list[Problem], responses: list[str]) -> float:
-    """Exact-match accuracy of the final answers parsed from `responses`."""
+def score(problems: list, responses: list[str]) -> float:
+    """Exact-match accuracy of the final answers parsed from `responses` (problems of either task)."""
     if len(problems) != len(responses):
         raise ValueError(f"{len(problems)} problems but {len(responses)} responses.")
-    return sum(parse_answer(r) == p.answer for p, r in zip(problems, responses)) / max(len(problems), 1)
+    return sum(p.is_correct(r) for p, r in zip(problems, responses)) / max(len(problems), 1)
 
 
 @torch.no_grad()
@@ -80,14 +101,24 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 200,
     max_new_tokens: int = 128,
-    levels: tuple[str, ...] = tuple(LEVELS),
+    levels: tuple[str, ...] | None = None,
     name: str | None = None,
+    task: str = "arithmetic",
 ) -> EvalReport:
-    """Greedy-decode `n_per_level` test problems per level and score them.
+    """Greedy-decode `n_per_level` test problems of `task` ("arithmetic" or "sorting") per level and score them.
 
     `model` is a loaded causal LM or a checkpoint directory (loaded in its saved dtype by
-    `suture.io.loading.load_for_scoring`, with its tokenizer unless `tokenizer` is given).
+    `suture.io.loading.load_for_scoring`, with its tokenizer unless `tokenizer` is given). `levels` defaults to all
+    of the task's levels.
     """
+    if task not in TASKS:
+        raise ValueError(f"Unknown workload task {task!r}; use one of {', '.join(TASKS)}.")
+    spec = TASKS[task]
+    levels = spec.levels if levels is None else tuple(levels)
+    unknown = [level for level in levels if level not in spec.levels]
+    if unknown:
+        raise ValueError(f"Unknown level(s) {', '.join(map(repr, unknown))} of the {task} task; "
+                         f"use {', '.join(spec.levels)}.")
     if isinstance(model, (str, Path)):
         from ..io.loading import load_for_scoring
 
@@ -99,7 +130,7 @@ def evaluate(
     tokenizer.padding_side = "left"
     results = {}
     for level in levels:
-        problems = generate("test", n_per_level, seed=seed, level=level)
+        problems = spec.generate("test", n_per_level, seed=seed, level=level)
         responses, generated, start = [], 0, time.perf_counter()
         for i in range(0, len(problems), batch_size):
             chunk = problems[i : i + batch_size]
@@ -117,7 +148,7 @@ def evaluate(
             level, len(problems), score(problems, responses), generated / len(problems),
             generated / max(seconds, 1e-9), seconds,
         )
-    return EvalReport(name or type(model).__name__, results, seed)
+    return EvalReport(name or type(model).__name__, results, seed, task)
 
 
 def _response_tokens(out: torch.Tensor, tokenizer) -> int:

@@ -4,10 +4,14 @@ A problem is a start number in 10..99 followed by k operations applied left to r
 modulo 100: ``+d`` / ``-d`` (d in 1..9) and ``*m`` (m in 2..9), each operation equally likely (with only + and -
 the answer is start + a digit sum, a shortcut a model learns without steps; the multiplications remove it).
 
-Two answer styles per problem:
+Three answer styles per problem:
 
 - **long** chain of thought: every step written out, with the raw result and its reduction mod 100 as a check,
   e.g. ``71*3=213>13;13+9=22;22-5=17;#17``;
+- **concise** chain of thought: every operation with its reduced result only, ``*3=13;+9=22;-5=17;#17`` (about
+  two thirds of the long answer's tokens: the short-CoT style of a math model against a long-CoT distilled
+  reasoner). Writing the results alone (``13;22;17;#17``, about 35%) leaves a model this size near the answer-only
+  model on hard problems: it has to find each operation in the question by counting, which it learns too slowly;
 - **short**: only the result, ``#17``.
 
 Difficulty levels set k: easy 2, medium 4, hard 8 (training draws k from 1..8). Problems are assigned to the
@@ -18,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LEVELS: dict[str, int] = {"easy": 2, "medium": 4, "hard": 8}
 TRAIN_STEPS = (1, 8)  # k range of training problems
 SPLITS = ("train", "validation", "test")
 ANSWER_MARK = "#"
-STYLES = ("long", "short")
+STYLES = ("long", "concise", "short")
 
 
 @dataclass(frozen=True)
@@ -62,17 +67,24 @@ class Problem:
             parts.append(step if raw == reduced else f"{step}>{reduced}")
         return ";".join(parts) + f";{ANSWER_MARK}{self.answer}"
 
+    def concise_answer(self) -> str:
+        return "".join(f"{op}{arg}={reduced};" for _, op, arg, _, reduced in self.steps) + f"{ANSWER_MARK}{self.answer}"
+
     def short_answer(self) -> str:
         return f"{ANSWER_MARK}{self.answer}"
 
     def completion(self, style: str) -> str:
         if style not in STYLES:
             raise ValueError(f"Unknown answer style {style!r}; use one of {STYLES}.")
-        return self.long_answer() if style == "long" else self.short_answer()
+        return getattr(self, f"{style}_answer")()
+
+    def is_correct(self, response: str) -> bool:
+        """Whether the final answer parsed from a generated `response` is this problem's answer."""
+        return parse_answer(response) == self.answer
 
 
-def split_of(problem: Problem) -> str:
-    """Deterministic split from the problem text: 90% train, 5% validation, 5% test."""
+def split_of(problem) -> str:
+    """Deterministic split from the problem text (`problem.prompt`, any task): 90% train, 5% validation, 5% test."""
     bucket = int(hashlib.sha1(problem.prompt.encode()).hexdigest()[:8], 16) % 100
     return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
 
@@ -95,24 +107,43 @@ def generate(split: str, n: int, seed: int = 0, level: str | None = None) -> lis
     if level is not None and level not in LEVELS:
         raise ValueError(f"Unknown level {level!r}; use one of {tuple(LEVELS)}.")
     rng = random.Random(f"{seed}/{split}/{level}")
-    seen, out = set(), []
+    return distinct_problems(
+        split, n, lambda: random_problem(rng, LEVELS[level] if level else rng.randint(*TRAIN_STEPS))
+    )
+
+
+def distinct_problems(split: str, n: int, draw: Callable[[], object]) -> list:
+    """The first `n` distinct problems of `split` among those `draw()` returns (any problem type with a `prompt`).
+
+    Raises when 10,000 draws in a row find nothing new: the split holds fewer than `n` problems of that kind.
+    """
+    seen, out, misses = set(), [], 0
     while len(out) < n:
-        k = LEVELS[level] if level else rng.randint(*TRAIN_STEPS)
-        problem = random_problem(rng, k)
+        problem = draw()
         if split_of(problem) == split and problem.prompt not in seen:
             seen.add(problem.prompt)
             out.append(problem)
+            misses = 0
+        elif (misses := misses + 1) == 10_000:
+            raise ValueError(f"Found only {len(out)} distinct {split} problems of this kind (asked for {n}); "
+                             "ask for fewer.")
     return out
 
 
 def parse_answer(text: str) -> int | None:
     """The number after the last answer mark in a generated response, or None if there is none."""
+    digits = answer_digits(text)
+    return int(digits) if digits else None
+
+
+def answer_digits(text: str) -> str | None:
+    """The run of digits after the last answer mark in a generated response, leading zeros kept, or None."""
     if ANSWER_MARK not in text:
         return None
-    digits = text.rsplit(ANSWER_MARK, 1)[1].strip()
-    number = ""
-    for ch in digits:
+    tail = text.rsplit(ANSWER_MARK, 1)[1].strip()
+    digits = ""
+    for ch in tail:
         if not ch.isdigit():
             break
-        number += ch
-    return int(number) if number else None
+        digits += ch
+    return digits or None
