@@ -93,6 +93,23 @@ def test_workload_is_found_through_its_entry_point():
     assert get_data_source("traces.jsonl") is None
 
 
+def test_the_sorting_source_serves_prompt_and_answer_with_its_response_mask():
+    """"workload-sorting" (RCP's domain data on the workload): digit-sorting problems with their sorted answers,
+    the mask on the answer and <eos> only; the wrong tokenizer is refused by name."""
+    from suture.workload import build_tokenizer, generate_sorting
+    from suture.workload.data import sorting_sequences
+
+    assert get_data_source("workload-sorting") is sorting_sequences
+    tokenizer = build_tokenizer()
+    rows, masks = sorting_sequences(tokenizer, 3, seed=1), sorting_sequences.response_masks(tokenizer, 3, seed=1)
+    for problem, row, mask in zip(generate_sorting("validation", 3, seed=1), rows, masks):
+        assert tokenizer.decode(row, skip_special_tokens=True) == problem.prompt + problem.short_answer()
+        answer = [t for t, m in zip(row, mask) if m]
+        assert tokenizer.decode(answer[:-1]) == problem.short_answer() and answer[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="workload-sorting"):
+        sorting_sequences(None, 1)
+
+
 def test_a_registered_source_serves_every_job(monkeypatch):
     monkeypatch.setattr(sources, "_SOURCES", dict(sources._registered()))
 
