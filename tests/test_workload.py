@@ -13,27 +13,36 @@ from suture.cli import app
 from suture.surgery import hybridize_model
 from suture.workload import (
     LEVELS,
+    STYLES,
     Problem,
+    SortProblem,
     build_tokenizer,
     build_zoo,
     ensure_zoo,
     evaluate,
     generate,
+    generate_sorting,
     load_manifest,
     parse_answer,
     score,
     split_of,
+    zoo_models,
 )
 from safetensors.torch import load_file
 
+from suture.workload import sorting
 from suture.workload.evaluate import _response_tokens
+from suture.workload.train import ZOO_SIZES, _batches
+
+DEFAULT_MODELS = ["base", "long", "short", "rl"]
+OPTIONAL_MODELS = ["concise", "domain", "base-v2", "long-v2"]
 
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
-    """The test-size zoo, built once per test run."""
+    """The test-size zoo with every model, the optional ones included, built once per test run."""
     path = tmp_path_factory.mktemp("workload") / "zoo"
-    build_zoo(path, size="test", seed=0)
+    build_zoo(path, size="test", seed=0, models="all")
     return path
 
 
@@ -64,6 +73,21 @@ def test_answers_follow_left_to_right_mod_100():
     assert len(problem.long_answer()) > 5 * len(problem.short_answer())
 
 
+def test_concise_answers_write_only_the_reduced_results():
+    problem = Problem(71, (("*", 3), ("+", 9), ("-", 5), ("-", 30)))
+    assert problem.concise_answer() == problem.completion("concise") == "*3=13;+9=22;-5=17;-30=87;#87"
+    assert Problem(71, (("*", 3), ("+", 9), ("-", 5))).concise_answer() == "*3=13;+9=22;-5=17;#17"
+    assert Problem(40, ()).concise_answer() == "#40" and STYLES == ("long", "concise", "short")
+    assert problem.is_correct(problem.concise_answer()) and not problem.is_correct("*3=13;#86")
+    with pytest.raises(ValueError, match="concise"):
+        problem.completion("medium")
+    tokenizer = build_tokenizer()  # one token per character: concise answers are about two thirds of the long ones
+    hard = generate("test", 100, level="hard")
+    ratio = sum(len(tokenizer(p.concise_answer())["input_ids"]) for p in hard) / sum(
+        len(tokenizer(p.long_answer())["input_ids"]) for p in hard)
+    assert 0.6 < ratio < 0.72
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("12+3=15;#15", 15), ("#7", 7), ("#07", 7), (" #42 trailing", 42), ("no mark", None), ("#", None),
@@ -71,6 +95,38 @@ def test_answers_follow_left_to_right_mod_100():
 )
 def test_parse_answer(text, expected):
     assert parse_answer(text) == expected
+
+
+# ----------------------------------------------------------------------------- sorting task
+def test_sorting_problems_and_their_answers():
+    problem = SortProblem((5, 3, 9, 0))
+    assert problem.prompt == ">5390=" and problem.answer == "0359" and problem.level == "easy"
+    assert problem.completion() == problem.short_answer() == "#0359"
+    assert problem.is_correct("#0359") and problem.is_correct(" #0359 ")
+    for wrong in ("#359", "#03590", "#0395", "0359", "#", "#03;59"):  # leading zeros and every digit count
+        assert not problem.is_correct(wrong), wrong
+    with pytest.raises(ValueError, match="short"):
+        problem.completion("long")
+    problems = [SortProblem((1, 1, 0)), SortProblem((2, 1)), SortProblem((7,))]
+    assert score(problems, ["#011", "#21", "13;#7"]) == pytest.approx(2 / 3)
+
+
+def test_sorting_generator_is_deterministic_and_splits_are_disjoint():
+    assert generate_sorting("train", 50, seed=3) == generate_sorting("train", 50, seed=3)
+    assert generate_sorting("train", 50, seed=3) != generate_sorting("train", 50, seed=4)
+    found = {split: generate_sorting(split, 300) for split in ("train", "validation", "test")}
+    prompts = {split: {p.prompt for p in problems} for split, problems in found.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["validation"] & prompts["test"]
+    assert not prompts["train"] & prompts["validation"]
+    for split, problems in found.items():
+        assert len(prompts[split]) == 300 and all(split_of(p) == split for p in problems)
+        assert {len(p.digits) for p in problems} <= set(range(2, 13))
+    for level, n in sorting.LEVELS.items():
+        assert all(len(p.digits) == n and p.level == level for p in generate_sorting("test", 30, level=level))
+    with pytest.raises(ValueError, match="Found only .* distinct test problems"):
+        generate_sorting("test", 1000, level="easy")  # 10^4 four-digit problems, about 5% of them in the test split
+    with pytest.raises(ValueError, match="level"):
+        generate_sorting("test", 5, level="k3")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -123,6 +179,23 @@ def test_evaluator_scores_hand_made_responses():
     assert score(problems, [p.short_answer() for p in problems[:2]] + ["#x", "nothing"]) == 0.5
 
 
+def test_evaluator_scores_the_sorting_task():
+    tokenizer = build_tokenizer()
+    by_prompt = {p.prompt: p for level in sorting.LEVELS for p in generate_sorting("test", 10, level=level)}
+    right = evaluate(_Scripted(tokenizer, lambda q: by_prompt[q].short_answer()), tokenizer, n_per_level=10,
+                     task="sorting", name="sorter")
+    assert right.accuracy == 1.0 and right.task == "sorting" and set(right.levels) == set(sorting.LEVELS)
+    assert right.levels["hard"].mean_response_tokens == 1 + 12 + 1  # the mark, twelve digits, <eos>
+    assert right.to_dict()["task"] == "sorting" and right.summary().startswith("sorter on sorting: accuracy 1.000")
+    unsorted = evaluate(_Scripted(tokenizer, lambda q: "#" + q[1:]), tokenizer, n_per_level=10, task="sorting",
+                        levels=("hard",))
+    assert list(unsorted.levels) == ["hard"] and unsorted.accuracy == 0.0
+    with pytest.raises(ValueError, match="Unknown workload task 'spelling'.*arithmetic, sorting"):
+        evaluate(_Scripted(tokenizer, str), tokenizer, task="spelling")
+    with pytest.raises(ValueError, match="'k3' of the sorting task"):
+        evaluate(_Scripted(tokenizer, str), tokenizer, task="sorting", levels=("k3",))
+
+
 def test_response_tokens_stop_at_first_eos():
     tokenizer = build_tokenizer()
     out = torch.tensor([[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0]])
@@ -132,9 +205,14 @@ def test_response_tokens_stop_at_first_eos():
 # ----------------------------------------------------------------------------- zoo
 def test_zoo_checkpoints_load_through_auto_classes(zoo):
     manifest = load_manifest(zoo)
-    assert set(manifest["models"]) == {"base", "long", "short", "rl"}
-    assert manifest["models"]["long"]["init"] == manifest["models"]["short"]["init"] == "base"
-    assert manifest["models"]["rl"]["init"] == "long"
+    assert list(manifest["models"]) == DEFAULT_MODELS + OPTIONAL_MODELS
+    inits = {name: info["init"] for name, info in manifest["models"].items()}
+    assert inits == {"base": None, "long": "base", "short": "base", "rl": "long", "concise": "base",
+                     "domain": "base", "base-v2": "base", "long-v2": "base-v2"}
+    assert manifest["models"]["domain"]["data"] == "sorting" and manifest["models"]["concise"]["data"] == "concise"
+    steps = {stage.name: stage.steps for stage in ZOO_SIZES["test"].stages}
+    for stats in manifest["stages"]:  # every stage's compute
+        assert stats["steps"] == steps[stats["name"]] and stats["seconds"] > 0 and stats["tokens"] > 0, stats
     weights = {}
     for name in manifest["models"]:
         model = AutoModelForCausalLM.from_pretrained(zoo / name)
@@ -144,6 +222,40 @@ def test_zoo_checkpoints_load_through_auto_classes(zoo):
         weights[name] = model.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(weights["long"], weights["short"])  # the fine-tunes moved away from base
     assert not torch.equal(weights["long"], weights["base"]) and not torch.equal(weights["rl"], weights["long"])
+    for name, init in (("concise", "base"), ("domain", "base"), ("base-v2", "base"), ("long-v2", "base-v2")):
+        assert not torch.equal(weights[name], weights[init]), name
+
+
+def test_optional_models_are_trained_only_when_asked_for():
+    assert zoo_models("test") == set(DEFAULT_MODELS)
+    assert zoo_models("test", "all") == set(DEFAULT_MODELS + OPTIONAL_MODELS)
+    assert zoo_models("test", ["long-v2"]) == {"base", "base-v2", "long-v2"}
+    with pytest.raises(ValueError, match="list of names"):
+        zoo_models("test", "long")
+    stages = {stage.name: stage for stage in ZOO_SIZES["full"].stages}
+    assert [name for name, stage in stages.items() if stage.optional] == OPTIONAL_MODELS
+    # long-v2 is long's recipe on the new base: the same hyperparameters and the same batches
+    long, long_v2 = stages["long"], stages["long-v2"]
+    assert (long.data, long.steps, long.lr, long.batch_size, long.warmup) == \
+           (long_v2.data, long_v2.steps, long_v2.lr, long_v2.batch_size, long_v2.warmup)
+    import random
+
+    def first_batch(stage):
+        return next(_batches(stage, random.Random(f"0/{stage.data_stream or stage.name}"), None))
+    assert first_batch(long) == first_batch(long_v2)
+    assert first_batch(stages["base"]) != first_batch(stages["base-v2"])  # a new release: its own data order
+    problems, completions = first_batch(stages["domain"])
+    assert all(isinstance(p, SortProblem) and p.is_correct(c) for p, c in zip(problems, completions))
+
+
+def test_new_zoo_models_evaluate_on_both_tasks(zoo):
+    settings = dict(n_per_level=4, batch_size=4, max_new_tokens=16)
+    report = evaluate(zoo / "domain", task="sorting", **settings)
+    assert report.task == "sorting" and {name: r.n for name, r in report.levels.items()} == dict.fromkeys(
+        sorting.LEVELS, 4)
+    assert 0 <= report.accuracy <= 1 and all(0 < r.mean_response_tokens <= 16 for r in report.levels.values())
+    concise = evaluate(zoo / "concise", **settings)
+    assert concise.task == "arithmetic" and set(concise.levels) == set(LEVELS)
 
 
 def test_zoo_models_evaluate_and_hybridize(zoo):
@@ -210,6 +322,9 @@ def test_cli_build_and_eval(tmp_path, zoo):
     assert part.exit_code == 0 and "short" in part.output and "long" not in part.output, part.output
     more = runner.invoke(app, ["workload", "build", str(tmp_path / "p"), "--size", "test", "--models", "long"])
     assert more.exit_code == 0 and list(load_manifest(tmp_path / "p")["models"]) == ["base", "long", "short"]
+    extra = runner.invoke(app, ["workload", "build", str(tmp_path / "p"), "--size", "test", "--models", "domain"])
+    assert extra.exit_code == 0 and "domain" in extra.output, extra.output
+    assert list(load_manifest(tmp_path / "p")["models"]) == ["base", "long", "short", "domain"]
     unknown = runner.invoke(app, ["workload", "build", str(tmp_path / "q"), "--size", "test", "--models", "lng"])
     assert unknown.exit_code == 2 and "lng" in unknown.output and not (tmp_path / "q").exists()
 
@@ -217,6 +332,13 @@ def test_cli_build_and_eval(tmp_path, zoo):
     result = runner.invoke(app, ["workload", "eval", str(zoo / "short"), "--n", "6", "--json", str(report)])
     assert result.exit_code == 0, result.output
     assert "hard" in result.output and json.loads(report.read_text())["levels"]["easy"]["n"] == 6
+    sorted_report = tmp_path / "sorting.json"
+    result = runner.invoke(app, ["workload", "eval", str(zoo / "domain"), "--task", "sorting", "--n", "3",
+                                 "--json", str(sorted_report)])
+    assert result.exit_code == 0 and "sorting" in result.output, result.output
+    assert json.loads(sorted_report.read_text())["task"] == "sorting"
+    bad = runner.invoke(app, ["workload", "eval", str(zoo / "domain"), "--task", "spelling"])
+    assert bad.exit_code == 2 and "arithmetic, sorting" in bad.output
     missing = runner.invoke(app, ["workload", "eval", str(tmp_path)])
     assert missing.exit_code == 1 and "config.json" in missing.output
 

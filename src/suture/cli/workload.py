@@ -21,10 +21,13 @@ def build(
     family: str = typer.Option("llama", help="Model class: llama or qwen2."),
     seed: int = typer.Option(0, help="Seed for data and initialisation."),
     models: str = typer.Option(None, help="Comma-separated models to train (with those they start from), e.g. "
-                               "'long' trains base and long; default: all. Into an existing zoo: adds those it lacks."),
+                               "'long' trains base and long; 'all' is every model; default: base, long, short, rl "
+                               "(the optional concise, domain, base-v2, long-v2 only when named). Into an existing "
+                               "zoo: adds those it lacks."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Train the zoo (base, long-CoT, short-CoT, RL-like) and write Hugging Face checkpoints under OUT.
+    """Train the zoo (base, long-CoT, answer-only, RL-like; optionally short-CoT, a sorting domain model, a second
+    base release and long-CoT on it) and write Hugging Face checkpoints under OUT.
 
     Building into an existing zoo of the same size, family and seed adds the models it lacks (trained from its own
     checkpoints, as a full build would) and keeps the others."""
@@ -33,6 +36,8 @@ def build(
     if size not in ZOO_SIZES:
         raise typer.BadParameter(f"--size must be one of {', '.join(ZOO_SIZES)}, got {size!r}.")
     names = None if models is None else [name.strip() for name in models.split(",") if name.strip()]
+    if names == ["all"]:
+        names = "all"
     try:
         zoo_models(size, names)
     except ValueError as error:
@@ -46,13 +51,13 @@ def build(
         def on_step(stage: str, step: int, loss: float) -> None:
             if stage not in tasks:
                 spec = stages[stage]
-                tasks[stage] = progress.add_task(f"{stage:>5} ({spec.data})", total=spec.steps, loss="-")
+                tasks[stage] = progress.add_task(f"{stage:>7} ({spec.data})", total=spec.steps, loss="-")
             progress.update(tasks[stage], completed=step, loss=f"{loss:.3f}")
 
         manifest = build_zoo(out, size=size, family=family, seed=seed, force=force, on_step=on_step,
                               models=names)
     for name, info in manifest["models"].items():
-        console.print(f"{name:>5}: {out / name}  (init: {info['init'] or 'scratch'}, data: {info['data']})")
+        console.print(f"{name:>7}: {out / name}  (init: {info['init'] or 'scratch'}, data: {info['data']})")
     console.print(f"built in {manifest['build_seconds']:.0f} s; manifest {out / 'zoo.json'}")
 
 
@@ -62,13 +67,17 @@ def evaluate_cmd(
     n: int = typer.Option(200, help="Test problems per difficulty level."),
     seed: int = typer.Option(0, help="Seed of the test problems."),
     json_out: Path = typer.Option(None, "--json", help="Write the report as JSON here."),
+    task: str = typer.Option("arithmetic", help="Task to score: arithmetic (the reasoning chains) or sorting (the "
+                             "domain model's digit sorting)."),
 ) -> None:
-    """Greedy-decode the test split: accuracy and mean response length per level, tokens/s."""
-    from ..workload import evaluate
+    """Greedy-decode the test split of a task: accuracy and mean response length per level, tokens/s."""
+    from ..workload import TASKS, evaluate
 
+    if task not in TASKS:
+        raise typer.BadParameter(f"--task must be one of {', '.join(TASKS)}, got {task!r}.")
     with cli_errors(inputs=[model_dir]), console.status(Text(f"evaluating {model_dir} ...")):
-        report = evaluate(model_dir, n_per_level=n, seed=seed)
-    table = Table(title=f"{model_dir} on the workload test split (greedy)")
+        report = evaluate(model_dir, n_per_level=n, seed=seed, task=task)
+    table = Table(title=f"{model_dir} on the workload's {task} test split (greedy)")
     for column in ("level", "n", "accuracy", "mean length (tokens)", "tokens/s"):
         table.add_column(column, justify="right")
     for r in report.levels.values():

@@ -8,9 +8,9 @@ the answer mark, with no steps: ``>5390=`` is answered ``#0359``. Difficulty lev
 Why this task. It is written with the arithmetic task's characters (the tokenizer, which zoo checkpoints store, stays
 as it is), its prompts are told apart from arithmetic ones by their first character, and it is a different skill
 (comparing and counting digits, no carries or remainders). A model trained only on arithmetic answers it with an
-arithmetic-looking number (one or two digits after ``#``) and scores near zero, while a few hundred fine-tuning
-steps teach it: so a merge of the reasoning model (`long`) with the domain model (`domain`) has a real trade-off to
-make, RCP-Merging's setting.
+arithmetic-looking number (one or two digits after ``#``) and scores zero, while the zoo's 1000 fine-tuning steps
+teach it (about 0.95 on the test split, 0.87 on twelve digits): so a merge of the reasoning model (`long`) with
+the domain model (`domain`) has a real trade-off to make, RCP-Merging's setting.
 
 Why the base never sees it. The zoo's `base` is trained on arithmetic only, and `domain` is fine-tuned from it on
 sorting alone. The other choice, some sorting in the base's mix, would change `base` and through it every model of

@@ -4,13 +4,19 @@ The zoo, written as ordinary Hugging Face checkpoint directories (safetensors + 
 
 | model | init | data |
 |---|---|---|
-| base | scratch | problems with both answer styles (50/50) |
+| base | scratch | problems with both answer styles (85% long) |
 | long | base | long chain-of-thought answers (this is also the "SFT" model of the reasoning-vector setting) |
 | short | base | short answers |
 | rl | long | expert iteration (STaR): the long model's own *correct* sampled answers on hard problems, its failures replaced by reference answers - an "RL-like" second stage from the SFT model |
+| concise | base | concise chain-of-thought answers (each operation with its reduced result only): a short-CoT model |
+| domain | base | the second task, digit sorting (`sorting.py`), short answers: a domain model |
+| base-v2 | base | more steps of base's own data mix, in another order: a "new release" of the base |
+| long-v2 | base-v2 | long's recipe (the same steps, learning rate and batches) on the new base |
 
 long and short are the Long-to-Short merging pair (same base); long and rl are the SFT / RL pair whose difference
-is a reasoning vector.
+is a reasoning vector; long and concise are a long-CoT / short-CoT pair; long and domain are a reasoning model and
+a domain model (RCP-Merging); base-v2 + (long - base) against long-v2 is fine-tuning transfer. The last four are
+optional: a build trains them only when they are named (`models=[...]` or `models="all"`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from .sorting import TRAIN_LENGTHS, random_sort_problem
 from .task import LEVELS, TRAIN_STEPS, Problem, parse_answer, random_problem, split_of
 from .tokenizer import build_tokenizer
 
@@ -44,12 +51,14 @@ class ModelShape:
 class Stage:
     name: str
     init: str | None  # None = from scratch, else the name of an earlier stage
-    data: str  # "mix" | "long" | "short" | "self"
+    data: str  # "mix" | an answer style ("long", "concise", "short") | "self" | "sorting"
     steps: int
     lr: float
     batch_size: int = 32
     warmup: int = 50
     long_fraction: float = 0.5  # share of long answers in "mix" batches
+    data_stream: str | None = None  # seeds the order of the data; default the stage's name
+    optional: bool = False  # trained only when named, not by a default build
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,10 @@ class ZooSpec:
 
 
 ZOO_SIZES: dict[str, ZooSpec] = {
-    # ~6 minutes on 2 CPU cores. Mostly-long pre-training: short answers alone are near-unlearnable without steps
-    # (mod-100 chains), and a 50/50 mix delays the point where the long answers "click" past the time budget.
+    # ~10 minutes on 2 CPU cores for the default models (the optional ones, trained only when named, take about as
+    # long again; zoo.json records every stage's seconds). Mostly-long pre-training: short answers alone are
+    # near-unlearnable without steps (mod-100 chains), and a 50/50 mix delays the point where the long answers
+    # "click" past the time budget.
     "full": ZooSpec(
         ModelShape(),
         (
@@ -69,6 +80,11 @@ ZOO_SIZES: dict[str, ZooSpec] = {
             Stage("long", "base", "long", steps=400, lr=1e-3, warmup=20),
             Stage("short", "base", "short", steps=400, lr=1e-3, warmup=20),
             Stage("rl", "long", "self", steps=200, lr=1e-4, warmup=20),
+            # 400 steps at 1e-3 leave both well short (concise 0.06 on hard problems, domain 0.14 on 12 digits)
+            Stage("concise", "base", "concise", steps=1000, lr=2e-3, warmup=20, optional=True),
+            Stage("domain", "base", "sorting", steps=1000, lr=2e-3, warmup=20, optional=True),
+            Stage("base-v2", "base", "mix", steps=500, lr=1e-3, long_fraction=0.85, optional=True),
+            Stage("long-v2", "base-v2", "long", steps=400, lr=1e-3, warmup=20, data_stream="long", optional=True),
         ),
         self_samples=1024,
     ),
@@ -81,6 +97,12 @@ ZOO_SIZES: dict[str, ZooSpec] = {
             Stage("long", "base", "long", steps=20, lr=1e-3, batch_size=16, warmup=5),
             Stage("short", "base", "short", steps=20, lr=1e-3, batch_size=16, warmup=5),
             Stage("rl", "long", "self", steps=10, lr=3e-4, batch_size=16, warmup=2),
+            Stage("concise", "base", "concise", steps=20, lr=1e-3, batch_size=16, warmup=5, optional=True),
+            Stage("domain", "base", "sorting", steps=20, lr=1e-3, batch_size=16, warmup=5, optional=True),
+            Stage("base-v2", "base", "mix", steps=20, lr=1e-3, batch_size=16, warmup=5, long_fraction=0.85,
+                  optional=True),
+            Stage("long-v2", "base-v2", "long", steps=20, lr=1e-3, batch_size=16, warmup=5, data_stream="long",
+                  optional=True),
         ),
         self_samples=64,
     ),
@@ -94,6 +116,7 @@ class StageStats:
     seconds: float
     tokens_per_second: float
     final_loss: float
+    tokens: int = 0  # non-padding tokens of the stage's training batches (prompts included)
     examples: int = 0  # self-training examples (rl stage)
     own_examples: int = 0  # of which the model's own correct samples
     losses: list[float] = field(default_factory=list)
@@ -137,18 +160,19 @@ def encode(tokenizer, problems: list[Problem], completions: list[str]) -> tuple[
 
 
 def _batches(stage: Stage, rng: random.Random, pool: list[tuple[Problem, str]] | None):
-    """Endless batches of (problems, completions). Each batch shares one k, so little padding is wasted."""
+    """Endless batches of (problems, completions). Each batch shares one k (or n), so little padding is wasted."""
     while True:
         if stage.data == "self":
             picked = [pool[rng.randrange(len(pool))] for _ in range(stage.batch_size)]
             yield [p for p, _ in picked], [c for _, c in picked]
             continue
+        if stage.data == "sorting":
+            n = rng.randint(*TRAIN_LENGTHS)
+            problems = _train_problems(stage.batch_size, lambda: random_sort_problem(rng, n))
+            yield problems, [p.short_answer() for p in problems]
+            continue
         k = rng.randint(*TRAIN_STEPS)
-        problems = []
-        while len(problems) < stage.batch_size:
-            problem = random_problem(rng, k)
-            if split_of(problem) == "train":
-                problems.append(problem)
+        problems = _train_problems(stage.batch_size, lambda: random_problem(rng, k))
         if stage.data == "mix":
             styles = ["long" if rng.random() < stage.long_fraction else "short" for _ in problems]
         else:
@@ -156,9 +180,19 @@ def _batches(stage: Stage, rng: random.Random, pool: list[tuple[Problem, str]] |
         yield problems, [p.completion(s) for p, s in zip(problems, styles)]
 
 
+def _train_problems(n: int, draw: Callable) -> list:
+    """`n` problems of the train split drawn by `draw()` (repeats allowed, as in any stream of training data)."""
+    problems = []
+    while len(problems) < n:
+        problem = draw()
+        if split_of(problem) == "train":
+            problems.append(problem)
+    return problems
+
+
 def train_stage(model, tokenizer, stage: Stage, seed: int = 0, pool=None, on_step: Callable | None = None):
     """Run one stage with AdamW, linear warm-up and cosine decay; returns its `StageStats`."""
-    rng = random.Random(f"{seed}/{stage.name}")
+    rng = random.Random(f"{seed}/{stage.data_stream or stage.name}")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -184,7 +218,7 @@ def train_stage(model, tokenizer, stage: Stage, seed: int = 0, pool=None, on_ste
     model.eval()
     seconds = time.perf_counter() - start
     return StageStats(stage.name, stage.steps, seconds, tokens / max(seconds, 1e-9),
-                      sum(losses[-20:]) / len(losses[-20:]), losses=losses[:: max(1, stage.steps // 50)])
+                      sum(losses[-20:]) / len(losses[-20:]), tokens=tokens, losses=losses[:: max(1, stage.steps // 50)])
 
 
 @torch.no_grad()

@@ -3,9 +3,12 @@
     zoo/
       zoo.json            manifest: size, family, seed, per-stage training stats, build time
       base/ long/ short/ rl/   Hugging Face checkpoint directories (config, safetensors, tokenizer, generation config)
+      concise/ domain/ base-v2/ long-v2/   the optional models, when asked for
 
 A zoo may hold only some of its models (`models=["long"]` trains base and long); building into it again with more
-models adds the missing ones, trained from its own checkpoints, so the result is the same as one full build.
+models adds the missing ones, trained from its own checkpoints, so the result is the same as one full build. A build
+without `models` trains the default set (base, long, short, rl); the optional models (concise, domain, base-v2,
+long-v2) are trained when named, or all of them with `models="all"`.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ def build_zoo(
     force: bool = False,
     on_step: Callable[[str, int, float], None] | None = None,
     threads: int | None = None,
-    models: Iterable[str] | None = None,
+    models: Iterable[str] | str | None = None,
 ) -> dict:
-    """Train the zoo (base, long, short, rl; or only `models` and the models they start from) under `out_dir`;
-    returns the manifest.
+    """Train the zoo (base, long, short, rl; or `models` and the models they start from; `models="all"` adds the
+    optional concise, domain, base-v2 and long-v2) under `out_dir`; returns the manifest, which records every stage's
+    compute (steps, seconds, tokens).
 
     An existing zoo of the same size, family and seed is completed rather than refused: the requested models it
     lacks are trained from its own checkpoints (the same weights a full build gives), and the others are kept as they
@@ -106,9 +110,10 @@ def build_zoo(
     return manifest
 
 
-def ensure_zoo(zoo_dir: str | Path, models: Iterable[str] | None = None, **options) -> dict:
-    """The zoo at `zoo_dir` with at least `models` (default: all): built or completed (`build_zoo`) when they are
-    not there yet, left alone when they are; returns its manifest. `options` go to `build_zoo` (size, family, seed...)."""
+def ensure_zoo(zoo_dir: str | Path, models: Iterable[str] | str | None = None, **options) -> dict:
+    """The zoo at `zoo_dir` with at least `models` (default: base, long, short, rl; "all": every model): built or
+    completed (`build_zoo`) when they are not there yet, left alone when they are; returns its manifest. `options` go
+    to `build_zoo` (size, family, seed...)."""
     if (Path(zoo_dir) / MANIFEST).exists():
         manifest = load_manifest(zoo_dir)
         if zoo_models(manifest["size"], models) <= set(manifest["models"]):
@@ -117,11 +122,19 @@ def ensure_zoo(zoo_dir: str | Path, models: Iterable[str] | None = None, **optio
     return build_zoo(zoo_dir, models=models, **options)
 
 
-def zoo_models(size: str, models: Iterable[str] | None = None) -> set[str]:
-    """The names of `models` (default: every model of the zoo `size`) and of every model they are trained from."""
+def zoo_models(size: str, models: Iterable[str] | str | None = None) -> set[str]:
+    """The names of `models` and of every model they are trained from. `models` defaults to the zoo's default set
+    (every model but the optional ones); "all" is every model of the zoo `size`."""
     spec = ZOO_SIZES[size]
     init = {stage.name: stage.init for stage in spec.stages}
-    names = list(init) if models is None else list(models)
+    if models is None:
+        names = [stage.name for stage in spec.stages if not stage.optional]
+    elif isinstance(models, str):
+        if models != "all":
+            raise ValueError(f"models={models!r}: pass a list of names (e.g. [{models!r}]) or \"all\".")
+        names = list(init)
+    else:
+        names = list(models)
     unknown = [name for name in names if name not in init]
     if unknown:
         raise ValueError(f"Unknown zoo model(s) {', '.join(map(repr, unknown))}; the zoo has {', '.join(init)}.")
