@@ -59,9 +59,9 @@ class SlidingAttention(AttentionKind):
             )
 
     def cache_layer(self, config):
-        from transformers.cache_utils import DynamicSlidingWindowLayer
+        from ..architectures.modeling_hybrid import CompactSlidingWindowLayer
 
-        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+        return CompactSlidingWindowLayer(sliding_window=config.sliding_window)
 
     def static_cache_layer(self, config, max_cache_len: int):
         from ..architectures.static_cache import TensorSlidingWindowLayer
