@@ -336,7 +336,7 @@ def filled_cache(model, batch: int, context: int, max_len: int, device: torch.de
                  seed: int = 0):
     """A static cache as if `context` tokens had been prefilled: random keys and values in the first `context`
     positions (the last window of them for sliding layers), random conv and SSM states, counts set to `context`."""
-    from transformers.cache_utils import LinearAttentionLayer, StaticLayer, StaticSlidingWindowLayer
+    from transformers.cache_utils import LinearAttentionLayer, StaticLayer
 
     from suture.layer_kinds import attention_sizes
 
@@ -350,16 +350,11 @@ def filled_cache(model, batch: int, context: int, max_len: int, device: torch.de
         cache.early_initialization(batch, kv_heads, head_dim, dtype, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     for layer in cache.layers:
-        if isinstance(layer, StaticSlidingWindowLayer):
+        if isinstance(layer, StaticLayer):  # a sliding-window one holds the last `max_cache_len` positions
             held = min(context, layer.max_cache_len)
             layer.keys[:, :, :held].normal_(generator=gen)
             layer.values[:, :, :held].normal_(generator=gen)
-            layer.cumulative_length.fill_(held)
-            layer.cumulative_length_int = context
-        elif isinstance(layer, StaticLayer):
-            layer.keys[:, :, :context].normal_(generator=gen)
-            layer.values[:, :, :context].normal_(generator=gen)
-            layer.cumulative_length.fill_(context)
+            layer.cumulative_length.fill_(context)  # positions seen (HybridStaticCache's sliding layers count all)
         elif isinstance(layer, LinearAttentionLayer):
             layer.conv_states[0].normal_(generator=gen)
             layer.recurrent_states[0].normal_(generator=gen).mul_(0.1)
@@ -436,8 +431,6 @@ def bench_decode(device, dtype, args, deadline: float, log, on_progress=None) ->
     contexts = args.contexts or ([16, 48] if args.tiny else [2048, 32768] if args.quick else [2048, 8192, 32768])
     points = sorted(((b, c) for b in batches for c in contexts), key=lambda p: -p[0] * p[1])  # largest first
     captured_at = [points[0], points[-1]] if len(points) > 1 else points  # the target point and the launch-bound one
-    # SambaY is not captured by default: transformers' static sliding-window layers count positions in a Python int,
-    # on which a compiled step specialises, so it recompiles step after step
     layouts = {name: layout for name, layout in model_layouts(config).items() if name in args.models}
     warmup, steps = (3, 5) if args.quick or args.tiny else (5, 10)
     prefill_len = 64 if args.tiny else 2048 if args.quick else 8192
@@ -594,8 +587,8 @@ def parse_args(argv=None):
     parser.add_argument("--sections", default="kernels,decode", help="comma-separated: kernels, decode")
     parser.add_argument("--models", default="teacher,m1,50%,sambay", help="comma-separated decode models")
     parser.add_argument("--capture-models", default=None,
-                        help="models whose decode is also captured (default teacher,m1; with neither --quick nor "
-                             "--tiny also 50%%); '' for none")
+                        help="models whose decode is also captured (default teacher,m1,sambay; with neither "
+                             "--quick nor --tiny also 50%%); '' for none")
     parser.add_argument("--capture-backend", default="inductor", choices=["inductor", "cudagraphs"],
                         help="inductor: mode reduce-overhead, as generate(); cudagraphs: no code generation")
     parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,8,64)")
@@ -612,7 +605,7 @@ def parse_args(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     args.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
     if args.capture_models is None:
-        args.capture_models = "teacher,m1" if args.quick or args.tiny else "teacher,m1,50%"
+        args.capture_models = "teacher,m1,sambay" if args.quick or args.tiny else "teacher,m1,50%,sambay"
     args.capture_models = [m.strip() for m in args.capture_models.split(",") if m.strip()]
     unknown = set(args.sections) - {"kernels", "decode"}
     if unknown:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_source
-from transformers.cache_utils import LinearAttentionLayer, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import LinearAttentionLayer, StaticLayer
 
 from suture.architectures.compat import CACHE_KWARG
 from suture.surgery import hybridize_model, sambay_layout
@@ -70,13 +70,8 @@ def test_a_randomly_filled_cache_decodes_like_a_prefilled_one(bench):
     prompt = torch.randint(3, 97, (2, context), generator=torch.Generator().manual_seed(0))
     real = bench.filled_cache(model, 2, context, 16, torch.device("cpu"), torch.float32)
     for layer in real.layers:  # empty again, then a real prefill
-        if isinstance(layer, LinearAttentionLayer):
+        if isinstance(layer, (LinearAttentionLayer, StaticLayer)):
             layer.reset()
-        elif isinstance(layer, StaticLayer):
-            layer.reset() if hasattr(layer, "reset") else None
-            layer.cumulative_length.zero_()
-            if isinstance(layer, StaticSlidingWindowLayer):
-                layer.cumulative_length_int = 0
     model(prompt, use_cache=True, **{CACHE_KWARG: real})
     fake = bench.filled_cache(model, 2, context, 16, torch.device("cpu"), torch.float32, seed=1)
     for mine, theirs in zip(fake.layers, real.layers):

@@ -141,13 +141,16 @@ def test_cross_attention_reads_the_one_kv_tensor_of_its_source():
     model = _model()
     cache = HybridCache(model.config)
     assert [type(layer).__name__ for layer in cache.layers] == [
-        "LinearAttentionLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer", "DynamicSlidingWindowLayer",
+        "LinearAttentionLayer", "CompactSlidingWindowLayer", "LinearAttentionLayer", "CompactSlidingWindowLayer",
         "LinearAttentionLayer", "DynamicLayer", "DummyLayer", "DummyLayer"]
     read = []
     model.model.layers[7].register_forward_pre_hook(lambda module, args, kwargs: read.append(kwargs["shared"].kv),
                                                     with_kwargs=True)
     ids = _ids(2, 12)
     model(ids[:, :9], cache=cache, use_cache=True)
+    for i in (1, 3):  # a prefill longer than the window leaves the sliding layers holding their window alone
+        keys = cache.layers[i].keys  # (b, kv_heads, window - 1, head_dim), not a view of the prompt's 9 positions
+        assert keys.shape[-2] == WINDOW - 1 and keys.untyped_storage().nbytes() == keys.numel() * keys.element_size()
     for t in range(9, 12):
         model(ids[:, t:t + 1], cache=cache, use_cache=True)
     source = cache.layers[SOURCE]

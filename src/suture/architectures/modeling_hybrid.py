@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -69,6 +69,20 @@ class HybridCache(DynamicCache):
         make `generate()` compile it); `cache_implementation="static"` (`HybridStaticCache`) is the switch that
         captures the decode step."""
         return False
+
+
+class CompactSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' `DynamicSlidingWindowLayer`, except that after an update of several positions (a prefill) it
+    keeps its last `sliding_window - 1` keys and values in tensors of their own. transformers' layer keeps them as a
+    view of the keys and values of every position of the update, which holds the whole prompt's KV of every
+    sliding-window layer until the first decode step: the prefill's KV memory would grow with the prompt in every such
+    layer, the window notwithstanding."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        states = super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[-2] > 1 and not self.record_past and self.keys.shape[-2] < states[0].shape[-2]:
+            self.keys, self.values = self.keys.clone(), self.values.clone()  # (b, kv_heads, window - 1, head_dim)
+        return states
 
 
 class HybridMixerDecoderLayer(GradientCheckpointingLayer):
@@ -371,5 +385,5 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return inputs
 
 
-__all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridMixerDecoderLayer",
-           "HybridStaticCache"]
+__all__ = ["CompactSlidingWindowLayer", "HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel",
+           "HybridMixerDecoderLayer", "HybridStaticCache"]

@@ -59,14 +59,14 @@ class SlidingAttention(AttentionKind):
             )
 
     def cache_layer(self, config):
-        from transformers.cache_utils import DynamicSlidingWindowLayer
+        from ..architectures.modeling_hybrid import CompactSlidingWindowLayer
 
-        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)
+        return CompactSlidingWindowLayer(sliding_window=config.sliding_window)
 
     def static_cache_layer(self, config, max_cache_len: int):
-        from transformers.cache_utils import StaticSlidingWindowLayer
+        from ..architectures.static_cache import TensorSlidingWindowLayer
 
-        return StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=config.sliding_window)
+        return TensorSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=config.sliding_window)
 
     def build_mask(self, **mask_kwargs):
         from transformers.masking_utils import create_sliding_window_causal_mask
