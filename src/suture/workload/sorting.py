@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .task import ANSWER_MARK, SPLITS, answer_digits, distinct_problems
+from .task import ANSWER_MARK, answer_digits, check_split_and_level, distinct_problems
 
 SORT_MARK = ">"
 LEVELS: dict[str, int] = {"easy": 4, "medium": 8, "hard": 12}
@@ -74,10 +74,7 @@ def generate_sorting(split: str, n: int, seed: int = 0, level: str | None = None
 
     `level` fixes the number of digits (easy / medium / hard); without it it is drawn from 2..12.
     """
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
-    if level is not None and level not in LEVELS:
-        raise ValueError(f"Unknown level {level!r}; use one of {tuple(LEVELS)}.")
+    check_split_and_level(split, level, LEVELS)
     rng = random.Random(f"sorting/{seed}/{split}/{level}")
     return distinct_problems(
         split, n, lambda: random_sort_problem(rng, LEVELS[level] if level else rng.randint(*TRAIN_LENGTHS))

@@ -102,14 +102,19 @@ def generate(split: str, n: int, seed: int = 0, level: str | None = None) -> lis
 
     `level` fixes k to that difficulty (easy / medium / hard); without it k is drawn from 1..8.
     """
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
-    if level is not None and level not in LEVELS:
-        raise ValueError(f"Unknown level {level!r}; use one of {tuple(LEVELS)}.")
+    check_split_and_level(split, level, LEVELS)
     rng = random.Random(f"{seed}/{split}/{level}")
     return distinct_problems(
         split, n, lambda: random_problem(rng, LEVELS[level] if level else rng.randint(*TRAIN_STEPS))
     )
+
+
+def check_split_and_level(split: str, level: str | None, levels: dict[str, int]) -> None:
+    """Refuse an unknown split, or a level that is not one of the task's `levels` (None: mixed levels)."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+    if level is not None and level not in levels:
+        raise ValueError(f"Unknown level {level!r}; use one of {tuple(levels)}.")
 
 
 def distinct_problems(split: str, n: int, draw: Callable[[], object]) -> list:
