@@ -1,8 +1,16 @@
-"""Tolerances and comparison shared by the kernel tests."""
+"""Tolerances, comparison and the device the kernel tests run on, shared by them."""
 
 from __future__ import annotations
 
+import types
+
+import pytest
 import torch
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")  # Triton kernels run on CPU tensors in the interpreter without a GPU
+FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 
 # (rtol, atol relative to the reference's max magnitude), by input dtype; bf16 like mamba-ssm's tests.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2)}

@@ -8,11 +8,11 @@ compiled kernels on CUDA tensors, and the ``gpu``-marked tests add larger shapes
 from __future__ import annotations
 
 import sys
-import types
 import warnings
 
 import pytest
 import torch
+from kernel_checks import DEVICE, FAKE_CUDA, GPU, needs_gpu
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
 
@@ -29,11 +29,7 @@ from suture.kernels import (  # noqa: E402
     selective_state_update_ref,
 )
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
 TRITON_MODULES = sorted({module for module, _ in kb.TRITON_KERNELS.values()})
-FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend

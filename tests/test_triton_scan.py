@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 import warnings
 
 import pytest
 import torch
-from kernel_checks import close, packed_seq_idx
+from kernel_checks import DEVICE, FAKE_CUDA, GPU, close, needs_gpu, packed_seq_idx
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
 
@@ -29,13 +28,8 @@ from suture.kernels import (  # noqa: E402
 )
 from suture.kernels.selective_scan import _selective_scan_torch  # noqa: E402
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
-
 pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend
 
 

@@ -8,11 +8,10 @@ so the shapes stay small; the ``gpu``-marked test runs the compiled kernel on la
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
-from kernel_checks import close, packed_seq_idx
+from kernel_checks import DEVICE, FAKE_CUDA, close, needs_gpu, packed_seq_idx
 from test_kernels_ssd import NAMES, make_inputs, run
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'suture[gpu]')")
@@ -22,9 +21,6 @@ import suture.kernels.backend as kb  # noqa: E402
 from suture.kernels import KernelUnavailableError, available_backends, mamba_chunk_scan_combined  # noqa: E402
 from suture.kernels import ssd_scan_ref  # noqa: E402
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-FAKE_CUDA = types.SimpleNamespace(device=torch.device("cuda", 0))  # resolve_backend only reads .device
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_backend")  # each test starts from the default backend
 
@@ -218,7 +214,7 @@ def test_explicit_triton_refuses_float64():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_ssd_large(dtype):
     """Outputs, final states and every gradient (the Triton backward) at a Mamba-2-like shape."""
@@ -235,7 +231,7 @@ def test_gpu_ssd_large(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+@needs_gpu
 def test_gpu_ssd_backward_d_state_256_and_grouped():
     """d_state 256 (16 head channels per program) and 8 heads per group, without z and D."""
     inputs = make_inputs(1, 300, 8, 64, 1, 256, torch.bfloat16, seed=4)
