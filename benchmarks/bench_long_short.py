@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from suture.merge import long_short_recipe, merge
-from suture.workload import LEVELS, ensure_zoo, evaluate
+from suture.workload import ensure_zoo, evaluate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_merge_science import accuracy_cells, accuracy_table  # noqa: E402
 
 
 def recipes(zoo: Path) -> dict[str, dict | object]:
@@ -79,19 +82,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = Table(title=f"workload test split, {args.n} problems per level: accuracy / mean response tokens")
-    table.add_column("model")
-    for level in LEVELS:
-        table.add_column(level, justify="right")
-    table.add_column("all", justify="right")
-    table.add_column("length vs long", justify="right")
+    table = accuracy_table(f"workload test split, {args.n} problems per level: accuracy / mean response tokens")
     long_len = rows["long"]["report"]["mean_response_tokens"]
     for name, row in rows.items():
-        report = row["report"]
-        cells = [f"{report['levels'][lv]['accuracy']:.3f} / {report['levels'][lv]['mean_response_tokens']:.1f}"
-                 for lv in LEVELS]
-        change = report["mean_response_tokens"] / long_len - 1
-        table.add_row(name, *cells, f"{report['accuracy']:.3f}", f"{change:+.0%}")
+        table.add_row(name, *accuracy_cells(row["report"], long_len))
     console.print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))

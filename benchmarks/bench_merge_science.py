@@ -37,8 +37,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from suture.io.loading import load_for_scoring
 from suture.merge import long_short_recipe, merge
-from suture.workload import LEVELS, ensure_zoo, evaluate, load_manifest
+from suture.workload import LEVELS, ensure_zoo, evaluate
 
 SETTINGS = ("long-short", "rcp", "reasoning-vector", "transfer")
 MODELS = ("base", "long", "short", "rl", "concise", "domain", "base-v2", "long-v2")
@@ -152,11 +153,13 @@ def run_setting(setting: str, entries: list[Entry], work: Path, n: int, cache: d
             start = time.perf_counter()
             merge(entry.recipe, path, force=True)
             entry.merge_s = time.perf_counter() - start
+        loaded = None  # the checkpoint, loaded once for all its tasks
         for task in tasks:
             key = (str(path), task)
             report = cache.get(key) if entry.recipe is None else None
             if report is None:
-                report = evaluate(path, n_per_level=n, name=entry.name, task=task).to_dict()
+                loaded = loaded or load_for_scoring(path, dtype=None)
+                report = evaluate(*loaded, n_per_level=n, name=entry.name, task=task).to_dict()
                 if entry.recipe is None:
                     cache[key] = report
             entry.results[task] = report
@@ -183,13 +186,27 @@ def long_short_verdict(entries: list[Entry]) -> dict[str, dict]:
     return out
 
 
-def print_table(setting: str, entries: list[Entry], console: Console, manifest: dict | None = None) -> None:
-    table = Table(title=f"{setting}: accuracy / mean response tokens per level (workload test split)")
+def accuracy_table(title: str) -> Table:
+    """A table with a model column, accuracy / mean response tokens per level, overall accuracy and the length
+    against long (`accuracy_cells` fills a row); callers add their own columns after these."""
+    table = Table(title=title)
     table.add_column("model")
     for level in LEVELS:
         table.add_column(level, justify="right")
     table.add_column("all", justify="right")
     table.add_column("length vs long", justify="right")
+    return table
+
+
+def accuracy_cells(report: dict, long_len: float) -> list[str]:
+    """The `accuracy_table` cells of an `EvalReport.to_dict()` (after the model's name)."""
+    cells = [f"{report['levels'][lv]['accuracy']:.3f} / {report['levels'][lv]['mean_response_tokens']:.1f}"
+             for lv in LEVELS]
+    return cells + [f"{report['accuracy']:.3f}", f"{report['mean_response_tokens'] / long_len - 1:+.0%}"]
+
+
+def print_table(setting: str, entries: list[Entry], console: Console, manifest: dict | None = None) -> None:
+    table = accuracy_table(f"{setting}: accuracy / mean response tokens per level (workload test split)")
     if setting == "rcp":
         table.add_column(f"{DOMAIN_TASK} accuracy", justify="right")
     if setting == "long-short":
@@ -200,10 +217,7 @@ def print_table(setting: str, entries: list[Entry], console: Console, manifest: 
         stages = {stage["name"]: stage for stage in (manifest or {}).get("stages", [])}
     long_len = next(e for e in entries if e.name == "long").results["arithmetic"]["mean_response_tokens"]
     for entry in entries:
-        report = entry.results["arithmetic"]
-        cells = [f"{report['levels'][lv]['accuracy']:.3f} / {report['levels'][lv]['mean_response_tokens']:.1f}"
-                 for lv in LEVELS]
-        cells += [f"{report['accuracy']:.3f}", f"{report['mean_response_tokens'] / long_len - 1:+.0%}"]
+        cells = accuracy_cells(entry.results["arithmetic"], long_len)
         if setting == "rcp":
             cells.append(f"{entry.results[DOMAIN_TASK]['accuracy']:.3f}")
         if setting == "long-short":
@@ -310,8 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             out["settings"] = previous.get("settings", {})
     try:
         zoo = args.zoo or work / "zoo"
-        ensure_zoo(zoo, models=MODELS, **({} if (zoo / "zoo.json").exists() else {"size": args.size}))
-        manifest = load_manifest(zoo)
+        manifest = ensure_zoo(zoo, models=MODELS, **({} if (zoo / "zoo.json").exists() else {"size": args.size}))
         cache: dict = {}
         for setting in settings:
             entries = entries_for(setting, zoo, args.quick)
