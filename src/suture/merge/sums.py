@@ -14,6 +14,8 @@ accurate as ``tensor.sum()`` or more (float64 between chunks).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 CHUNK = 1 << 14  # below at::internal::GRAIN_SIZE (32768): torch sums a chunk on the calling thread
@@ -57,9 +59,15 @@ class Sum:
         return self.total
 
 
+def feed(numel: int) -> Iterator[slice]:
+    """The slices of `FEED` entries (the last one shorter) a whole flattened tensor of ``numel`` entries is fed in."""
+    for start in range(0, numel, FEED):
+        yield slice(start, min(start + FEED, numel))
+
+
 def l1(x: torch.Tensor) -> float:
     """``|x|.sum()`` (float64) by `Sum`: the same bits as feeding ``|x|`` block by block."""
     total, flat = Sum(), x.reshape(-1)
-    for start in range(0, flat.numel(), FEED):
-        total.add(flat[start : start + FEED].abs())
+    for part in feed(flat.numel()):
+        total.add(flat[part].abs())
     return total.result()

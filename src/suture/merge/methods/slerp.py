@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from suture.merge.methods import merge_method
-from suture.merge.sums import FEED, Sum
+from suture.merge.sums import FEED, Sum, feed
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -88,8 +88,7 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch
     (other,) = tensors
     a, b = base.reshape(-1), other.reshape(-1)  # (numel,)
     angle, work = _Angle(), torch.empty(min(FEED, a.numel()), dtype=a.dtype)
-    for start in range(0, a.numel(), FEED):
-        m = min(FEED, a.numel() - start)
-        angle.add(a[start : start + m], b[start : start + m], work[:m])
+    for part in feed(a.numel()):
+        angle.add(a[part], b[part], work[: part.stop - part.start])
     c_a, c_b = angle.coefficients(t, base.dtype)
     return c_a * base + c_b * other

@@ -42,7 +42,7 @@ import sys
 import torch
 
 from suture.merge.methods import PerModel, merge_method
-from suture.merge.sums import FEED, Sum, l1
+from suture.merge.sums import FEED, Sum, feed, l1
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -236,9 +236,8 @@ class _Kernel:
             self.masks[i] = mask = _top_mask(magnitude, max(1, int(self.density[i] * magnitude.numel())))
             if self.rescale:  # |delta * mask| is |delta| * mask: |delta| where kept, 0 (NaN for NaN, inf) elsewhere
                 after, work = self.sums[i][1], torch.empty(min(FEED, magnitude.numel()), dtype=magnitude.dtype)
-                for start in range(0, magnitude.numel(), FEED):
-                    m = min(FEED, magnitude.numel() - start)
-                    after.add(torch.mul(magnitude[start : start + m], mask[start : start + m], out=work[:m]))
+                for part in feed(magnitude.numel()):
+                    after.add(torch.mul(magnitude[part], mask[part], out=work[: part.stop - part.start]))
         for i, (before, after) in self.sums.items():
             self.scales[i] = l1_scale(before.result(), after.result(), self.dtype)
 
