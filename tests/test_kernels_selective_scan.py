@@ -477,3 +477,57 @@ def test_state_update_per_head_dt_and_A_as_mamba2_passes_them(b, h, p, n, g, gra
         (g_ours,) = torch.autograd.grad(y.sum(), dt_h)
         (g_ref,) = torch.autograd.grad(y_ref.sum(), dt_h)
         close(g_ours, g_ref, torch.float32, "dt grad")
+
+
+@pytest.mark.parametrize("form", ["channels", "heads"])
+@pytest.mark.parametrize("g_b, g_c", [(2, 6), (6, 2), (2, 3)], ids=["B-per-kv", "C-fewer", "lcm"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@torch.no_grad()
+def test_state_update_b_and_c_with_different_groups(form, g_b, g_c, backend):
+    """MIL's layout hands B per KV head and C per query head. Passing them with their own group counts gives what
+    repeating both to a common count does (channel k reads group k // (c / g) of each), bit for bit on the torch
+    path; the GPU paths repeat them to the least common multiple first. The Triton case runs in the interpreter."""
+    gen = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    b, n, h, p = 2, 4, 6, 3
+    lead, heads = ((b, h * p), (h * p,)) if form == "channels" else ((b, h, p), (h, p))
+    state = r(b, *lead[1:], n)
+    x, dt, z = r(*lead), r(*lead), r(*lead)
+    A, D, dt_bias = -torch.rand(*heads, n, generator=gen), r(*heads), r(*heads)
+    B, C = r(b, g_b, n), r(b, g_c, n)
+    common = 6  # lcm of every pair above
+    wide_B, wide_C = (t.repeat_interleave(common // t.shape[1], dim=1) for t in (B, C))
+    kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    state_wide = state.clone()
+    y = selective_state_update(state, x, dt, A, B, C, **kwargs, backend=backend)
+    y_wide = selective_state_update_ref(state_wide, x, dt, A, wide_B, wide_C, **kwargs)
+    if backend == "triton":
+        close(y, y_wide, torch.float32, "y")
+        close(state, state_wide, torch.float32, "state")
+    else:
+        assert torch.equal(y, y_wide) and torch.equal(state, state_wide)
+
+
+@torch.no_grad()
+def test_state_update_decay_underflows_to_zero():
+    """A step whose dt * A lies far below -87 (where exp's result is subnormal or zero) decays the state to what
+    float32 gives (exactly 0 below about -104), on every path and without NaN: the state becomes dt * x * B."""
+    b, d, n = 1, 4, 3
+    state = torch.full((b, d, n), 5.0)
+    x, B, C = torch.ones(b, d), torch.ones(b, n), torch.ones(b, n)
+    dt = torch.full((b, d), 200.0)  # dt * A = -200 ... -600
+    A = -torch.arange(1.0, n + 1).expand(d, n)
+    for backend in ("reference", "torch"):
+        s = state.clone()
+        y = selective_state_update(s, x, dt, A, B, C, backend=backend)
+        assert torch.equal(s, torch.full((b, d, n), 200.0)), backend
+        assert torch.equal(y, torch.full((b, d), 600.0)), backend
+
+
+def test_state_update_names_a_group_count_that_does_not_divide():
+    state, x = torch.zeros(1, 6, 2), torch.zeros(1, 6)
+    with pytest.raises(ValueError, match="C must be"):
+        selective_state_update(state, x, x, torch.zeros(6, 2), torch.zeros(1, 2, 2), torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match="B must be"):
+        selective_state_update(state.view(1, 2, 3, 2), x.view(1, 2, 3), x.view(1, 2, 3), torch.zeros(2, 3, 2),
+                               torch.zeros(1, 3, 2), torch.zeros(1, 2, 2))

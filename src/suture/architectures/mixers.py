@@ -102,14 +102,12 @@ def _reset_conv(conv1d: nn.Conv1d) -> None:
 
 
 class _CachedConv:
-    """Causal depthwise conv over (b, c, L) that reads and writes the layer's conv state in the cache."""
+    """Causal depthwise conv over (b, c, L) that reads and writes the layer's conv state in the cache (a prefill or a
+    chunk; one decode token goes through the mixers' `_step`)."""
 
     @staticmethod
-    def run(conv1d: nn.Conv1d, x: torch.Tensor, cache, layer_idx: int, decode: bool, seq_idx=None) -> torch.Tensor:
+    def run(conv1d: nn.Conv1d, x: torch.Tensor, cache, layer_idx: int, seq_idx=None) -> torch.Tensor:
         weight = conv1d.weight.squeeze(1)  # (c, w)
-        if decode:
-            conv_state = cache.get_conv_state(layer_idx)  # (b, c, w), updated in place
-            return kernels.causal_conv1d_update(x, conv_state, weight, conv1d.bias, activation="silu")
         seq_len = x.shape[-1]
         if cache is not None:
             # With a previous state this is [state | x], so the conv sees the true left context.
@@ -191,7 +189,7 @@ class HybridMambaMixer(nn.Module):
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
         z, x, B, C, dt = zxbcdt.split(self._in_sizes, dim=-1)
         x = self._widen_x(_masked(x, attention_mask))  # (b, L, d_inner)
-        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, False, seq_idx)  # (b, d_in, L)
+        x = _CachedConv.run(self.conv1d, x.transpose(1, 2), cache, self.layer_idx, seq_idx)  # (b, d_in, L)
         x = _masked(x.transpose(1, 2), attention_mask)  # (b, L, d_inner)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, L, d_inner); the bias is applied inside the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, n)
@@ -219,27 +217,32 @@ class HybridMambaMixer(nn.Module):
 
     def _step(self, hidden_states, attention_mask, cache, shared) -> torch.Tensor:
         """One decode token (b, 1, hidden) -> (b, 1, hidden): the single-step conv and state update, on (b, c) tensors
-        (no sequence axis, no transposes), with A computed once while A_log is unchanged."""
+        (no sequence axis, no transposes), with A computed once while A_log is unchanged. At batch 1 on a CPU the
+        step's cost beside its three matmuls is the Python of its small ops, so it takes views by shape and skips the
+        padding mask when there is none."""
         b = hidden_states.shape[0]
-        n = self.d_state
-        z, x, B, C, dt = self.in_proj(hidden_states[:, 0]).split(self._in_sizes, dim=-1)  # (b, *)
-        x = self._widen_x(_masked(x[:, None], attention_mask))[:, 0]  # (b, d_inner); attention_mask (b, 1)
+        n, g_x, g_c = self.d_state, self.d_xb // self.d_state, self.d_inner // self.d_state
+        z, x, B, C, dt = self.in_proj(hidden_states.view(b, -1)).split(self._in_sizes, dim=-1)  # (b, *)
+        if attention_mask is not None:  # (b, 1)
+            x = x * attention_mask.to(x.dtype)
+        if self.repeat > 1:  # MIL's repeat_kv: each d_state-wide slice of x serves `repeat` C groups
+            x = x.view(b, g_x, 1, n).expand(b, g_x, self.repeat, n).reshape(b, self.d_inner)
         conv_state = cache.get_conv_state(self.layer_idx)  # (b, d_inner, w), updated in place
-        x = kernels.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+        x = kernels.causal_conv1d_update(x, conv_state, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias,
                                          activation="silu")  # (b, d_inner)
-        x = _masked(x[:, None], attention_mask)[:, 0]  # (b, d_inner)
+        if attention_mask is not None:
+            x = x * attention_mask.to(x.dtype)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner); the bias is applied inside the update
-        B = self._widen_groups(B.view(b, self.d_xb // n, n))  # (b, d_inner / n, n)
         y = kernels.selective_state_update(
-            cache.get_recurrent_state(self.layer_idx), x, dt, self._neg_exp(self.A_log), B,
-            C.view(b, self.d_inner // n, n), D=self.D, z=None if self.is_memory else z, dt_bias=self.dt_proj.bias,
-            dt_softplus=True,
+            cache.get_recurrent_state(self.layer_idx), x, dt, self._neg_exp(self.A_log),
+            B.view(b, g_x, n), C.view(b, g_c, n),  # B's groups serve `repeat` C groups each, as widened in forward
+            D=self.D, z=None if self.is_memory else z, dt_bias=self.dt_proj.bias, dt_softplus=True,
         )  # (b, d_inner); the state (b, d_inner, n) fp32 is updated in place
         if self.is_memory:
             if shared is not None:
-                shared.memory = y[:, None]  # (b, 1, d_inner): after the D skip, before the gate
+                shared.memory = y.view(b, 1, -1)  # (b, 1, d_inner): after the D skip, before the gate
             y = y * F.silu(z)
-        return self.out_proj(y)[:, None]  # (b, 1, hidden)
+        return self.out_proj(y).view(b, 1, -1)  # (b, 1, hidden)
 
 
 class HybridMamba2Mixer(nn.Module):
@@ -272,6 +275,7 @@ class HybridMamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
+        self._neg_exp = _NegExpCache()  # A at decode
         self.norm = MambaRMSNormGated(self.d_inner, group_size=self.head_dim, eps=config.mamba2_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
         if self.D.device.type != "meta":
@@ -296,12 +300,13 @@ class HybridMamba2Mixer(nn.Module):
         The memory layer writes its scan output to `shared.memory` (b, L, d_inner)."""
         b, L, _ = hidden_states.shape
         h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
-        decode = _is_decode_step(cache, self.layer_idx, L)
+        if _is_decode_step(cache, self.layer_idx, L):
+            return self._step(hidden_states, attention_mask, cache, shared)
         seq_idx = _document_index(position_ids, attention_mask, cache, b)  # (b, L) or None
         zxbcdt = self.in_proj(hidden_states)  # (b, L, d_in_proj)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)  # x, B, C adjacent
         xBC = _masked(xBC, attention_mask)
-        xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, decode, seq_idx)  # (b, c, L)
+        xBC = _CachedConv.run(self.conv1d, xBC.transpose(1, 2), cache, self.layer_idx, seq_idx)  # (b, c, L)
         xBC = _masked(xBC.transpose(1, 2), attention_mask)  # (b, L, conv_dim)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         # KV head -> the query heads it serves (MIL's repeat_kv); the kernels need B and C with equal groups.
@@ -309,26 +314,44 @@ class HybridMamba2Mixer(nn.Module):
         B = B.view(b, L, kv, n).repeat_interleave(h // kv, dim=2)  # (b, L, h, n)
         C = C.view(b, L, h, n)  # (b, L, h, n)
         A = -torch.exp(self.A_log.float())  # (h,)
-        if decode:
-            state = cache.get_recurrent_state(self.layer_idx)  # (b, h, p, n) fp32, updated in place
-            y = kernels.selective_state_update(
-                state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n),
-                B[:, 0], C[:, 0],
-                D=self.D[:, None].expand(-1, p), dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True,
-            )  # (b, h, p)
-            y = y.reshape(b, 1, self.d_inner)
-        else:
-            initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-            out = kernels.mamba_chunk_scan_combined(
-                x, dt, A, B, C, self.chunk_size, D=self.D,
-                dt_bias=self.dt_bias, initial_states=initial_state, seq_idx=seq_idx, dt_softplus=True,
-                return_final_states=cache is not None,
-            )
-            if cache is not None:
-                out, final_state = out
-                cache.update_recurrent_state(final_state.float(), self.layer_idx)
-            y = out.reshape(b, L, self.d_inner)
+        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        out = kernels.mamba_chunk_scan_combined(
+            x, dt, A, B, C, self.chunk_size, D=self.D,
+            dt_bias=self.dt_bias, initial_states=initial_state, seq_idx=seq_idx, dt_softplus=True,
+            return_final_states=cache is not None,
+        )
+        if cache is not None:
+            out, final_state = out
+            cache.update_recurrent_state(final_state.float(), self.layer_idx)
+        y = out.reshape(b, L, self.d_inner)
         if self.is_memory and shared is not None:
             shared.memory = y  # (b, L, d_inner): after the D skip, before the gated norm
         y = self.norm(y, z)  # gated RMSNorm: norm(y * silu(z)) per head
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def _step(self, hidden_states, attention_mask, cache, shared) -> torch.Tensor:
+        """One decode token (b, 1, hidden) -> (b, 1, hidden): the single-step conv and the per-head state update on
+        (b, h, p) tensors, with one dt and one A per head (expanded views, so the update computes each once) and A
+        computed once while A_log is unchanged; B stays per KV head (the update broadcasts it over its query heads).
+        """
+        b = hidden_states.shape[0]
+        h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
+        z, xBC, dt = self.in_proj(hidden_states.view(b, -1)).split([self.d_inner, self.conv_dim, h], dim=-1)
+        if attention_mask is not None:  # (b, 1)
+            xBC = xBC * attention_mask.to(xBC.dtype)
+        xBC = kernels.causal_conv1d_update(xBC, cache.get_conv_state(self.layer_idx),
+                                           self.conv1d.weight.view(self.conv_dim, -1), self.conv1d.bias,
+                                           activation="silu")  # (b, conv_dim); the conv state is updated in place
+        if attention_mask is not None:
+            xBC = xBC * attention_mask.to(xBC.dtype)
+        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        x = x.view(b, kv, 1, p).expand(b, kv, h // kv, p).reshape(b, h, p)  # KV head -> its query heads
+        y = kernels.selective_state_update(
+            cache.get_recurrent_state(self.layer_idx), x, dt.view(b, h, 1).expand(b, h, p),
+            self._neg_exp(self.A_log).view(h, 1, 1).expand(h, p, n), B.view(b, kv, n), C.view(b, h, n),
+            D=self.D.view(h, 1).expand(h, p), dt_bias=self.dt_bias.view(h, 1).expand(h, p), dt_softplus=True,
+        ).view(b, 1, self.d_inner)  # the state (b, h, p, n) fp32 is updated in place
+        if self.is_memory and shared is not None:
+            shared.memory = y  # (b, 1, d_inner): after the D skip, before the gated norm
+        y = self.norm(y, z.view(b, 1, self.d_inner))  # gated RMSNorm: norm(y * silu(z)) per head
+        return self.out_proj(y.to(hidden_states.dtype))  # (b, 1, hidden)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from suture.kernels.backend import in_dtype as _in
 from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans
 
@@ -158,14 +159,22 @@ def _conv_update_torch(x, conv_state, weight, bias, activation):
 
 def _conv_step_torch(x, xs, conv_state, weight, bias, activation, cd):
     """One token: a multiply-add of the window with the weight, no convolution call (a depthwise ``F.conv1d`` costs
-    more than the whole step at decode sizes). The same operations as the reference, so the same numbers."""
+    more than the whole step at decode sizes). The same operations as the reference, so the same numbers. With a
+    state at least as wide as the kernel (HF caches keep ``S = w``) the window is the shifted state itself: one
+    concatenation builds it, the state takes it, the dot product reads it."""
     S, w = conv_state.shape[-1], weight.shape[1]
-    seen = torch.cat([conv_state.to(cd), xs.to(cd)], dim=-1)  # (b, d, S + 1), newest last
-    y = (seen[..., S + 1 - w :] * weight.to(cd)).sum(-1)  # (b, d): sum_k weight[:, k] * x[t - (w - 1) + k]
+    if S >= w:
+        window = torch.cat([_in(conv_state.narrow(-1, 1, S - 1), cd), _in(xs, cd)], dim=-1)  # (b, d, S), newest last
+        conv_state.copy_(window)  # shift left by one, append the new input
+        if S > w:
+            window = window.narrow(-1, S - w, w)  # (b, d, w)
+    else:  # S = w - 1: the window is the whole old state and the new input
+        window = torch.cat([_in(conv_state, cd), _in(xs, cd)], dim=-1)  # (b, d, w)
+        conv_state.copy_(window.narrow(-1, 1, S))
+    y = (window * _in(weight, cd)).sum(-1)  # (b, d): sum_k weight[:, k] * x[t - (w - 1) + k]
     if bias is not None:
-        y += bias.to(cd)
-    conv_state.copy_(seen[..., 1:])  # shift left by one, append the new input
-    return _activate(y, activation).to(x.dtype).view(x.shape)
+        y += _in(bias, cd)
+    return _in(_activate(y, activation), x.dtype).view(x.shape)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend: str | None = None):
@@ -187,4 +196,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
         return kernel(x, conv_state, weight, bias, activation)
     if name == "reference":
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    if x.dim() == 2:  # one token (decoding)
+        return _conv_step_torch(x, x.unsqueeze(-1), conv_state, weight, bias, activation, _compute_dtype(x))
     return _conv_update_torch(x, conv_state, weight, bias, activation)

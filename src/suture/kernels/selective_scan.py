@@ -19,9 +19,12 @@ fused ``addcmul_`` per step. Forward keeps the state at each block start (``L / 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from suture.kernels.backend import in_dtype as _in
 from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans, document_starts
 
@@ -34,6 +37,13 @@ __all__ = [
 
 _BLOCK_ELEMS = 1 << 18  # elements of one (T, b, d, n) block buffer: ~1 MiB fp32, sized for CPU caches
 _MAX_BLOCK = 128
+
+
+# A decode step computes exp(dt * A) as exp2(dt * log2(e) * A), as mamba-ssm's kernels do: PyTorch's CPU exp takes
+# a slow path, 10 to 30 times slower, wherever its result is subnormal or underflows (arguments below about -87),
+# which a step's large dt * A reaches often, while exp2 does not. The reference computes it the same way, so the
+# torch step still equals it bit for bit.
+LOG2E = math.log2(math.e)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -312,42 +322,52 @@ def selective_scan_fn(
 # One decode step.
 
 
+def _groups(t: torch.Tensor) -> int:
+    """How many groups a validated B or C holds: (b, n) is one, (b, g, n) is g."""
+    return t.shape[1] if t.dim() == 3 else 1
+
+
 def _check_state_update(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     """Validate the shapes of either form (see :func:`selective_state_update_ref`); raise naming the tensor."""
     if state.dim() == 3:  # (a) channels
         b, d, n = state.shape
-        g = B.shape[1] if B.dim() == 3 else 1
-        if B.dim() not in (2, 3) or B.shape[0] != b or B.shape[-1] != n or d % g != 0:
-            raise ValueError(f"selective_state_update: with state (b, d, n) = {(b, d, n)}, B and C must be (b, n) or "
-                             f"(b, g, n) with g dividing d; got B {tuple(B.shape)}")
-        checks = [("x", x, (b, d)), ("dt", dt, (b, d)), ("z", z, (b, d)), ("A", A, (d, n)),
-                  ("C", C, tuple(B.shape)), ("D", D, (d,)), ("dt_bias", dt_bias, (d,))]
+        for name, t in (("B", B), ("C", C)):
+            if t.dim() not in (2, 3) or t.shape[0] != b or t.shape[-1] != n or d % _groups(t) != 0:
+                raise ValueError(f"selective_state_update: with state (b, d, n) = {(b, d, n)}, {name} must be (b, n) "
+                                 f"or (b, g, n) with g dividing d; got {name} {tuple(t.shape)}")
+        checks = [("x", x, (b, d)), ("dt", dt, (b, d)), ("z", z, (b, d)), ("A", A, (d, n)), ("D", D, (d,)),
+                  ("dt_bias", dt_bias, (d,))]
     elif state.dim() == 4:  # (b) heads
         b, h, p, n = state.shape
-        checks = [("x", x, (b, h, p)), ("dt", dt, (b, h, p)), ("A", A, (h, p, n)), ("C", C, tuple(B.shape)),
-                  ("z", z, (b, h, p)), ("D", D, (h, p)), ("dt_bias", dt_bias, (h, p))]
+        for name, t in (("B", B), ("C", C)):
+            if t.dim() != 3 or t.shape[0] != b or t.shape[2] != n or h % t.shape[1] != 0:
+                raise ValueError(f"selective_state_update: {name} must be (b, g, n) with g dividing nheads={h}, "
+                                 f"got {tuple(t.shape)}")
+        checks = [("x", x, (b, h, p)), ("dt", dt, (b, h, p)), ("A", A, (h, p, n)), ("z", z, (b, h, p)),
+                  ("D", D, (h, p)), ("dt_bias", dt_bias, (h, p))]
     else:
         raise ValueError(f"selective_state_update: state must be (b, d, n) or (b, h, p, n), got {tuple(state.shape)}")
     for name, t, shape in checks:
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_state_update: {name} must be {shape} for state {tuple(state.shape)}, "
                              f"got {tuple(t.shape)}")
-    if state.dim() == 4 and (B.dim() != 3 or B.shape[0] != b or B.shape[2] != n or h % B.shape[1] != 0):
-        raise ValueError(
-            f"selective_state_update: B must be (b, g, n) with g dividing nheads={h}, got {tuple(B.shape)}"
-        )
 
 
 def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
-    """View validated inputs of either form as the per-head form (b), without copying ``state``.
+    """View validated inputs of either form as the per-head form (b) with B and C of equal groups, the form the GPU
+    kernels take, without copying ``state``.
 
-    Form (a) becomes g heads of d/g channels: state (b, g, d/g, n), x/dt/z (b, g, d/g), A (g, d/g, n), B/C (b, g, n),
-    D/dt_bias (g, d/g). Returns (state, x, dt, A, B, C, D, z, dt_bias).
+    B and C with different numbers of groups (MIL's layout: B per KV head, C per query head) are repeated to the
+    least common multiple g of the two. Form (a) becomes g heads of d/g channels: state (b, g, d/g, n), x/dt/z
+    (b, g, d/g), A (g, d/g, n), B/C (b, g, n), D/dt_bias (g, d/g). Returns (state, x, dt, A, B, C, D, z, dt_bias).
     """
+    b, n = state.shape[0], state.shape[-1]
+    g = math.lcm(_groups(B), _groups(C))
+    B, C = (t.reshape(b, -1, n) for t in (B, C))
+    B, C = (t if t.shape[1] == g else t.repeat_interleave(g // t.shape[1], dim=1) for t in (B, C))
     if state.dim() == 4:
         return state, x, dt, A, B, C, D, z, dt_bias
-    b, d, n = state.shape
-    g = B.shape[1] if B.dim() == 3 else 1
+    d = state.shape[1]
     heads = (b, g, d // g)
     try:
         state = state.view(b, g, d // g, n)
@@ -359,7 +379,7 @@ def _as_heads(state, x, dt, A, B, C, D, z, dt_bias):
     A = A.reshape(g, d // g, n)
     D = None if D is None else D.reshape(g, d // g)
     dt_bias = None if dt_bias is None else dt_bias.reshape(g, d // g)
-    return state, x, dt, A, B.reshape(b, g, n), C.reshape(b, g, n), D, z, dt_bias
+    return state, x, dt, A, B, C, D, z, dt_bias
 
 
 def _same_over_p(t: torch.Tensor, dims: int) -> bool:
@@ -368,37 +388,50 @@ def _same_over_p(t: torch.Tensor, dims: int) -> bool:
 
 
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """Per-head step in fp32; writes the new state into ``state``; returns y (b, h, p) in x's dtype.
+    """The torch step, on validated inputs of either form; writes the new state into ``state``; returns y (x's shape
+    and dtype), computed in fp32 (fp64 with fp64 inputs).
 
-    Each group's B/C is broadcast over its heads with views, never repeated. An fp32 state (fp64 with fp64 inputs) is
-    updated in place, with the reference's operations in the same order: no temporary state, no copy back. With
-    autograd on, the step reads a copy of the state and writes the new state back, so gradients reach the inputs.
+    B and C are broadcast over their groups' channels with views, never repeated: the state is viewed as (b, g,
+    heads per group, p, n) with B's groups to add the input and with C's to read the output, where form (a) is one
+    head of d/g channels per group. An fp32 state is updated in place, with the reference's operations in the same
+    order: no temporary state, no copy back. With autograd on, the step reads a copy of the state and writes the new
+    state back, so gradients reach the inputs. At batch 1 a decode step runs this once per Mamba layer on a few
+    thousand numbers, so its cost is the Python around its dozen tensor ops: views by shape rather than indexing or
+    reshaping to the per-head form, no no-op casts.
     """
-    cd = _compute_dtype(state, x)
-    b, h, p, n = state.shape
-    g = B.shape[1]
-    shape5 = (b, g, h // g, p)
-    xf = x.to(cd)
+    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    b, n = state.shape[0], state.shape[-1]
+    g_b, g_c = _groups(B), _groups(C)
+    if state.dim() == 3:  # (a) channels: one head of d/g channels per group
+        p, heads_b, heads_c = 1, (b, g_b, state.shape[1] // g_b), (b, g_c, state.shape[1] // g_c)
+    else:  # (b) heads
+        p, heads_b, heads_c = state.shape[2], (b, g_b, state.shape[1] // g_b), (b, g_c, state.shape[1] // g_c)
+    xf = _in(x, cd)
     in_place = state.dtype == cd and not torch.is_grad_enabled()
-    if in_place and all(t is None or _same_over_p(t, 1) for t in (dt, dt_bias)) and _same_over_p(A, 2):
+    if (in_place and state.dim() == 4 and all(t is None or _same_over_p(t, 1) for t in (dt, dt_bias))
+            and _same_over_p(A, 2)):
         # one dt and one A per head, broadcast over (p, n) (Mamba-2): the same values, computed once per head
         dt, dt_bias, A = dt[..., :1], None if dt_bias is None else dt_bias[..., :1], A[..., :1, :1]
-    dt = dt.to(cd) if dt_bias is None else dt.to(cd) + dt_bias.to(cd)  # (b, h, p) or (b, h, 1)
+    dt = _in(dt, cd) if dt_bias is None else _in(dt, cd) + _in(dt_bias, cd)  # x's shape, or (b, h, 1)
     if dt_softplus:
         dt = F.softplus(dt)
-    dA = torch.exp_(dt[..., None] * A.to(cd))  # (b, h, p, n) or (b, h, 1, 1)
-    dA = dA.view(b, g, h // g, *dA.shape[-2:])  # (b, g, h/g, p, n) or (b, g, h/g, 1, 1)
-    dBx = (dt * xf).view(*shape5, 1) * B.to(cd)[:, :, None, None, :]  # (b, g, h/g, p, n)
-    old = state.to(cd, copy=not in_place).view(*shape5, n)  # a copy under autograd, which saves it for backward
-    new = (old.mul_(dA) if in_place else old * dA).add_(dBx)  # (b, g, h/g, p, n)
-    y = (new * C.to(cd)[:, :, None, None, :]).sum(-1).view(b, h, p)  # (b, h, p)
+    dA = torch.exp2_((dt * LOG2E).unsqueeze(-1) * _in(A, cd))  # exp(dt A): (b, d, n), (b, h, p, n) or (b, h, 1, 1)
+    dA = dA.view(*heads_b, -1, dA.shape[-1])  # (b, g, c/g or h/g, p, n) or (b, g, h/g, 1, 1)
+    dBx = (dt * xf).view(*heads_b, p, 1) * _in(B, cd).view(b, g_b, 1, 1, n)  # (b, g, c/g or h/g, p, n)
+    try:  # a copy under autograd, which saves it for backward
+        old = state.to(cd, copy=not in_place).view(*heads_b, p, n)
+    except RuntimeError as err:
+        raise ValueError(f"selective_state_update: state {tuple(state.shape)} with strides {state.stride()} cannot "
+                         f"be viewed as (b, g, heads, p, n) = {(*heads_b, p, n)}; pass a contiguous state") from err
+    new = (old.mul_(dA) if in_place else old * dA).add_(dBx)  # (b, g, c/g or h/g, p, n)
+    y = (new.view(*heads_c, p, n) * _in(C, cd).view(b, g_c, 1, 1, n)).sum(-1).view(x.shape)
     if not in_place:
-        state.copy_(new.view(b, h, p, n))
+        state.copy_(new.view(state.shape))
     if D is not None:
-        y = y + xf * D.to(cd)
+        y = y + xf * _in(D, cd)
     if z is not None:
-        y = y * F.silu(z.to(cd))
-    return y.to(x.dtype)
+        y = y * F.silu(_in(z, cd))
+    return _in(y, x.dtype)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -406,10 +439,11 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
     Shapes, form (a): state ``(b, d, n)``, x/dt/z ``(b, d)``, A ``(d, n)``, B/C ``(b, n)`` or ``(b, g, n)``,
     D/dt_bias ``(d,)``. Form (b), per head: state ``(b, h, p, n)``, x/dt/z ``(b, h, p)``, A ``(h, p, n)``,
-    B/C ``(b, g, n)`` with ``g | h``, D/dt_bias ``(h, p)``.
+    B/C ``(b, g, n)`` with ``g | h``, D/dt_bias ``(h, p)``. B and C may hold different numbers of groups (MIL's
+    layout: B per KV head, C per query head).
 
     Both forms are the same per-channel recurrence over the ``c = d`` (or ``h * p``) channels, channel ``k`` reading
-    group ``k // (c / g)``::
+    group ``k // (c / g)`` of B and of C (each with its own g)::
 
         dt = softplus(dt + dt_bias)                     # bias and softplus optional
         state = exp(dt * A) * state + dt * x * B
@@ -426,15 +460,19 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         return None if t is None else t.to(cd).reshape(*lead, c)
 
     x_, dt_, z_, D_, dt_bias_ = channels(x, b), channels(dt, b), channels(z, b), channels(D), channels(dt_bias)
-    B_, C_ = B.to(cd).reshape(b, -1, n), C.to(cd).reshape(b, -1, n)  # (b, g, n); B (b, n) is one group
-    group = torch.arange(c, device=x.device) // (c // B_.shape[1])  # (c,): the group channel k reads
-    B_, C_ = B_[:, group], C_[:, group]  # (b, c, n)
+    channel = torch.arange(c, device=x.device)
+
+    def per_channel(t):  # (b, c, n): channel k reads group k // (c / g) of t
+        t = t.to(cd).reshape(b, -1, n)  # (b, g, n); (b, n) is one group
+        return t[:, channel // (c // t.shape[1])]
+
+    B_, C_ = per_channel(B), per_channel(C)
     if dt_bias_ is not None:
         dt_ = dt_ + dt_bias_
     if dt_softplus:
         dt_ = F.softplus(dt_)
     h = state.to(cd).reshape(b, c, n)  # (b, c, n)
-    dA = torch.exp(dt_[..., None] * A.to(cd).reshape(c, n))  # (b, c, n)
+    dA = torch.exp2((dt_ * LOG2E)[..., None] * A.to(cd).reshape(c, n))  # exp(dt A) (b, c, n), as exp2: see LOG2E
     h = dA * h + (dt_ * x_)[..., None] * B_  # (b, c, n)
     y = (h * C_).sum(-1)  # (b, c)
     if D_ is not None:
@@ -458,10 +496,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                                    triton_unsupported=lambda: triton_limitation(state, x, dt, A, B, C, D, z, dt_bias))
     if name == "reference":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if name == "torch":
+        return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
     if name == "cuda":  # mamba-ssm takes the per-head form directly; the views share state's storage
         s, xh, dth, Ah, Bh, Ch, Dh, zh, dtbh = heads
         return kernel(s, xh, dth, Ah, Bh, Ch, D=Dh, z=zh, dt_bias=dtbh, dt_softplus=dt_softplus).view(x.shape)
-    if name == "triton":
-        return kernel(*heads, dt_softplus).view(x.shape)
-    return _state_update(*heads, dt_softplus).view(x.shape)
+    return kernel(*heads, dt_softplus).view(x.shape)  # triton
