@@ -193,3 +193,20 @@ def test_auto_without_mamba_ssm_or_triton(monkeypatch):
     assert report["triton"] == {"version": None, "reason": "ModuleNotFoundError: No module named 'triton'",
                                 "interpreter": None}
     assert report["ops"]["causal_conv1d"]["auto"]["cuda"][0] == "torch"
+
+
+def test_decode_kernels_skip_the_checks_only_on_the_torch_path():
+    """A mixer's decode step gets the torch implementations themselves where a call would run them (CPU tensors under
+    "auto", any tensors under "torch"), and the public dispatching functions everywhere else."""
+    from suture import kernels
+
+    torch_path = (kernels.causal_conv1d_step_torch, kernels.selective_state_update_torch)
+    public = (kernels.causal_conv1d_update, kernels.selective_state_update)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernels.decode_kernels(cpu) == torch_path
+    assert kernels.decode_kernels(cuda) == public
+    with kernels.use_backend("torch"):
+        assert kernels.decode_kernels(cpu) == kernels.decode_kernels(cuda) == torch_path
+    for name in ("reference", "triton", "cuda"):
+        with kernels.use_backend(name):
+            assert kernels.decode_kernels(cpu) == kernels.decode_kernels(cuda) == public, name

@@ -227,13 +227,14 @@ class HybridMambaMixer(nn.Module):
             x = x * attention_mask.to(x.dtype)
         if self.repeat > 1:  # MIL's repeat_kv: each d_state-wide slice of x serves `repeat` C groups
             x = x.view(b, g_x, 1, n).expand(b, g_x, self.repeat, n).reshape(b, self.d_inner)
+        conv_update, state_update = kernels.decode_kernels(x.device)
         conv_state = cache.get_conv_state(self.layer_idx)  # (b, d_inner, w), updated in place
-        x = kernels.causal_conv1d_update(x, conv_state, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias,
-                                         activation="silu")  # (b, d_inner)
+        x = conv_update(x, conv_state, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias,
+                        activation="silu")  # (b, d_inner)
         if attention_mask is not None:
             x = x * attention_mask.to(x.dtype)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner); the bias is applied inside the update
-        y = kernels.selective_state_update(
+        y = state_update(
             cache.get_recurrent_state(self.layer_idx), x, dt, self._neg_exp(self.A_log),
             B.view(b, g_x, n), C.view(b, g_c, n),  # B's groups serve `repeat` C groups each, as widened in forward
             D=self.D, z=None if self.is_memory else z, dt_bias=self.dt_proj.bias, dt_softplus=True,
@@ -339,14 +340,14 @@ class HybridMamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(hidden_states.view(b, -1)).split([self.d_inner, self.conv_dim, h], dim=-1)
         if attention_mask is not None:  # (b, 1)
             xBC = xBC * attention_mask.to(xBC.dtype)
-        xBC = kernels.causal_conv1d_update(xBC, cache.get_conv_state(self.layer_idx),
-                                           self.conv1d.weight.view(self.conv_dim, -1), self.conv1d.bias,
-                                           activation="silu")  # (b, conv_dim); the conv state is updated in place
+        conv_update, state_update = kernels.decode_kernels(xBC.device)
+        xBC = conv_update(xBC, cache.get_conv_state(self.layer_idx), self.conv1d.weight.view(self.conv_dim, -1),
+                          self.conv1d.bias, activation="silu")  # (b, conv_dim); the conv state is updated in place
         if attention_mask is not None:
             xBC = xBC * attention_mask.to(xBC.dtype)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         x = x.view(b, kv, 1, p).expand(b, kv, h // kv, p).reshape(b, h, p)  # KV head -> its query heads
-        y = kernels.selective_state_update(
+        y = state_update(
             cache.get_recurrent_state(self.layer_idx), x, dt.view(b, h, 1).expand(b, h, p),
             self._neg_exp(self.A_log).view(h, 1, 1).expand(h, p, n), B.view(b, kv, n), C.view(b, h, n),
             D=self.D.view(h, 1).expand(h, p), dt_bias=self.dt_bias.view(h, 1).expand(h, p), dt_softplus=True,

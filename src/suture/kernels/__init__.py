@@ -26,6 +26,10 @@ Packed rows: ``causal_conv1d_fn``, ``selective_scan_fn``, ``mamba_chunk_scan_com
 inputs or state (:mod:`suture.kernels.documents`).
 """
 
+from collections.abc import Callable
+
+import torch
+
 from suture.kernels.backend import (
     BACKENDS,
     ENV_VAR,
@@ -41,6 +45,7 @@ from suture.kernels.backend import (
 from suture.kernels.conv1d import (
     causal_conv1d_fn,
     causal_conv1d_ref,
+    causal_conv1d_step_torch,
     causal_conv1d_update,
     causal_conv1d_update_ref,
 )
@@ -49,8 +54,21 @@ from suture.kernels.selective_scan import (
     selective_scan_ref,
     selective_state_update,
     selective_state_update_ref,
+    selective_state_update_torch,
 )
 from suture.kernels.ssd import mamba_chunk_scan_combined, ssd_scan_ref
+
+
+def decode_kernels(device: torch.device) -> tuple[Callable, Callable]:
+    """``(causal_conv1d_update, selective_state_update)`` for a one-token decode step on ``device`` whose inputs its
+    caller built itself (suture's mixers). Where a call would take the PyTorch path (CPU tensors under ``"auto"``, or
+    the ``"torch"`` backend) these are the PyTorch implementations themselves, without the public functions' per-call
+    shape checks and dispatch: at batch 1 on a CPU those cost more than the conv's arithmetic. Elsewhere they are the
+    public, dispatching functions. Same arguments and results either way."""
+    name = get_backend()
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return causal_conv1d_step_torch, selective_state_update_torch
+    return causal_conv1d_update, selective_state_update
 
 __all__ = [
     "BACKENDS",
@@ -61,8 +79,10 @@ __all__ = [
     "available_backends",
     "causal_conv1d_fn",
     "causal_conv1d_ref",
+    "causal_conv1d_step_torch",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "decode_kernels",
     "get_backend",
     "mamba_chunk_scan_combined",
     "resolve_backend",
@@ -70,6 +90,7 @@ __all__ = [
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "selective_state_update_torch",
     "set_backend",
     "ssd_scan_ref",
     "use_backend",

@@ -177,6 +177,13 @@ def _conv_step_torch(x, xs, conv_state, weight, bias, activation, cd):
     return _in(_activate(y, activation), x.dtype).view(x.shape)
 
 
+def causal_conv1d_step_torch(x, conv_state, weight, bias=None, activation=None):
+    """One token ``x (b, d)`` on the PyTorch path, with :func:`causal_conv1d_update`'s arguments and result but none of
+    its shape checks or dispatch: for a decode step that built its inputs itself (:func:`suture.kernels.decode_kernels`).
+    """
+    return _conv_step_torch(x, x.unsqueeze(-1), conv_state, weight, bias, activation, _compute_dtype(x))
+
+
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend: str | None = None):
     """Decode step(s): append ``x`` to ``conv_state`` (in place) and return the new tokens' outputs.
 
@@ -197,5 +204,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     if name == "reference":
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     if x.dim() == 2:  # one token (decoding)
-        return _conv_step_torch(x, x.unsqueeze(-1), conv_state, weight, bias, activation, _compute_dtype(x))
+        return causal_conv1d_step_torch(x, conv_state, weight, bias, activation)
     return _conv_update_torch(x, conv_state, weight, bias, activation)

@@ -483,6 +483,12 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     return y.to(x.dtype).reshape(x.shape)
 
 
+def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """:func:`selective_state_update` on the PyTorch path, with its arguments and result but none of its shape checks
+    or dispatch: for a decode step that built its inputs itself (:func:`suture.kernels.decode_kernels`)."""
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend=None):
     """One decode step, dispatched per call; updates ``state`` in place and returns y (x's shape and dtype).
 
@@ -497,7 +503,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if name == "reference":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if name == "torch":
-        return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     heads = _as_heads(state, x, dt, A, B, C, D, z, dt_bias)
     if name == "cuda":  # mamba-ssm takes the per-head form directly; the views share state's storage
         s, xh, dth, Ah, Bh, Ch, Dh, zh, dtbh = heads
