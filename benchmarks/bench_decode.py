@@ -2,7 +2,8 @@
 
 For each context length the model prefills that many tokens, then decodes single tokens with its cache; we
 report the median milliseconds per decode step, and the median over `--repeats` such runs (models and contexts
-interleaved, so a slow spell on a shared machine hits every model alike). Attention layers read a KV cache that
+interleaved, so a slow spell on a shared machine hits every model alike; one untimed run per model first, so that
+the first model timed does not also pay the process's warm-up). Attention layers read a KV cache that
 grows with the context, Mamba layers read and write a fixed-size state, so a hybrid's decode cost should grow only
 through its kept attention layers and an all-Mamba model should be flat.
 
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, one repeat")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per run (their median is the run's)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per model and context (their median is shown)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per model and context (their median is shown)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -117,6 +118,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     models = build_models(args.layers, args.hidden, args.heads, args.kv_heads, args.models)
+    for model in models.values():  # untimed: the first run of a fresh process also pays its allocations and threads
+        decode_run(model, min(contexts), args.steps)
     runs = {name: {c: [] for c in contexts} for name in models}
     moved = {name: {} for name in models}
     for _ in range(repeats):

@@ -245,12 +245,6 @@ def available_backends() -> dict[str, Any]:
     return {"default": default, "cuda_device": torch.cuda.is_available(), "triton": triton_report, "ops": ops}
 
 
-def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, skipping the call when t already has that dtype: the torch decode paths do a dozen such casts
-    per layer and token, where a no-op ``.to`` still costs a dispatcher call."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _warn_once(op: str, message: str) -> None:
     if (op, message) not in _warned:
         _warned.add((op, message))

@@ -24,9 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from suture.kernels.backend import in_dtype as _in
 from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans, document_starts
+from suture.kernels.numerics import LOG2E
+from suture.kernels.numerics import in_dtype as _in
 
 __all__ = [
     "selective_scan_fn",
@@ -37,13 +38,6 @@ __all__ = [
 
 _BLOCK_ELEMS = 1 << 18  # elements of one (T, b, d, n) block buffer: ~1 MiB fp32, sized for CPU caches
 _MAX_BLOCK = 128
-
-
-# A decode step computes exp(dt * A) as exp2(dt * log2(e) * A), as mamba-ssm's kernels do: PyTorch's CPU exp takes
-# a slow path, 10 to 30 times slower, wherever its result is subnormal or underflows (arguments below about -87),
-# which a step's large dt * A reaches often, while exp2 does not. The reference computes it the same way, so the
-# torch step still equals it bit for bit.
-LOG2E = math.log2(math.e)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
