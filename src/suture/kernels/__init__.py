@@ -70,6 +70,7 @@ def decode_kernels(device: torch.device) -> tuple[Callable, Callable]:
         return causal_conv1d_step_torch, selective_state_update_torch
     return causal_conv1d_update, selective_state_update
 
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",

@@ -14,7 +14,10 @@ from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans
 from suture.kernels.numerics import in_dtype as _in
 
-__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
+__all__ = [
+    "causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_step_torch", "causal_conv1d_update",
+    "causal_conv1d_update_ref",
+]
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -179,8 +182,8 @@ def _conv_step_torch(x, xs, conv_state, weight, bias, activation, cd):
 
 def causal_conv1d_step_torch(x, conv_state, weight, bias=None, activation=None):
     """One token ``x (b, d)`` on the PyTorch path, with :func:`causal_conv1d_update`'s arguments and result but none of
-    its shape checks or dispatch: for a decode step that built its inputs itself (:func:`suture.kernels.decode_kernels`).
-    """
+    its shape checks or dispatch: for a decode step that built its inputs itself
+    (:func:`suture.kernels.decode_kernels`)."""
     return _conv_step_torch(x, x.unsqueeze(-1), conv_state, weight, bias, activation, _compute_dtype(x))
 
 

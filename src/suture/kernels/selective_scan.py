@@ -386,8 +386,8 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     and dtype), computed in fp32 (fp64 with fp64 inputs).
 
     B and C are broadcast over their groups' channels with views, never repeated: the state is viewed as (b, g,
-    heads per group, p, n) with B's groups to add the input and with C's to read the output, where form (a) is one
-    head of d/g channels per group. An fp32 state is updated in place, with the reference's operations in the same
+    heads per group, p, n) with B's groups to add the input and with C's to read the output, form (a) as d/g heads
+    of one channel per group. An fp32 state is updated in place, with the reference's operations in the same
     order: no temporary state, no copy back. With autograd on, the step reads a copy of the state and writes the new
     state back, so gradients reach the inputs. At batch 1 a decode step runs this once per Mamba layer on a few
     thousand numbers, so its cost is the Python around its dozen tensor ops: views by shape rather than indexing or
@@ -396,7 +396,7 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
     b, n = state.shape[0], state.shape[-1]
     g_b, g_c = _groups(B), _groups(C)
-    if state.dim() == 3:  # (a) channels: one head of d/g channels per group
+    if state.dim() == 3:  # (a) channels: d/g heads of one channel per group
         p, heads_b, heads_c = 1, (b, g_b, state.shape[1] // g_b), (b, g_c, state.shape[1] // g_c)
     else:  # (b) heads
         p, heads_b, heads_c = state.shape[2], (b, g_b, state.shape[1] // g_b), (b, g_c, state.shape[1] // g_c)
