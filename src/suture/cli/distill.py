@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import cli_errors, console
+from .errors import cli_errors, console, data_help
 
 
 def distill_command(
@@ -20,9 +20,7 @@ def distill_command(
                                   "--preset or --schedule: OUT, the hybrid is made first)."),
     out: Path = typer.Argument(None, help="Directory to write the distilled hybrid to."),
     recipe: str = typer.Option(..., "--recipe", help="A preset (default, mambainllama, m1, apriel-h1) or a recipe YAML file."),
-    data: str = typer.Option(..., "--data", help='"workload", a .jsonl file of {"text"}, {"messages"} or '
-                             '{"prompt", "response"} records, or a directory written by datasets\' save_to_disk '
-                             'with those columns (a DatasetDict: its train split).'),
+    data: str = typer.Option(..., "--data", help=data_help("Training data")),
     preset: str = typer.Option(None, "--preset", help="Hybridize TEACHER first with this layout (m1, mil-50, mil-75, "
                                "mil-87.5); then give TEACHER OUT only."),
     schedule: str = typer.Option(None, "--schedule", help="incremental: Apriel-H1's schedule from TEACHER (then give "

@@ -99,6 +99,13 @@ def size_option(value: str) -> str:
     return value
 
 
+def data_help(purpose: str) -> str:
+    """The help of an option that takes data `suture.data.load_sequences` reads, for `purpose`."""
+    return (f'{purpose}: a named source ("workload", "workload-sorting": the built-in tasks, for workload models; or '
+            'one a package registers), a .jsonl file of {"text"}, {"messages"} or {"prompt", "response"} records, '
+            "or a directory written by datasets' save_to_disk with those columns (a DatasetDict: its train split).")
+
+
 def dtype_option(allowed: Sequence[str] | None = None) -> Callable[[str | None], str | None]:
     """Typer callback of a --dtype option: any spelling `suture.io.parse.parse_dtype` reads (bf16, bfloat16, ...),
     of the dtypes in `allowed` (torch names; default every floating dtype). A bad value is a usage error naming the

@@ -9,7 +9,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import cli_errors, console, dtype_option, size_option
+from .errors import cli_errors, console, data_help, dtype_option, size_option
 
 
 def hybridize_command(
@@ -30,7 +30,7 @@ def hybridize_command(
                                "SRC it must replace every mixer layer SRC has)."),
     select: str = typer.Option("even", "--select", help="With --ratio: 'even' spacing or 'importance' (needs --data "
                                "or --importance)."),
-    data: str = typer.Option(None, "--data", help="Calibration data for --select importance: a JSONL file or 'workload'."),
+    data: str = typer.Option(None, "--data", help=data_help("Calibration data for --select importance")),
     importance_json: Path = typer.Option(None, "--importance", help="A saved `suture importance --json` report to select by."),
     probe: str = typer.Option(None, "--probe", help="With --select importance: the probe that ranks the layers, loo, "
                               "mil or mmr (default: loo, or the saved report's first method). mmr runs with its "

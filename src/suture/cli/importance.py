@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import cli_errors, console
+from .errors import cli_errors, console, data_help
 
 
 
@@ -16,8 +16,7 @@ def importance_command(
     src: Path = typer.Argument(..., help="Checkpoint directory: a transformer or a suture hybrid, with its tokenizer."),
     data: str = typer.Option(
         "workload", "--data",
-        help='Calibration data: "workload" (built-in task; workload models only) or a .jsonl file of {"text"}, '
-             '{"messages"} or {"prompt", "response"} records.',
+        help=data_help("Calibration data"),
     ),
     method: list[str] = typer.Option(
         ["loo"], "--method",

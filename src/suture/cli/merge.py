@@ -17,7 +17,7 @@ from ..merge.long_short import (
     LONG_SHORT_PARAMETERS,
     long_short_recipe,
 )
-from .errors import cli_errors, console, size_option
+from .errors import cli_errors, console, data_help, size_option
 
 
 class _RecipeFirst(TyperGroup):
@@ -79,7 +79,7 @@ def long_short(
     short_weight: float = typer.Option(1.0, help="With --base: weight of the short model's task vector."),
     aim: bool = typer.Option(False, "--aim", help="AIM post-step (activation statistics of the base model)."),
     omega: float = typer.Option(LONG_SHORT_AIM_OMEGA, help="AIM relaxation floor (lower relaxes more)."),
-    calibration: str = typer.Option("workload", help="AIM calibration data: 'workload' or a JSONL file."),
+    calibration: str = typer.Option("workload", help=data_help("AIM calibration data")),
     calibration_n: int = typer.Option(LONG_SHORT_CALIBRATION_N, help="AIM calibration samples."),
     seed: int = typer.Option(0, help="Seed of the random methods (DARE)."),
     out_dtype: str = typer.Option(None, help="Output dtype (default: the inputs')."),
