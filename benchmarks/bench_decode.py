@@ -18,6 +18,7 @@ on the model and its cache after the prefill:
     python benchmarks/bench_decode.py                 # contexts 128, 2048, 8192
     python benchmarks/bench_decode.py --quick         # contexts 128, 1024, one repeat
     python benchmarks/bench_decode.py --models transformer "hybrid-mamba m1" --repeats 5
+    python benchmarks/bench_decode.py --contexts 128 --modules   # also us per call of each layer's mixer and MLP
 """
 
 from __future__ import annotations
@@ -78,8 +79,40 @@ def cache_bytes(cache) -> dict:
     return {"kv": kv, "state": state}
 
 
+class ModuleTimer:
+    """Wall time of every call of each decoder layer's mixer and MLP, by attribute name (`self_attn`, `mamba`,
+    `mlp`, ...), from forward pre- and post-hooks; `pause` stops recording (the prefill)."""
+
+    PARTS = ("self_attn", "mamba", "mamba2", "mlp")
+
+    def __init__(self, model):
+        self.times, self.recording, self.handles = {}, False, []
+        for layer in model.model.layers:
+            for part in self.PARTS:
+                module = getattr(layer, part, None)
+                if module is not None:
+                    self.handles.append(module.register_forward_pre_hook(self._start))
+                    self.handles.append(module.register_forward_hook(self._stop(part)))
+
+    def _start(self, module, args):
+        module._bench_start = time.perf_counter()
+
+    def _stop(self, part):
+        def hook(module, args, output):
+            if self.recording:
+                self.times.setdefault(part, []).append(time.perf_counter() - module._bench_start)
+        return hook
+
+    def medians_us(self) -> dict:
+        return {part: statistics.median(t) * 1e6 for part, t in self.times.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @torch.no_grad()
-def decode_run(model, context: int, steps: int) -> tuple[float, dict]:
+def decode_run(model, context: int, steps: int, timer: ModuleTimer | None = None) -> tuple[float, dict]:
     """Median ms per decode step after a prefill of `context` tokens, and the bytes one step reads."""
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (1, context))
@@ -87,11 +120,15 @@ def decode_run(model, context: int, steps: int) -> tuple[float, dict]:
     cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     moved = cache_bytes(cache)
     times = []
+    if timer is not None:
+        timer.recording = True
     for _ in range(steps):
         start = time.perf_counter()
         out = model(token, use_cache=True, **{CACHE_KWARG: cache})
         token = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - start)
+    if timer is not None:
+        timer.recording = False
     return statistics.median(times) * 1e3, {"weights": weight_bytes(model), **moved}
 
 
@@ -112,6 +149,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modules", action="store_true",
+                        help="also time each decoder layer's mixer and MLP (forward hooks) at the first context, in "
+                             "runs of their own after the main ones, and print the median microseconds per call")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
     args = parser.parse_args()
     contexts, repeats = ([128, 1024], 1) if args.quick else (args.contexts, args.repeats)
@@ -145,12 +185,30 @@ def main() -> None:
         table.add_row(name, *cells, *ratio)
     Console().print(table)
 
+    modules = {}
+    if args.modules:  # runs of their own: the hooks' cost stays out of the main table
+        for name, model in models.items():
+            timer = ModuleTimer(model)
+            for _ in range(repeats):
+                decode_run(model, contexts[0], args.steps, timer)
+            timer.remove()
+            modules[name] = timer.medians_us()
+        parts = [p for p in ModuleTimer.PARTS if any(p in row for row in modules.values())]
+        table = Table(title=f"us per call at ctx {contexts[0]} (median over layers, steps and {repeats} runs)")
+        table.add_column("model")
+        for part in parts:
+            table.add_column(part, justify="right")
+        for name, row in modules.items():
+            table.add_row(name, *(f"{row[p]:.0f}" if p in row else "" for p in parts))
+        Console().print(table)
+
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "setup": {k: v for k, v in vars(args).items() if k != "json"} | {"torch": torch.__version__},
         "decode_ms_per_token": ms,
         "decode_ms_per_token_runs": runs,
         "bytes_per_token": moved,
+        **({"module_us_per_call": modules} if modules else {}),
     }
     args.json.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.json}")

@@ -1,0 +1,52 @@
+"""benchmarks/bench_decode.py on tiny models: its table's JSON, and its per-module timer counts only decode calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+TINY = ["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_timer_records_each_decode_call_of_each_layer_and_not_the_prefill(bench):
+    models = bench.build_models(4, 64, 4, 2, ("transformer", "hybrid-mamba m1"))
+    hybrid = models["hybrid-mamba m1"]
+    kinds = [layer.layer_type if hasattr(layer, "layer_type") else "attention" for layer in hybrid.model.layers]
+    timer = bench.ModuleTimer(hybrid)
+    bench.decode_run(hybrid, context=6, steps=3, timer=timer)
+    counts = {part: len(times) for part, times in timer.times.items()}
+    assert counts == {"mamba": 3 * kinds.count("mamba"), "self_attn": 3 * (4 - kinds.count("mamba")), "mlp": 3 * 4}
+    timer.remove()
+    bench.decode_run(hybrid, context=6, steps=2, timer=None)
+    assert {part: len(times) for part, times in timer.times.items()} == counts  # the hooks are gone
+    assert all(value > 0 for value in timer.medians_us().values())
+
+
+def test_main_writes_every_model_and_context_and_the_module_table(bench, tmp_path, monkeypatch):
+    out = tmp_path / "decode.json"
+    argv = ["bench_decode.py", *TINY, "--contexts", "8", "16", "--steps", "2", "--repeats", "1", "--modules",
+            "--models", "transformer", "hybrid-mamba m1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    payload = json.loads(out.read_text())
+    assert set(payload["decode_ms_per_token"]) == {"transformer", "hybrid-mamba m1"}
+    assert all(set(row) == {"8", "16"} for row in payload["decode_ms_per_token"].values())
+    modules = payload["module_us_per_call"]
+    assert set(modules["transformer"]) == {"self_attn", "mlp"}
+    assert set(modules["hybrid-mamba m1"]) == {"self_attn", "mamba", "mlp"}
+    moved = payload["bytes_per_token"]
+    assert moved["transformer"]["16"]["kv"] == 2 * moved["transformer"]["8"]["kv"]  # KV grows with the context
+    assert moved["hybrid-mamba m1"]["16"]["state"] == moved["hybrid-mamba m1"]["8"]["state"]  # states do not
