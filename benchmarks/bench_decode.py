@@ -86,25 +86,32 @@ class ModuleTimer:
     PARTS = ("self_attn", "mamba", "mamba2", "mlp")
 
     def __init__(self, model):
-        self.times, self.recording, self.handles = {}, False, []
-        for layer in model.model.layers:
+        self.times, self.layer_times, self.recording, self.handles = {}, {}, False, []
+        for index, layer in enumerate(model.model.layers):
             for part in self.PARTS:
                 module = getattr(layer, part, None)
                 if module is not None:
                     self.handles.append(module.register_forward_pre_hook(self._start))
-                    self.handles.append(module.register_forward_hook(self._stop(part)))
+                    self.handles.append(module.register_forward_hook(self._stop(part, index)))
 
     def _start(self, module, args):
         module._bench_start = time.perf_counter()
 
-    def _stop(self, part):
+    def _stop(self, part, index):
         def hook(module, args, output):
             if self.recording:
-                self.times.setdefault(part, []).append(time.perf_counter() - module._bench_start)
+                elapsed = time.perf_counter() - module._bench_start
+                self.times.setdefault(part, []).append(elapsed)
+                self.layer_times.setdefault((index, part), []).append(elapsed)
         return hook
 
     def medians_us(self) -> dict:
         return {part: statistics.median(t) * 1e6 for part, t in self.times.items()}
+
+    def mixer_medians_us(self) -> dict:
+        """{layer index: (mixer part, median us)}: each layer's own mixer, for layer-by-layer differences."""
+        return {index: (part, statistics.median(t) * 1e6) for (index, part), t in sorted(self.layer_times.items())
+                if part != "mlp"}
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -192,14 +199,26 @@ def main() -> None:
             for _ in range(repeats):
                 decode_run(model, contexts[0], args.steps, timer)
             timer.remove()
-            modules[name] = timer.medians_us()
+            modules[name] = {**timer.medians_us(),
+                             "mixer_by_layer": {str(i): {"part": p, "us": us} for i, (p, us) in
+                                                timer.mixer_medians_us().items()}}
         parts = [p for p in ModuleTimer.PARTS if any(p in row for row in modules.values())]
+        layers = sorted({int(i) for row in modules.values() for i in row["mixer_by_layer"]})
         table = Table(title=f"us per call at ctx {contexts[0]} (median over layers, steps and {repeats} runs)")
         table.add_column("model")
         for part in parts:
             table.add_column(part, justify="right")
         for name, row in modules.items():
             table.add_row(name, *(f"{row[p]:.0f}" if p in row else "" for p in parts))
+        Console().print(table)
+        table = Table(title=f"each layer's mixer, us per call at ctx {contexts[0]} (a = self_attn, m = Mamba)")
+        table.add_column("model")
+        for index in layers:
+            table.add_column(str(index), justify="right")
+        for name, row in modules.items():
+            by_layer = row["mixer_by_layer"]
+            table.add_row(name, *(f"{'a' if by_layer[str(i)]['part'] == 'self_attn' else 'm'} "
+                                  f"{by_layer[str(i)]['us']:.0f}" for i in layers))
         Console().print(table)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,10 @@ def test_main_writes_every_model_and_context_and_the_module_table(bench, tmp_pat
     assert set(payload["decode_ms_per_token"]) == {"transformer", "hybrid-mamba m1"}
     assert all(set(row) == {"8", "16"} for row in payload["decode_ms_per_token"].values())
     modules = payload["module_us_per_call"]
-    assert set(modules["transformer"]) == {"self_attn", "mlp"}
-    assert set(modules["hybrid-mamba m1"]) == {"self_attn", "mamba", "mlp"}
+    assert set(modules["transformer"]) == {"self_attn", "mlp", "mixer_by_layer"}
+    assert set(modules["hybrid-mamba m1"]) == {"self_attn", "mamba", "mlp", "mixer_by_layer"}
+    parts = [modules["hybrid-mamba m1"]["mixer_by_layer"][str(i)]["part"] for i in range(4)]
+    assert parts == ["mamba", "mamba", "mamba", "self_attn"]  # m1 keeps attention at layer 3 of 4
     moved = payload["bytes_per_token"]
     assert moved["transformer"]["16"]["kv"] == 2 * moved["transformer"]["8"]["kv"]  # KV grows with the context
     assert moved["hybrid-mamba m1"]["16"]["state"] == moved["hybrid-mamba m1"]["8"]["state"]  # states do not
