@@ -6,16 +6,11 @@ import math
 
 import torch
 
-# exp(t) is computed as exp2(t * log2(e)), as mamba-ssm's kernels do. PyTorch's CPU exp takes a slow path, 10 to 30
-# times slower, wherever its result is subnormal or underflows (arguments below about -87), which a decode step's
-# large dt * A, a long block of a scan and the masked (-inf) half of a segment-sum matrix all reach; exp2 does not,
-# and is faster on ordinary arguments too. The rounding of t * log2(e) costs |t| * 6e-8 of relative error.
+# A decode step computes exp(dt * A) as exp2(dt * log2(e) * A), as mamba-ssm's kernels do. PyTorch's CPU exp takes a
+# slow path, 10 to 30 times slower, wherever its result is subnormal or underflows (arguments below about -87), which a
+# step's large dt * A reaches in some channels; exp2 does not, and is faster on ordinary arguments too. The rounding
+# of dt * log2(e) costs |dt * A| * 6e-8 of relative error.
 LOG2E = math.log2(math.e)
-
-
-def exp(t: torch.Tensor) -> torch.Tensor:
-    """exp(t), as exp2(t * log2(e)); differentiable."""
-    return torch.exp2(t * LOG2E)
 
 
 def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
