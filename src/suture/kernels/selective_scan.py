@@ -42,7 +42,7 @@ _MAX_BLOCK = 128
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 for half/bf16/fp32 inputs; fp64 if any input is fp64 (used by the tests as a higher-precision oracle)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in [t.dtype for t in tensors] else torch.float32
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
@@ -393,7 +393,7 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     thousand numbers, so its cost is the Python around its dozen tensor ops: views by shape rather than indexing or
     reshaping to the per-head form, no no-op casts.
     """
-    cd = torch.float64 if torch.float64 in (state.dtype, x.dtype) else torch.float32
+    cd = _compute_dtype(state, x)
     b, n = state.shape[0], state.shape[-1]
     g_b, g_c = _groups(B), _groups(C)
     if state.dim() == 3:  # (a) channels: d/g heads of one channel per group
