@@ -40,6 +40,7 @@ from suture.kernels.backend import (
     get_backend,
     resolve_backend,
     set_backend,
+    takes_torch_path,
     use_backend,
 )
 from suture.kernels.conv1d import (
@@ -65,8 +66,7 @@ def decode_kernels(device: torch.device) -> tuple[Callable, Callable]:
     the ``"torch"`` backend) these are the PyTorch implementations themselves, without the public functions' per-call
     shape checks and dispatch: at batch 1 on a CPU those cost more than the conv's arithmetic. Elsewhere they are the
     public, dispatching functions. Same arguments and results either way."""
-    name = get_backend()
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
+    if takes_torch_path(get_backend(), device):
         return causal_conv1d_step_torch, selective_state_update_torch
     return causal_conv1d_update, selective_state_update
 

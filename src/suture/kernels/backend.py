@@ -48,6 +48,7 @@ __all__ = [
     "load_triton_kernel",
     "resolve_backend",
     "set_backend",
+    "takes_torch_path",
     "triton_limitation",
     "use_backend",
 ]
@@ -251,6 +252,12 @@ def _warn_once(op: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def takes_torch_path(name: str, device: torch.device) -> bool:
+    """Whether a call on tensors on ``device`` under backend ``name`` runs the PyTorch path whatever the op: the
+    ``"torch"`` backend, or ``"auto"`` off CUDA. (Under ``"auto"`` a CUDA call may still fall back to it, per op.)"""
+    return name == "torch" or (name == "auto" and device.type != "cuda")
+
+
 def resolve_backend(
     op: str, *tensors: torch.Tensor | None, backend: str | None = None, unsupported: str | None = None,
     triton_unsupported: TritonCheck | None = None,
@@ -265,13 +272,13 @@ def resolve_backend(
     backend in line, under an explicit ``"cuda"`` / ``"triton"`` it raises.
     """
     name = get_backend() if backend is None else _check_name(backend, "backend=")
-    if name in ("torch", "reference"):
+    if name == "reference":
         return name, None
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    if takes_torch_path(name, device):
+        return "torch", None
     on_cuda = device.type == "cuda"
     if name == "auto":
-        if not on_cuda:
-            return "torch", None
         name, fn, why = _choose_on_cuda(op, unsupported, triton_unsupported)
         if name == "torch":
             hint = INSTALL_HINT if op not in TRITON_KERNELS else f"{GPU_INSTALL_HINT}; or {INSTALL_HINT}"
