@@ -46,8 +46,12 @@ from .configuration_hybrid import HybridConfig
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the padded positions of x (b, L, c) given a 2D padding mask (b, L): padding never enters a state."""
-    return x if mask is None else x * mask[:, :, None].to(x.dtype)
+    """Zero the padded positions of x (b, L, c) given a 2D padding mask (b, L), or of one decode token x (b, c) given
+    its mask (b, 1): padding never enters a state."""
+    if mask is None:
+        return x
+    mask = mask.to(x.dtype)
+    return x * (mask if x.dim() == 2 else mask[:, :, None])
 
 
 def _document_index(position_ids, attention_mask, cache, batch: int) -> torch.Tensor | None:
@@ -218,21 +222,18 @@ class HybridMambaMixer(nn.Module):
     def _step(self, hidden_states, attention_mask, cache, shared) -> torch.Tensor:
         """One decode token (b, 1, hidden) -> (b, 1, hidden): the single-step conv and state update, on (b, c) tensors
         (no sequence axis, no transposes), with A computed once while A_log is unchanged. At batch 1 on a CPU the
-        step's cost beside its three matmuls is the Python of its small ops, so it takes views by shape and skips the
-        padding mask when there is none."""
+        step's cost beside its three matmuls is the Python of its small ops, so it takes views by shape."""
         b = hidden_states.shape[0]
         n, g_x, g_c = self.d_state, self.d_xb // self.d_state, self.d_inner // self.d_state
         z, x, B, C, dt = self.in_proj(hidden_states.view(b, -1)).split(self._in_sizes, dim=-1)  # (b, *)
-        if attention_mask is not None:  # (b, 1)
-            x = x * attention_mask.to(x.dtype)
+        x = _masked(x, attention_mask)  # attention_mask (b, 1)
         if self.repeat > 1:  # MIL's repeat_kv: each d_state-wide slice of x serves `repeat` C groups
             x = x.view(b, g_x, 1, n).expand(b, g_x, self.repeat, n).reshape(b, self.d_inner)
         conv_update, state_update = kernels.decode_kernels(x.device)
         conv_state = cache.get_conv_state(self.layer_idx)  # (b, d_inner, w), updated in place
         x = conv_update(x, conv_state, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias,
                         activation="silu")  # (b, d_inner)
-        if attention_mask is not None:
-            x = x * attention_mask.to(x.dtype)
+        x = _masked(x, attention_mask)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner); the bias is applied inside the update
         y = state_update(
             cache.get_recurrent_state(self.layer_idx), x, dt, self._neg_exp(self.A_log),
@@ -338,13 +339,11 @@ class HybridMamba2Mixer(nn.Module):
         b = hidden_states.shape[0]
         h, kv, p, n = self.num_heads, self.num_kv_heads, self.head_dim, self.d_state
         z, xBC, dt = self.in_proj(hidden_states.view(b, -1)).split([self.d_inner, self.conv_dim, h], dim=-1)
-        if attention_mask is not None:  # (b, 1)
-            xBC = xBC * attention_mask.to(xBC.dtype)
+        xBC = _masked(xBC, attention_mask)  # attention_mask (b, 1)
         conv_update, state_update = kernels.decode_kernels(xBC.device)
         xBC = conv_update(xBC, cache.get_conv_state(self.layer_idx), self.conv1d.weight.view(self.conv_dim, -1),
                           self.conv1d.bias, activation="silu")  # (b, conv_dim); the conv state is updated in place
-        if attention_mask is not None:
-            xBC = xBC * attention_mask.to(xBC.dtype)
+        xBC = _masked(xBC, attention_mask)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         x = x.view(b, kv, 1, p).expand(b, kv, h // kv, p).reshape(b, h, p)  # KV head -> its query heads
         y = state_update(
