@@ -19,6 +19,13 @@ on the model and its cache after the prefill:
     python benchmarks/bench_decode.py --quick         # contexts 128, 1024, one repeat
     python benchmarks/bench_decode.py --models transformer "hybrid-mamba m1" --repeats 5
     python benchmarks/bench_decode.py --contexts 128 --modules   # also us per call of each layer's mixer and MLP
+    python benchmarks/bench_decode.py --compile       # the decode step compiled, on static caches
+
+With `--compile` every model decodes on a static cache sized for the context and the steps (transformers'
+`StaticCache` for the transformer, `HybridStaticCache` for the hybrids) and its decode step is compiled with
+`suture.architectures.compile_decode` (inductor; on CPU plain inductor, on CUDA a captured graph), once per model and
+context, in the untimed first run; the table then also shows how long each compile took. A static cache's attention
+reads every slot it holds, masked, so the KV bytes are those of the whole cache.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from suture.architectures import HybridStaticCache, compile_decode
 from suture.architectures.compat import CACHE_KWARG, cache_of
 from suture.surgery import hybridize_model, select_layers
 
@@ -118,22 +126,57 @@ class ModuleTimer:
             handle.remove()
 
 
+def static_cache(model, length: int):
+    """A static cache of `length` positions for `model`, allocated for batch 1: `HybridStaticCache` for a hybrid,
+    transformers' `StaticCache` for a transformer."""
+    if model.config.model_type == "llama":
+        return StaticCache(config=model.config, max_cache_len=length)
+    return HybridStaticCache(model.config, max_cache_len=length).preallocate(1, model.dtype, model.device)
+
+
+class CompiledSteps:
+    """Each (model, context)'s decode step compiled once by `backend` (`compile_decode`: static shapes, so one graph
+    per static cache length), with the seconds its first call took (the compile)."""
+
+    def __init__(self, backend="inductor"):
+        self.backend, self.steps, self.compile_s = backend, {}, {}
+        torch._dynamo.config.recompile_limit = 64  # one graph per model class and context
+
+    def step(self, model, context: int):
+        key = (id(model), context)
+        if key not in self.steps:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None  # CUDA graphs need CUDA tensors
+            self.steps[key] = compile_decode(model, mode=mode, backend=self.backend)
+        return self.steps[key]
+
+
 @torch.no_grad()
-def decode_run(model, context: int, steps: int, timer: ModuleTimer | None = None) -> tuple[float, dict]:
-    """Median ms per decode step after a prefill of `context` tokens, and the bytes one step reads."""
+def decode_run(model, context: int, steps: int, timer: ModuleTimer | None = None,
+               compiled: CompiledSteps | None = None) -> tuple[float, dict]:
+    """Median ms per decode step after a prefill of `context` tokens, and the bytes one step reads. With `compiled`,
+    on a static cache with the step compiled (the prefill runs eagerly; a first call that compiles is not timed)."""
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (1, context))
-    out = model(ids, use_cache=True)
+    if compiled is None:
+        out, step = model(ids, use_cache=True), model
+    else:
+        out = model(ids, use_cache=True, **{CACHE_KWARG: static_cache(model, context + steps + 1)})
+        step = compiled.step(model, context)
     cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     moved = cache_bytes(cache)
     times = []
     if timer is not None:
         timer.recording = True
-    for _ in range(steps):
+    for position in range(context, context + steps):
+        extra = {} if compiled is None else {"position_ids": torch.full((1, 1), position, device=model.device)}
         start = time.perf_counter()
-        out = model(token, use_cache=True, **{CACHE_KWARG: cache})
+        out = step(token, use_cache=True, **{CACHE_KWARG: cache}, **extra)
         token = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if compiled is not None and (id(model), context) not in compiled.compile_s:
+            compiled.compile_s[(id(model), context)] = elapsed
+            continue
+        times.append(elapsed)
     if timer is not None:
         timer.recording = False
     return statistics.median(times) * 1e3, {"weights": weight_bytes(model), **moved}
@@ -159,26 +202,34 @@ def main() -> None:
     parser.add_argument("--modules", action="store_true",
                         help="also time each decoder layer's mixer and MLP (forward hooks) at the first context, in "
                              "runs of their own after the main ones, and print the median microseconds per call")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode on static caches with the step compiled (compile_decode), once per model and "
+                             "context")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
     args = parser.parse_args()
+    if args.compile and args.modules:
+        parser.error("--modules times modules with hooks, which a compiled step does not run: leave out --compile")
     contexts, repeats = ([128, 1024], 1) if args.quick else (args.contexts, args.repeats)
     torch.set_num_threads(args.threads)
 
     models = build_models(args.layers, args.hidden, args.heads, args.kv_heads, args.models)
+    compiled = CompiledSteps() if args.compile else None
     for model in models.values():  # untimed: the first run of a fresh process also pays its allocations and threads
-        decode_run(model, min(contexts), args.steps)
+        for context in contexts if compiled else contexts[:1]:  # and every compile
+            decode_run(model, context, args.steps, compiled=compiled)
     runs = {name: {c: [] for c in contexts} for name in models}
     moved = {name: {} for name in models}
     for _ in range(repeats):
         for context in contexts:
             for name, model in models.items():
-                ms, moved[name][context] = decode_run(model, context, args.steps)
+                ms, moved[name][context] = decode_run(model, context, args.steps, compiled=compiled)
                 runs[name][context].append(ms)
     ms = {name: {c: statistics.median(r) for c, r in row.items()} for name, row in runs.items()}
     mb = {name: {c: sum(b.values()) / 2**20 for c, b in row.items()} for name, row in moved.items()}
 
+    how = "compiled step, static cache" if compiled else "eager, dynamic cache"
     title = (f"decode ms/token (median of {repeats} runs of {args.steps} steps) | MiB read per token, batch 1, "
-             f"{args.threads} threads, fp32 CPU")
+             f"{args.threads} threads, fp32 CPU, {how}")
     table = Table(title=title)
     table.add_column("model")
     for context in contexts:
@@ -186,10 +237,15 @@ def main() -> None:
     teacher = ms.get("transformer")
     if teacher:
         table.add_column("vs transformer", justify="right")
+    compile_s = {name: {c: compiled.compile_s[(id(model), c)] for c in contexts} for name, model in models.items()
+                 } if compiled else {}
+    if compiled:
+        table.add_column("compile s", justify="right")
     for name in models:
         cells = [f"{ms[name][c]:.2f} | {mb[name][c]:.1f}" for c in contexts]
         ratio = [" / ".join(f"{ms[name][c] / teacher[c]:.2f}" for c in contexts)] if teacher else []
-        table.add_row(name, *cells, *ratio)
+        seconds = [" / ".join(f"{compile_s[name][c]:.0f}" for c in contexts)] if compiled else []
+        table.add_row(name, *cells, *ratio, *seconds)
     Console().print(table)
 
     modules = {}
@@ -227,6 +283,7 @@ def main() -> None:
         "decode_ms_per_token": ms,
         "decode_ms_per_token_runs": runs,
         "bytes_per_token": moved,
+        **({"compile_s": compile_s} if compiled else {}),
         **({"module_us_per_call": modules} if modules else {}),
     }
     args.json.write_text(json.dumps(payload, indent=2))

@@ -52,3 +52,37 @@ def test_main_writes_every_model_and_context_and_the_module_table(bench, tmp_pat
     moved = payload["bytes_per_token"]
     assert moved["transformer"]["16"]["kv"] == 2 * moved["transformer"]["8"]["kv"]  # KV grows with the context
     assert moved["hybrid-mamba m1"]["16"]["state"] == moved["hybrid-mamba m1"]["8"]["state"]  # states do not
+
+
+def test_compiled_mode_times_every_model_on_a_static_cache_and_records_each_compile(bench, tmp_path, monkeypatch):
+    """`--compile` (here with a backend that runs the traced graph as it is, to keep the test fast): one graph per
+    model and context whatever the repeats and fresh caches, the KV bytes of the whole static cache, and `--modules`
+    refused with it."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled_steps = bench.CompiledSteps
+    monkeypatch.setattr(bench, "CompiledSteps", lambda: compiled_steps(counting))
+    out = tmp_path / "decode.json"
+    argv = ["bench_decode.py", *TINY, "--contexts", "8", "16", "--steps", "3", "--repeats", "2", "--compile",
+            "--models", "transformer", "hybrid-mamba m1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    payload = json.loads(out.read_text())
+    assert payload["setup"]["compile"] is True
+    assert len(graphs) == 4  # 2 models x 2 contexts: no recompile across repeats and caches
+    assert set(payload["compile_s"]) == {"transformer", "hybrid-mamba m1"}
+    assert all(set(row) == {"8", "16"} and all(s > 0 for s in row.values()) for row in payload["compile_s"].values())
+    assert all(len(runs) == 2 for row in payload["decode_ms_per_token_runs"].values() for runs in row.values())
+    moved = payload["bytes_per_token"]
+    head_bytes = 2 * 2 * 16 * 4  # keys and values of one position in one attention layer: 2 KV heads x 16, fp32
+    assert moved["transformer"]["8"]["kv"] == 4 * (8 + 3 + 1) * head_bytes  # every slot of the static cache
+    assert moved["hybrid-mamba m1"]["8"]["kv"] == 1 * (8 + 3 + 1) * head_bytes
+    assert moved["hybrid-mamba m1"]["8"]["state"] > 0
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--modules"])
+    with pytest.raises(SystemExit):
+        bench.main()

@@ -12,6 +12,9 @@ transformers compiles the decode step with it.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import greedy_without_cache, tiny_source
@@ -128,6 +131,21 @@ def test_compile_decode_traces_one_graph_for_every_step():
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         tokens = [eager[:, -1:].argmax(-1), compiled[:, -1:].argmax(-1)]
     assert len(graphs) == 1
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor's CPU code needs a C++ compiler")
+@torch.no_grad()
+def test_inductor_compiled_step_on_cpu_decodes_the_eager_tokens():
+    """The decode step compiled as on a CPU (`compile_decode(model, mode=None)`: inductor's generated C++, no CUDA
+    graph; what `bench_decode.py --compile` times): the tokens of the dynamic cache and of greedy decoding without a
+    cache, Mamba-1, attention and Mamba-2 layers in one model."""
+    torch._dynamo.reset()
+    model, n = _model("mixed"), 6
+    prompt = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    cache = HybridStaticCache(model.config, max_cache_len=16).preallocate(2, torch.float32, "cpu")
+    got = _decode(model, compile_decode(model, mode=None), cache, prompt, n)
+    assert got == _decode(model, model, HybridCache(model.config), prompt, n)
+    assert got == [greedy_without_cache(model, row, n) for row in prompt]
 
 
 @torch.no_grad()
