@@ -3,7 +3,8 @@ captured (static cache + torch.compile "reduce-overhead", i.e. CUDA graphs).
 
 kernels: Mamba-1 selective scan forward as achieved memory bandwidth (bytes it must move: u, delta, z, B, C read and
   y written, bf16) over the peak (a measured device-to-device copy; the nominal HBM peak is printed beside it), for
-  suture's "triton", "torch" and mamba-ssm's "cuda" backends (a missing backend is recorded with its error);
+  suture's "triton", "torch" and mamba-ssm's "cuda" backends (a missing backend is recorded with its error) and the
+  Triton forward split into 2 / 4 / 8 / 16 segments of L walked side by side (`selective_scan_triton(splits=...)`);
   `selective_state_update` and `causal_conv1d_update` per call, triton vs torch; Mamba-2 SSD
   (`mamba_chunk_scan_combined`) per backend.
 decode: teacher (hidden 2048, 16 layers, 32 heads, 8 KV heads, MLP 5632, vocab 32000; random bf16 weights) vs its
@@ -144,6 +145,12 @@ def _scan_inputs(b, d, L, n, device, dtype):
                 delta_bias=rand(d, dt=torch.float32) * 0.1, delta_softplus=True)
 
 
+def _split_scan(x: dict, splits: int) -> torch.Tensor:
+    from suture.kernels.triton_selective_scan import selective_scan_triton
+
+    return selective_scan_triton(**x, splits=splits)
+
+
 def bench_kernels(device: torch.device, tiny: bool, quick: bool, peak_tbs: float | None, nominal: float | None) -> list:
     from suture import kernels
 
@@ -183,6 +190,9 @@ def bench_kernels(device: torch.device, tiny: bool, quick: bool, peak_tbs: float
     for backend in ("triton", "cuda"):
         record("selective_scan", backend, shape, lambda bk=backend: kernels.selective_scan_fn(**x, backend=bk),
                nbytes, reference=torch_out)
+    for splits in (2, 4, 8, 16):  # the Triton forward walked in segments side by side (two passes)
+        record("selective_scan", f"triton splits={splits}", shape, lambda s=splits: _split_scan(x, s), nbytes,
+               reference=torch_out)
     del x
 
     # one decode step of an M1 layer: d_inner 2048, B / C per d_state-wide group

@@ -107,6 +107,27 @@ def test_several_chunks_and_channel_blocks_per_group():
         close(grad, grads_ref[name], torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("splits, seq_idx", [
+    (3, None),  # segments of 8, 8 and 5 steps
+    (100, None),  # capped at one segment per backward chunk: 6 segments
+    (3, ([3, 7, 6, 5], (1, [8, 13]))),  # documents starting inside a segment and exactly at one (step 8)
+])
+def test_split_forward_matches_reference(splits, seq_idx):
+    """The forward walked in segments side by side (`splits`): the first pass's end states and decays carried
+    across segment starts, document starts included; the backward reads the checkpoints the split forward stored."""
+    from suture.kernels.triton_selective_scan import selective_scan_triton
+
+    inputs = make_inputs(2, 12, 5, 21, 2, torch.float32)
+    seq_idx = None if seq_idx is None else packed_seq_idx(*seq_idx).to(DEVICE)
+    y, last, grads = run(selective_scan_triton, inputs, True, seq_idx=seq_idx, state=32, fwd_l=2, bwd_l=4,
+                         splits=splits)
+    y_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, True, seq_idx=seq_idx)
+    close(y, y_ref, torch.float32, "y")
+    close(last, last_ref, torch.float32, "last state")
+    for name, grad in grads.items():
+        close(grad, grads_ref[name], torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_seq_idx_matches_reference(dtype):
     """Packed rows: the state restarts at every document; the initial state only reaches a row's document 0
@@ -238,7 +259,9 @@ for dtype, n in (("bf16", 16), ("fp32", 256)):
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_KEEP=True, BLOCK_D=block_d,
                  BLOCK_N=block_n)
     io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "gy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
-    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True, BLOCK_L=fwd_l, CKPT_L=bwd_l)),
+    fwd = dict(BLOCK_L=fwd_l, CKPT_L=bwd_l)
+    for fn, extra in ((m._scan_fwd_kernel, dict(SAVE=True, SEGMENT_STATES=False, HAS_SEGS=True, **fwd)),
+                      (m._scan_fwd_kernel, dict(SAVE=False, SEGMENT_STATES=True, HAS_SEGS=False, **fwd)),
                       (m._scan_bwd_kernel, dict(HAS_GLAST=True, BLOCK_L=fwd_l, CKPT_L=bwd_l))):
         constexprs = {**flags, **extra}
         signature = {a: "constexpr" if a in constexprs else (f"*{dtype}" if a in io else "*fp32")
@@ -253,15 +276,16 @@ for dtype, n in (("bf16", 16), ("fp32", 256)):
 @pytest.mark.skipif(GPU, reason="the GPU tests compile and run the kernels")
 @pytest.mark.skipif(not os.environ.get("SUTURE_COMPILE_CHECK"), reason="set SUTURE_COMPILE_CHECK=1 (~30 s)")
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter runs the kernels' semantics, not the compiler: compile both for an H100 (sm_90) ahead of
-    time, which needs no GPU, in a fresh process without TRITON_INTERPRET (bf16 at n = 16; fp32 at n = 256)."""
+    """The interpreter runs the kernels' semantics, not the compiler: compile them for an H100 (sm_90) ahead of
+    time, which needs no GPU, in a fresh process without TRITON_INTERPRET (bf16 at n = 16; fp32 at n = 256): the
+    forward's two passes of a split scan (the second with checkpoints) and the backward."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(kb.__file__).parents[2]), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(" ok") == 4, done.stdout
+    assert done.stdout.count(" ok") == 6, done.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ steps are unrolled and each selects its column from the registers. When a gradie
 entering every ``CKPT_L`` steps (the backward's chunk). This replaced a chunked associative scan over
 ``(BLOCK_D, BLOCK_L, n)`` tiles, which does ``log2(BLOCK_L)`` times the arithmetic and was ~3x slower on an H100.
 
+Split forward (``splits`` > 1): batch x channel blocks alone can leave most of a GPU idle (one warp per program), so
+the forward can also split L into segments of whole backward chunks, walked side by side in two passes of the same
+kernel. The first walks every segment but the last from a zero state, without C, z or y, and stores its end state
+and its decay ``exp(A * sum(delta))`` (0 if a document starts in it). The second gives each segment the state
+entering it, the initial state carried through the earlier segments (``h = decay_j h + end_j``), and walks it as
+the unsplit forward does, storing y and the checkpoints. The backward is the same either way.
+
 Backward: the same programs walk the ``BLOCK_L``-step chunks in reverse. Each recomputes its chunk's states from
 the checkpoint, step by step as the forward does, into a small per-program scratch buffer (``BLOCK_L`` states:
 cache-resident), then walks the chunk backwards with the adjoint ``g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A)
@@ -49,6 +56,7 @@ _STATE = 256
 _FWD_L = 16
 _BWD_L = 64
 _FWD_WARPS = 1
+_SPLITS = 1  # segments of L the forward walks side by side (selective_scan_triton's `splits`)
 _BWD_WARPS = 2
 
 
@@ -88,16 +96,24 @@ def _tile(
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, keep_ptr, y_ptr, last_ptr, ckpt_ptr,
-    L, d, dg, n,
+    seg_state_ptr, seg_decay_ptr,
+    L, d, dg, n, n_seg, seg_tiles, n_buf,
     u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl, A_sd, A_sn, B_sb, B_sg, B_sn, B_sl, C_sb, C_sg, C_sn, C_sl,
     z_sb, z_sd, z_sl, h0_sb, h0_sd, h0_sn, keep_sb, keep_sl, y_sb, y_sd, y_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, SAVE: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, SAVE: tl.constexpr, SEGMENT_STATES: tl.constexpr,
+    HAS_SEGS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, CKPT_L: tl.constexpr,
 ):
+    # Program (b, group, blk * n_seg + seg) walks the seg_tiles tiles of segment seg (the whole sequence when
+    # n_seg = 1). SEGMENT_STATES (the first pass of a split scan): from a zero state, store the segment's end state
+    # and its decay (the product of its steps' exp(delta A), 0 across a document start) into seg_state / seg_decay
+    # (b, n_buf, d, n), no y. HAS_SEGS (the second pass): the state entering the segment is h0 carried through the
+    # earlier segments' (decay, end state) pairs, then the walk stores y as the unsplit scan does.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * u_sb can pass 2**31
     grp = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,): channels within the group
+    seg = tl.program_id(2) % n_seg
+    offs_c = (tl.program_id(2) // n_seg) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,): channels within the group
     mask_d = offs_c < dg
     offs_d = grp * dg + offs_c  # (BLOCK_D,): channels
     offs_n = tl.arange(0, BLOCK_N)
@@ -105,11 +121,16 @@ def _scan_fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * A_sd + offs_n[None, :] * A_sn, mask=mask_dn, other=0.0).to(tl.float32)
     A = A * 1.4426950408889634  # exp(delta A) = exp2(delta A log2(e))
-    if HAS_H0:
+    state_offs = offs_d[:, None] * n + offs_n[None, :]  # (BLOCK_D, BLOCK_N) into a contiguous (d, n) state
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_H0 and not SEGMENT_STATES:
         h = tl.load(h0_ptr + b * h0_sb + offs_d[:, None] * h0_sd + offs_n[None, :] * h0_sn, mask=mask_dn,
                     other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
-    else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_SEGS:
+        for j in range(0, seg):  # carry the state through the segments before this one
+            at = (b * n_buf + j) * d * n + state_offs
+            h = tl.load(seg_decay_ptr + at, mask=mask_dn, other=0.0) * h + tl.load(seg_state_ptr + at, mask=mask_dn,
+                                                                                     other=0.0)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -119,10 +140,12 @@ def _scan_fwd_kernel(
     y_rows = y_ptr + b * y_sb + offs_d * y_sd
     B_cols = B_ptr + b * B_sb + grp * B_sg + offs_n * B_sn  # (BLOCK_N,) state positions of step 0
     C_cols = C_ptr + b * C_sb + grp * C_sg + offs_n * C_sn
-    state_offs = offs_d[:, None] * n + offs_n[None, :]  # (BLOCK_D, BLOCK_N) into a contiguous (d, n) state
     steps = tl.arange(0, BLOCK_L)
     n_ckpt = tl.cdiv(L, CKPT_L)
-    for c in range(0, tl.cdiv(L, BLOCK_L)):
+    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)  # SEGMENT_STATES: the segment's decay exponent
+    keep_min = tl.full((BLOCK_L,), 1.0, tl.float32)  # and 0 where a document starts in it
+    first = seg * seg_tiles
+    for c in range(first, tl.minimum(first + seg_tiles, tl.cdiv(L, BLOCK_L))):
         l0 = c * BLOCK_L
         if SAVE:  # the state entering every CKPT_L steps, for the backward: ckpt (b, n_ckpt, d, n)
             if c % (CKPT_L // BLOCK_L) == 0:
@@ -131,6 +154,9 @@ def _scan_fwd_kernel(
         u, delta, _, keep, mask_dl = _tile(
             u_ptr, delta_ptr, keep_ptr, b, offs_d, mask_d, offs_l, L, u_sb, u_sd, u_sl, dt_sb, dt_sd, dt_sl,
             keep_sb, keep_sl, bias, HAS_BIAS, SOFTPLUS, HAS_KEEP)  # (BLOCK_D, BLOCK_L), keep (BLOCK_L,)
+        if SEGMENT_STATES:
+            delta_sum += tl.sum(delta, axis=1)
+            keep_min = tl.minimum(keep_min, keep)
         du = delta * u
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for t in tl.static_range(BLOCK_L):  # unrolled: the step's column is selected from the register tiles
@@ -139,19 +165,27 @@ def _scan_fwd_kernel(
             du_t = tl.sum(tl.where(at_t[None, :], du, 0.0), axis=1)
             mask_t = mask_n & ((l0 + t + offs_n * 0) < L)
             B_t = tl.load(B_cols + (l0 + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)  # (BLOCK_N,)
-            C_t = tl.load(C_cols + (l0 + t) * C_sl, mask=mask_t, other=0.0).to(tl.float32)
+            if not SEGMENT_STATES:
+                C_t = tl.load(C_cols + (l0 + t) * C_sl, mask=mask_t, other=0.0).to(tl.float32)
             dA = tl.exp2(delta_t[:, None] * A)  # (BLOCK_D, BLOCK_N)
             if HAS_KEEP:
                 dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
             h = dA * h + du_t[:, None] * B_t[None, :]
-            y = tl.where(at_t[None, :], tl.sum(h * C_t[None, :], axis=1)[:, None], y)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            z = tl.load(z_rows[:, None] + offs_l[None, :] * z_sl, mask=mask_dl, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        tl.store(y_rows[:, None] + offs_l[None, :] * y_sl, y.to(y_ptr.dtype.element_ty), mask=mask_dl)
-    tl.store(last_ptr + b * d * n + state_offs, h, mask=mask_dn)
+            if not SEGMENT_STATES:
+                y = tl.where(at_t[None, :], tl.sum(h * C_t[None, :], axis=1)[:, None], y)
+        if not SEGMENT_STATES:
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_rows[:, None] + offs_l[None, :] * z_sl, mask=mask_dl, other=0.0).to(tl.float32)
+                y *= z * tl.sigmoid(z)
+            tl.store(y_rows[:, None] + offs_l[None, :] * y_sl, y.to(y_ptr.dtype.element_ty), mask=mask_dl)
+    if SEGMENT_STATES:
+        at = (b * n_buf + seg) * d * n + state_offs
+        tl.store(seg_state_ptr + at, h, mask=mask_dn)
+        tl.store(seg_decay_ptr + at, tl.exp2(delta_sum[:, None] * A) * tl.min(keep_min, axis=0), mask=mask_dn)
+    elif seg == n_seg - 1:
+        tl.store(last_ptr + b * d * n + state_offs, h, mask=mask_dn)
 
 
 @triton.jit
@@ -325,27 +359,41 @@ class _SelectiveScanTriton(torch.autograd.Function):
     (0 where a document starts) or None. Outputs y ``(b, d, L)`` in u's dtype and the last state ``(b, d, n)`` fp32."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, softplus, blocks):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, softplus, blocks, splits):
         b, d, L = u.shape
         g, n = B.shape[1], A.shape[1]
         block_d, block_n, fwd_l, bwd_l = blocks
         n_chunks = triton.cdiv(L, bwd_l)
+        seg_chunks = triton.cdiv(n_chunks, max(1, splits))  # backward chunks per segment: checkpoints stay put
+        n_seg = triton.cdiv(n_chunks, seg_chunks)
         save = any(ctx.needs_input_grad[:9])
         y = torch.empty((b, d, L), dtype=u.dtype, device=u.device)  # (b, d, L)
         last = torch.empty((b, d, n), dtype=torch.float32, device=u.device)  # (b, d, n)
         ckpt = torch.empty((b, n_chunks, d, n) if save else (1,), dtype=torch.float32, device=u.device)
-        grid = (b, g, triton.cdiv(d // g, block_d))
-        _scan_fwd_kernel[grid](
+        # a split scan's first pass: each segment's end state from zero and its decay (b, n_seg - 1, d, n)
+        seg_state, seg_decay = (torch.empty((b, n_seg - 1, d, n) if n_seg > 1 else (1,), dtype=torch.float32,
+                                            device=u.device) for _ in range(2))
+        blocks_d = triton.cdiv(d // g, block_d)
+        args = (
             u, delta, A, B, C, u if D is None else D, u if z is None else z,  # placeholders are unread
             u if delta_bias is None else delta_bias, u if initial_state is None else initial_state,
-            u if keep is None else keep, y, last, ckpt,
-            L, d, d // g, n,
+            u if keep is None else keep, y, last, ckpt, seg_state, seg_decay,
+        )
+        strides = (
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 3),
             *_strides(initial_state, 3), *_strides(keep, 2), *y.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-            HAS_H0=initial_state is not None, HAS_KEEP=keep is not None, SAVE=save,
-            BLOCK_D=block_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=bwd_l, num_warps=_FWD_WARPS,
         )
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                     SOFTPLUS=bool(softplus), HAS_H0=initial_state is not None, HAS_KEEP=keep is not None,
+                     BLOCK_D=block_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=bwd_l, num_warps=_FWD_WARPS)
+        seg_tiles = seg_chunks * bwd_l // fwd_l
+        if n_seg > 1:  # the last segment's end state is the last state: the second pass computes it
+            _scan_fwd_kernel[(b, g, blocks_d * (n_seg - 1))](
+                *args, L, d, d // g, n, n_seg - 1, seg_tiles, n_seg - 1, *strides,
+                SAVE=False, SEGMENT_STATES=True, HAS_SEGS=False, **flags)
+        _scan_fwd_kernel[(b, g, blocks_d * n_seg)](
+            *args, L, d, d // g, n, n_seg, seg_tiles, n_seg - 1, *strides,
+            SAVE=save, SEGMENT_STATES=False, HAS_SEGS=n_seg > 1, **flags)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, ckpt)
             ctx.softplus, ctx.blocks = softplus, blocks
@@ -386,13 +434,13 @@ class _SelectiveScanTriton(torch.autograd.Function):
             du, ddelta, dA.sum(0).to(A.dtype), cast(dB, B), cast(dC, C),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-            cast(dh0, initial_state), None, None, None,
+            cast(dh0, initial_state), None, None, None, None,
         )
 
 
 def selective_scan_triton(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    initial_state=None, seq_idx=None, *, state=_STATE, fwd_l=_FWD_L, bwd_l=_BWD_L,
+    initial_state=None, seq_idx=None, *, state=_STATE, fwd_l=_FWD_L, bwd_l=_BWD_L, splits=_SPLITS,
 ):
     """Selective scan (validated by the caller, :func:`suture.kernels.selective_scan.selective_scan_fn`).
 
@@ -401,6 +449,10 @@ def selective_scan_triton(
         D, delta_bias: ``(d,)``. initial_state: ``(b, d, n)``. seq_idx: ``(b, L)`` int or None.
         state, fwd_l, bwd_l: state entries per program, steps per forward tile and per backward chunk
             (:func:`_block_sizes`; for tuning).
+        splits: segments of L the forward walks side by side (at most one per backward chunk): a first pass finds
+            each segment's end state from zero and its decay, a second carries the states across the segments'
+            starts and walks every segment again, storing y. More programs, for when batch x channel blocks
+            leave the GPU idle, for about 1.5x the forward's reads; 1 (the default): one walk over L.
     Returns:
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` fp32.
     Differentiable w.r.t. every float input (gradients in each input's dtype).
@@ -411,7 +463,7 @@ def selective_scan_triton(
     keep = None if seq_idx is None else (~document_starts(seq_idx)).float()  # (b, L)
     blocks = _block_sizes(d // Bg.shape[1], A.shape[1], L, state, fwd_l, bwd_l)
     y, last = _SelectiveScanTriton.apply(u, delta, A, Bg, Cg, D, z, delta_bias, initial_state, keep,
-                                         delta_softplus, blocks)
+                                         delta_softplus, blocks, splits)
     return (y, last) if return_last_state else y
 
 
