@@ -77,6 +77,36 @@ def test_model_unchanged_after_scoring():
     assert not model.training
 
 
+def test_progress_moves_with_every_training_step():
+    """One unit per MMR training step (reported as the probe trains, before its layer's forward passes), one per
+    other preparation and per forward pass: `done` counts 1, 2, ... up to a `total` that never changes."""
+    calls = []
+    steps, batches = 3, 2  # n=4 sequences in batches of 2
+    report = score(workload_model(), methods=("loo", "mmr"), probe_options={"mmr": {"steps": steps, "lr": 3e-3}},
+                   on_progress=lambda done, total: calls.append((done, total)))
+    candidates = len(report.layers)
+    total = candidates * (1 + steps + 2 * batches) + batches
+    assert calls == [(k, total) for k in range(1, total + 1)]
+
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:  # the units reach the bar while the mixer trains, not after
+        import suture.surgery.mmr as mmr
+
+        train = mmr.train_mixer
+
+        def recording(*args, on_step=None, **kwargs):
+            def step():
+                seen.append(len(calls_during))
+                on_step()
+            return train(*args, on_step=step, **kwargs)
+
+        patch.setattr(mmr, "train_mixer", recording)
+        calls_during = []
+        score(workload_model(), methods=("mmr",), probe_options={"mmr": {"steps": steps, "lr": 3e-3}},
+              on_progress=lambda done, total: calls_during.append(done))
+    assert seen == [0, 1, 2, 3, 4, 5]  # each step's unit is reported before the next step starts
+
+
 def test_option_errors():
     model = workload_model()
     with pytest.raises(ValueError, match=r"Unknown option\(s\) \['step'\] of the 'mmr' probe"):

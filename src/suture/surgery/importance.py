@@ -21,6 +21,8 @@ training a mixer) happens once. `AttentionReplacement(attention, fn)` is the usu
 attention's output is ``fn(hidden_states)``. A probe with settings registers them as a dataclass,
 ``register_probe("mmr", options=MMRSettings)``; ``layer_importance(..., probe_options={"mmr": {"steps": 20}})``
 fills it (an unknown field is an error naming it), the probe reads it as ``ctx.options`` and the report records it.
+Progress: a preparation counts as one unit, unless the settings define ``progress_units()``; then the probe calls
+``ctx.advance()`` once per unit as it works (MMR: once per training step), so a progress bar moves during training.
 
 Memory: one batch of teacher log-probs (b, L, vocab) at a time, plus every prepared patch (the "mil" and "mmr"
 probes hold one mixer per candidate, about the size of the attention it stands in for).
@@ -60,6 +62,7 @@ class ProbeContext:
     seed: int
     batches: list[Batch]  # the calibration batches (a training probe, e.g. MMR, distills on them)
     options: Any = None  # the probe's settings: an instance of its registered options dataclass, or None
+    advance: Callable[[], None] = lambda: None  # one unit of the preparation's work done (`preparation_units`)
 
     @property
     def attention(self) -> nn.Module:
@@ -95,6 +98,13 @@ def register_probe(name: str, options: type | None = None) -> Callable[[Probe], 
         return probe
 
     return decorate
+
+
+def preparation_units(options: Any) -> int:
+    """Progress units of one probe preparation: the `progress_units()` of its settings (MMR: one per training
+    step), which the probe reports through `ProbeContext.advance`; 1 for probes without such settings."""
+    units = getattr(options, "progress_units", None)
+    return max(1, units()) if units is not None else 1
 
 
 def probe_settings(methods: list[str], probe_options: dict[str, dict] | None) -> dict[str, Any]:
@@ -186,7 +196,8 @@ def layer_importance(
         tokenizer: required for an in-memory model.
         probe_options: {method: {setting: value}} for the probes that take settings, e.g.
             ``{"mmr": {"steps": 20, "lr": 1e-3}}`` (see `suture.surgery.mmr.MMRSettings`); recorded in the report.
-        on_progress: called as `on_progress(done, total)`; one unit per probe preparation and per forward pass.
+        on_progress: called as `on_progress(done, total)`; one unit per forward pass and per probe preparation, or
+            per step of it where its settings count them (MMR: one per training step).
     """
     methods = list(dict.fromkeys(methods))  # a repeated method is scored once
     unknown = [m for m in methods if m not in PROBES]
@@ -210,7 +221,8 @@ def layer_importance(
     if not candidates:
         raise ValueError(f"{name} has no attention layer left to score.")
 
-    total = len(candidates) * len(methods) * (1 + len(batches)) + len(batches)
+    units = {method: preparation_units(settings.get(method)) for method in methods}
+    total = len(candidates) * (sum(units.values()) + len(methods) * len(batches)) + len(batches)
     done = 0
 
     def tick() -> None:
@@ -225,9 +237,16 @@ def layer_importance(
         patches = {}
         for method in methods:
             for layer in candidates:
-                context = ProbeContext(model, layer, mixer, seed, batches, settings.get(method))
+                end = done + units[method]
+
+                def advance(end: int = end) -> None:  # a probe reporting more units than it declared moves nothing
+                    if done < end:
+                        tick()
+
+                context = ProbeContext(model, layer, mixer, seed, batches, settings.get(method), advance)
                 patches[method, layer] = PROBES[method](context)
-                tick()
+                while done < end:  # the units the probe did not report
+                    tick()
         kl_sums = _kl_sums(model, batches, patches, tick)
     finally:
         model.train(was_training)

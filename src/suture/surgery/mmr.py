@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,10 @@ class MMRSettings:
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not 0 < self.lr < math.inf:
             raise ValueError(f"MMR option lr must be a number > 0, got {self.lr!r}.")
 
+    def progress_units(self) -> int:
+        """One progress unit per training step (`ProbeContext.advance`)."""
+        return self.steps
+
 
 @register_probe("mmr", options=MMRSettings)
 def mmr_probe(ctx: ProbeContext) -> AttentionReplacement:
@@ -53,17 +57,18 @@ def mmr_probe(ctx: ProbeContext) -> AttentionReplacement:
     settings = ctx.options if ctx.options is not None else MMRSettings()
     mixer = mil_probe_mixer(ctx)
     patch = AttentionReplacement(ctx.attention, mixer)
-    train_mixer(ctx.model, mixer, patch, ctx.batches, settings, layer=ctx.layer)
+    train_mixer(ctx.model, mixer, patch, ctx.batches, settings, layer=ctx.layer, on_step=ctx.advance)
     return patch
 
 
 def train_mixer(model: nn.Module, mixer: nn.Module, patch: AttentionReplacement, batches: list, settings: MMRSettings,
-                layer: int) -> None:
+                layer: int, on_step: Callable[[], None] | None = None) -> None:
     """Train `mixer`'s parameters so that `model` with `patch` active matches `model` without it (forward KL).
 
     A plain AdamW loop over the mixer's parameters: one short run per candidate layer, on batches already in memory,
     with no checkpoint, schedule or data loader to manage, so transformers' Trainer (which `suture.distill` uses for
-    real runs) would add a model wrapper, a dataset and output handling per candidate for nothing.
+    real runs) would add a model wrapper, a dataset and output handling per candidate for nothing. `on_step` is called
+    after every step (the probe's progress).
     """
     from ..distill.losses import ForwardKLLoss  # here: the distillation package is loaded only when MMR runs
 
@@ -85,6 +90,8 @@ def train_mixer(model: nn.Module, mixer: nn.Module, patch: AttentionReplacement,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)  # a fresh mixer's first gradients can be large
             optimizer.step()
+            if on_step is not None:
+                on_step()
     optimizer.zero_grad(set_to_none=True)
     mixer.requires_grad_(False)
 
