@@ -178,3 +178,12 @@ def test_demo_with_a_ratio_replaces_the_layers_the_probe_ranks_first(tmp_path):
     unknown = runner.invoke(app, ["demo", str(tmp_path / "other"), "--teacher", str(tmp_path / "teacher"),
                                   "--ratio", "0.5", "--probe", "nope"])
     assert unknown.exit_code == 1 and "nope" in unknown.output and not (tmp_path / "other").exists()
+
+    from suture.demo import run_demo
+
+    progress = []
+    report = run_demo(tmp_path / "again", teacher=tmp_path / "teacher", contexts=(8,), eval_n=2, preset=None,
+                      ratio=0.5, probe="loo", on_progress=lambda *call: progress.append(call))
+    assert report.layout["replaced"] == expected
+    total = progress[-1][2]
+    assert progress == [("importance", done, total) for done in range(1, total + 1)]  # the ranking, unit by unit

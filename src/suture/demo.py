@@ -106,6 +106,7 @@ def run_demo(
     distill_recipe: str | None = None,
     distill_budget: float | None = None,
     on_log: Callable[[dict], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
     """Hybridize `teacher` with the layout of `preset` (one of `suture.surgery.PRESETS`; `m1` keeps attention at
     every 5th layer from layer 3 plus the last: layers 3 and 7 of the 8-layer tiny teacher, layer 3 of the 4-layer
@@ -116,14 +117,15 @@ def run_demo(
 
     With `distill_recipe` (a workload teacher only: the data is the workload), the hybrid is then distilled from the
     teacher by that recipe (`suture.distill.distill`, steps scaled by `distill_budget`), written to `distilled/`
-    and evaluated like the others; `on_log` gets the distillation's progress records."""
+    and evaluated like the others; `on_log` gets the distillation's progress records, `on_progress` the layer
+    ranking's as `("importance", done, total)` (as `suture.surgery.resolve_selection` reports it)."""
     out_dir = check_output_dir(out_dir, force, [teacher])
     source, tokenizer = _load_teacher(teacher)
     if distill_recipe is not None and not _is_workload_tokenizer(tokenizer):
         raise ValueError("The demo distils on the built-in workload, so it needs a workload teacher (--teacher "
                          "demo-output/zoo/long, from `suture workload build`); without one, leave --distill off.")
     n = source.config.num_hidden_layers
-    selection = _select(teacher, tokenizer, n, preset, ratio, probe, mixer)
+    selection = _select(teacher, tokenizer, n, preset, ratio, probe, mixer, on_progress)
     layer_types = [mixer if i in selection.replace else None for i in range(n)]
     hybrid = hybridize_model(source, layer_types).eval()
     layout = {"preset": preset, "description": selection.detail.get("description") or _describe(selection),
@@ -198,13 +200,14 @@ def _greedy_samples(model, tokenizer) -> list[str]:
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _select(teacher, tokenizer, n: int, preset: str | None, ratio: float | None, probe: str, mixer: str):
+def _select(teacher, tokenizer, n: int, preset: str | None, ratio: float | None, probe: str, mixer: str,
+            on_progress=None):
     """The layers to replace: `preset`'s, or `ratio` of them ranked by `probe` (with `mixer` for the probes that
     build one) on the workload (evenly spaced when the teacher has no workload tokenizer to score with)."""
     if ratio is None or not _is_workload_tokenizer(tokenizer):
         return select_layers(n, preset=preset, ratio=ratio)
     spec = SelectionSpec(ratio=ratio, select="importance", data="workload", probe=probe)
-    return resolve_selection(spec, teacher, n, mixer=mixer)[0]
+    return resolve_selection(spec, teacher, n, mixer=mixer, on_progress=on_progress)[0]
 
 
 def _describe(selection) -> str:

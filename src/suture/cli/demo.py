@@ -44,9 +44,13 @@ def demo_command(
                 status.update(f"distilling: stage {record['index']} ({record['stage']}), step {record['step']} / "
                               f"{record['steps']}, loss {record['loss']:.4f}")
 
+        def on_progress(phase: str, done: int, total: int) -> None:
+            status.update(f"ranking the layers with the {probe} probe: {done} / {total}")
+
         report = run_demo(out, mixer=mixer, force=force, contexts=tuple(contexts), teacher=teacher, eval_n=eval_n,
                           preset=None if ratio is not None else "m1", ratio=ratio, probe=probe,
-                          distill_recipe=distill, distill_budget=distill_budget, on_log=on_log)
+                          distill_recipe=distill, distill_budget=distill_budget, on_log=on_log,
+                          on_progress=on_progress)
 
     layers = Table(title=f"hybrid layers ({out}/hybrid)")
     layers.add_column("layer", justify="right")
