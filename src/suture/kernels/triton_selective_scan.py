@@ -94,6 +94,21 @@ def _tile(
 
 
 @triton.jit
+def _column(tile, at_t):
+    """Step t's column of a (BLOCK_D, BLOCK_L) register tile, (BLOCK_D,): ``at_t`` is ``steps == t``."""
+    return tl.sum(tl.where(at_t[None, :], tile, 0.0), axis=1)
+
+
+@triton.jit
+def _decay(delta_t, A2, keep, at_t, HAS_KEEP: tl.constexpr):
+    """exp(delta_t A) (BLOCK_D, BLOCK_N) as exp2 (``A2 = A log2(e)``), 0 where a document starts at step t."""
+    dA = tl.exp2(delta_t[:, None] * A2)
+    if HAS_KEEP:
+        dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
+    return dA
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, keep_ptr, y_ptr, last_ptr, ckpt_ptr,
     seg_state_ptr, seg_decay_ptr,
@@ -161,16 +176,12 @@ def _scan_fwd_kernel(
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for t in tl.static_range(BLOCK_L):  # unrolled: the step's column is selected from the register tiles
             at_t = steps == t
-            delta_t = tl.sum(tl.where(at_t[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
-            du_t = tl.sum(tl.where(at_t[None, :], du, 0.0), axis=1)
+            delta_t, du_t = _column(delta, at_t), _column(du, at_t)  # (BLOCK_D,)
             mask_t = mask_n & ((l0 + t + offs_n * 0) < L)
             B_t = tl.load(B_cols + (l0 + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)  # (BLOCK_N,)
             if not SEGMENT_STATES:
                 C_t = tl.load(C_cols + (l0 + t) * C_sl, mask=mask_t, other=0.0).to(tl.float32)
-            dA = tl.exp2(delta_t[:, None] * A)  # (BLOCK_D, BLOCK_N)
-            if HAS_KEEP:
-                dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
-            h = dA * h + du_t[:, None] * B_t[None, :]
+            h = _decay(delta_t, A, keep, at_t, HAS_KEEP) * h + du_t[:, None] * B_t[None, :]  # (BLOCK_D, BLOCK_N)
             if not SEGMENT_STATES:
                 y = tl.where(at_t[None, :], tl.sum(h * C_t[None, :], axis=1)[:, None], y)
         if not SEGMENT_STATES:
@@ -248,14 +259,10 @@ def _scan_bwd_kernel(
             du = delta * u
             for t in tl.static_range(BLOCK_L):
                 at_t = steps == t
-                delta_t = tl.sum(tl.where(at_t[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
-                du_t = tl.sum(tl.where(at_t[None, :], du, 0.0), axis=1)
+                delta_t, du_t = _column(delta, at_t), _column(du, at_t)  # (BLOCK_D,)
                 mask_t = mask_n & ((c * CKPT_L + k * BLOCK_L + t + offs_n * 0) < L)
                 B_t = tl.load(B_cols + (c * CKPT_L + k * BLOCK_L + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)
-                dA = tl.exp2(delta_t[:, None] * A2)  # (BLOCK_D, BLOCK_N)
-                if HAS_KEEP:
-                    dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
-                h = dA * h + du_t[:, None] * B_t[None, :]
+                h = _decay(delta_t, A2, keep, at_t, HAS_KEEP) * h + du_t[:, None] * B_t[None, :]  # as the forward
                 tl.store(scratch + (k * BLOCK_L + t) * BLOCK_D * BLOCK_N, h)
         # The adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, backwards through the chunk.
         for kk in range(0, CKPT_L // BLOCK_L):
@@ -278,9 +285,7 @@ def _scan_bwd_kernel(
             for s in tl.static_range(BLOCK_L):
                 t = BLOCK_L - 1 - s
                 at_t = steps == t
-                delta_t = tl.sum(tl.where(at_t[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
-                u_t = tl.sum(tl.where(at_t[None, :], u, 0.0), axis=1)
-                gy_t = tl.sum(tl.where(at_t[None, :], gy, 0.0), axis=1)
+                delta_t, u_t, gy_t = _column(delta, at_t), _column(u, at_t), _column(gy, at_t)  # (BLOCK_D,)
                 mask_t = mask_n & ((c * CKPT_L + k * BLOCK_L + t + offs_n * 0) < L)
                 B_t = tl.load(B_cols + (c * CKPT_L + k * BLOCK_L + t) * B_sl, mask=mask_t, other=0.0).to(tl.float32)
                 C_t = tl.load(C_cols + (c * CKPT_L + k * BLOCK_L + t) * C_sl, mask=mask_t, other=0.0).to(tl.float32)
@@ -293,16 +298,14 @@ def _scan_bwd_kernel(
                     else:
                         h_prev = h_start
                 if HAS_Z:  # y = (y_ssm + D u) silu(z)
-                    z_t = tl.sum(tl.where(at_t[None, :], z, 0.0), axis=1)
+                    z_t = _column(z, at_t)
                     sz = tl.sigmoid(z_t)
                     out = tl.sum(h_t * C_t[None, :], axis=1)
                     if HAS_D:
                         out += Dv * u_t
                     dz = tl.where(at_t[None, :], (gy_t * out * sz * (1.0 + z_t * (1.0 - sz)))[:, None], dz)
                     gy_t = gy_t * z_t * sz  # now dL/d(y_ssm + D u)
-                dA = tl.exp2(delta_t[:, None] * A2)
-                if HAS_KEEP:
-                    dA = dA * tl.sum(tl.where(at_t, keep, 0.0), axis=0)
+                dA = _decay(delta_t, A2, keep, at_t, HAS_KEEP)
                 gh = carry + gy_t[:, None] * C_t[None, :]  # (BLOCK_D, BLOCK_N): g_t
                 dC = tl.where(at_t[:, None], tl.sum(gy_t[:, None] * h_t, axis=0)[None, :], dC)
                 dB = tl.where(at_t[:, None], tl.sum(gh * (delta_t * u_t)[:, None], axis=0)[None, :], dB)
