@@ -128,6 +128,15 @@ def test_split_forward_matches_reference(splits, seq_idx):
         close(grad, grads_ref[name], torch.float32, f"d{name}")
 
 
+def test_split_count_is_checked():
+    from suture.kernels.triton_selective_scan import selective_scan_triton
+
+    inputs = make_inputs(1, 6, 5, 9, None, torch.float32)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="splits must be a positive integer"):
+            selective_scan_triton(**inputs, splits=bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_seq_idx_matches_reference(dtype):
     """Packed rows: the state restarts at every document; the initial state only reaches a row's document 0

@@ -367,7 +367,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         g, n = B.shape[1], A.shape[1]
         block_d, block_n, fwd_l, bwd_l = blocks
         n_chunks = triton.cdiv(L, bwd_l)
-        seg_chunks = triton.cdiv(n_chunks, max(1, splits))  # backward chunks per segment: checkpoints stay put
+        blocks_d = triton.cdiv(d // g, block_d)
+        splits = min(splits, 65535 // blocks_d)  # the grid's third axis holds blocks_d x segments
+        seg_chunks = triton.cdiv(n_chunks, splits)  # backward chunks per segment: the checkpoints stay put
         n_seg = triton.cdiv(n_chunks, seg_chunks)
         save = any(ctx.needs_input_grad[:9])
         y = torch.empty((b, d, L), dtype=u.dtype, device=u.device)  # (b, d, L)
@@ -376,7 +378,6 @@ class _SelectiveScanTriton(torch.autograd.Function):
         # a split scan's first pass: each segment's end state from zero and its decay (b, n_seg - 1, d, n)
         seg_state, seg_decay = (torch.empty((b, n_seg - 1, d, n) if n_seg > 1 else (1,), dtype=torch.float32,
                                             device=u.device) for _ in range(2))
-        blocks_d = triton.cdiv(d // g, block_d)
         args = (
             u, delta, A, B, C, u if D is None else D, u if z is None else z,  # placeholders are unread
             u if delta_bias is None else delta_bias, u if initial_state is None else initial_state,
@@ -460,6 +461,8 @@ def selective_scan_triton(
         y ``(b, d, L)`` in ``u.dtype``; with ``return_last_state`` also the last state ``(b, d, n)`` fp32.
     Differentiable w.r.t. every float input (gradients in each input's dtype).
     """
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be a positive integer (segments of L walked side by side), got {splits!r}.")
     b, d, L = u.shape
     Bg = B.unsqueeze(1) if B.dim() == 3 else B  # (b, g, n, L)
     Cg = C.unsqueeze(1) if C.dim() == 3 else C  # (b, g, n, L)
