@@ -152,9 +152,10 @@ class CompiledSteps:
 
 @torch.no_grad()
 def decode_run(model, context: int, steps: int, timer: ModuleTimer | None = None,
-               compiled: CompiledSteps | None = None) -> tuple[float, dict]:
+               compiled: CompiledSteps | None = None, after_first_step=None) -> tuple[float, dict]:
     """Median ms per decode step after a prefill of `context` tokens, and the bytes one step reads. With `compiled`,
-    on a static cache with the step compiled (the prefill runs eagerly; a first call that compiles is not timed)."""
+    on a static cache with the step compiled (the prefill runs eagerly; a first call that compiles is not timed).
+    `after_first_step(cache)` is called, untimed, once the first step has run."""
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (1, context))
     if compiled is None:
@@ -173,6 +174,8 @@ def decode_run(model, context: int, steps: int, timer: ModuleTimer | None = None
         out = step(token, use_cache=True, **{CACHE_KWARG: cache}, **extra)
         token = out.logits[:, -1:].argmax(-1)
         elapsed = time.perf_counter() - start
+        if after_first_step is not None and position == context:
+            after_first_step(cache)
         if compiled is not None and (id(model), context) not in compiled.compile_s:
             compiled.compile_s[(id(model), context)] = elapsed
             continue
@@ -182,9 +185,9 @@ def decode_run(model, context: int, steps: int, timer: ModuleTimer | None = None
     return statistics.median(times) * 1e3, {"weights": weight_bytes(model), **moved}
 
 
-def decode_ms(model, context: int, steps: int) -> float:
+def decode_ms(model, context: int, steps: int, after_first_step=None) -> float:
     """Median ms per decode step after a prefill of `context` tokens (bench_sambay uses it)."""
-    return decode_run(model, context, steps)[0]
+    return decode_run(model, context, steps, after_first_step=after_first_step)[0]
 
 
 def main() -> None:

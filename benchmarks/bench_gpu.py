@@ -191,7 +191,7 @@ def bench_kernels(device: torch.device, tiny: bool, quick: bool, peak_tbs: float
         record("selective_scan", backend, shape, lambda bk=backend: kernels.selective_scan_fn(**x, backend=bk),
                nbytes, reference=torch_out)
     for splits in (2, 4, 8, 16):  # the Triton forward walked in segments side by side (two passes)
-        record("selective_scan", f"triton splits={splits}", shape, lambda s=splits: _split_scan(x, s), nbytes,
+        record("selective_scan", f"triton splits={splits}", shape, lambda s=splits, x=x: _split_scan(x, s), nbytes,
                reference=torch_out)
     del x
 

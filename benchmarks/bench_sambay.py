@@ -45,7 +45,6 @@ from bench_decode import decode_ms  # noqa: E402
 from bench_distill import result_record  # noqa: E402
 from bench_sambay_seed import build_teacher  # noqa: E402
 
-from suture.architectures.compat import CACHE_KWARG, cache_of  # noqa: E402
 from suture.distill import distill, preset  # noqa: E402
 from suture.io.inspect import layer_footprints  # noqa: E402
 from suture.io.loading import load_for_scoring  # noqa: E402
@@ -141,17 +140,6 @@ def cache_bytes(cache) -> int:
                 seen.add((storage.data_ptr(), storage.nbytes()))
                 total += storage.nbytes()
     return total
-
-
-@torch.no_grad()
-def cache_bytes_while_decoding(model, context: int) -> int:
-    """Bytes the cache holds after a prefill of `context` tokens and one decode step. (Right after the prefill a
-    transformers sliding-window layer still holds the whole prompt's keys and values, its window being a view of
-    them, until the first decode step replaces them.)"""
-    ids = torch.randint(0, model.config.vocab_size, (1, context))
-    cache = cache_of(model(ids, use_cache=True))
-    model(ids[:, -1:], use_cache=True, **{CACHE_KWARG: cache})
-    return cache_bytes(cache)
 
 
 def resolve_teacher(args, console: Console) -> Path:
@@ -267,10 +255,14 @@ def main() -> None:
     for name in MODELS:
         model = teacher if name == "teacher" else load_for_scoring(_out(args.work, name), dtype="float32")[0]
         fact = footprint(model.config, 4)
-        fact["cache_bytes"] = {str(c): cache_bytes_while_decoding(model, c) for c in args.contexts}
-        fact["decode_ms"] = {}
+        fact["cache_bytes"], fact["decode_ms"] = {}, {}
         for context in args.contexts:
-            fact["decode_ms"][str(context)] = decode_ms(model, context, args.steps)
+            # what the cache holds after the prefill and one step (right after a prefill a transformers
+            # sliding-window layer still holds the whole prompt's keys and values, its window a view of them)
+            def held(cache, row=fact["cache_bytes"], key=str(context)) -> None:
+                row[key] = cache_bytes(cache)
+
+            fact["decode_ms"][str(context)] = decode_ms(model, context, args.steps, after_first_step=held)
             console.print(f"{name}: context {context}: {fact['decode_ms'][str(context)]:.2f} ms/token")
         facts[name] = fact
     console.print(memory_table(facts, args.contexts))

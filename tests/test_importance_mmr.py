@@ -90,7 +90,7 @@ def test_progress_moves_with_every_training_step():
 
     seen = []
     with pytest.MonkeyPatch.context() as patch:  # the units reach the bar while the mixer trains, not after
-        import suture.surgery.mmr as mmr
+        from suture.surgery import mmr
 
         train = mmr.train_mixer
 

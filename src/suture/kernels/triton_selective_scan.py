@@ -387,9 +387,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 3),
             *_strides(initial_state, 3), *_strides(keep, 2), *y.stride(),
         )
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     SOFTPLUS=bool(softplus), HAS_H0=initial_state is not None, HAS_KEEP=keep is not None,
-                     BLOCK_D=block_d, BLOCK_L=fwd_l, BLOCK_N=block_n, CKPT_L=bwd_l, num_warps=_FWD_WARPS)
+        flags = {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None,
+                 "SOFTPLUS": bool(softplus), "HAS_H0": initial_state is not None, "HAS_KEEP": keep is not None,
+                 "BLOCK_D": block_d, "BLOCK_L": fwd_l, "BLOCK_N": block_n, "CKPT_L": bwd_l, "num_warps": _FWD_WARPS}
         seg_tiles = seg_chunks * bwd_l // fwd_l
         if n_seg > 1:  # the last segment's end state is the last state: the second pass computes it
             _scan_fwd_kernel[(b, g, blocks_d * (n_seg - 1))](
