@@ -368,7 +368,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         block_d, block_n, fwd_l, bwd_l = blocks
         n_chunks = triton.cdiv(L, bwd_l)
         blocks_d = triton.cdiv(d // g, block_d)
-        splits = min(splits, 65535 // blocks_d)  # the grid's third axis holds blocks_d x segments
+        splits = max(1, min(splits, 65535 // blocks_d))  # the grid's third axis holds blocks_d x segments
         seg_chunks = triton.cdiv(n_chunks, splits)  # backward chunks per segment: the checkpoints stay put
         n_seg = triton.cdiv(n_chunks, seg_chunks)
         save = any(ctx.needs_input_grad[:9])
