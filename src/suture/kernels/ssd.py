@@ -147,7 +147,7 @@ def _ssd_chunked(x, dt, A, B, C, h0, starts, Q):
     g, n = B.shape[2:]
     hg, pad = h // g, (-L) % Q
     log_decay = dt * (A * LOG2E)  # (b, L, h), <= 0: log2 of the decays, whose exp2 is 3x faster than exp on CPU
-    if starts is not None:  # the state restarts at a document start: decay exp(-inf) = 0 from the previous step
+    if starts is not None:  # the state restarts at a document start: decay 2^-inf = 0 from the previous step
         log_decay = log_decay.masked_fill(starts[..., None], float("-inf"))
     if pad:  # dt = 0 on padded steps: decay 1 and no input, so the final state is unchanged
         x, dt, log_decay = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), F.pad(log_decay, (0, 0, 0, pad))
