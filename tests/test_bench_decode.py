@@ -35,13 +35,17 @@ def test_module_timer_records_each_decode_call_of_each_layer_and_not_the_prefill
     assert all(value > 0 for value in timer.medians_us().values())
 
 
-def test_main_writes_every_model_and_context_and_the_module_table(bench, tmp_path, monkeypatch):
+def run_main(bench, tmp_path, monkeypatch, *options: str) -> dict:
+    """bench_decode's main on the tiny models (teacher and Mamba-1 hybrid, contexts 8 and 16): its JSON."""
     out = tmp_path / "decode.json"
-    argv = ["bench_decode.py", *TINY, "--contexts", "8", "16", "--steps", "2", "--repeats", "1", "--modules",
-            "--models", "transformer", "hybrid-mamba m1", "--json", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", *TINY, "--contexts", "8", "16", *options,
+                                      "--models", "transformer", "hybrid-mamba m1", "--json", str(out)])
     bench.main()
-    payload = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_main_writes_every_model_and_context_and_the_module_table(bench, tmp_path, monkeypatch):
+    payload = run_main(bench, tmp_path, monkeypatch, "--steps", "2", "--repeats", "1", "--modules")
     assert set(payload["decode_ms_per_token"]) == {"transformer", "hybrid-mamba m1"}
     assert all(set(row) == {"8", "16"} for row in payload["decode_ms_per_token"].values())
     modules = payload["module_us_per_call"]
@@ -66,12 +70,7 @@ def test_compiled_mode_times_every_model_on_a_static_cache_and_records_each_comp
 
     compiled_steps = bench.CompiledSteps
     monkeypatch.setattr(bench, "CompiledSteps", lambda: compiled_steps(counting))
-    out = tmp_path / "decode.json"
-    argv = ["bench_decode.py", *TINY, "--contexts", "8", "16", "--steps", "3", "--repeats", "2", "--compile",
-            "--models", "transformer", "hybrid-mamba m1", "--json", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    bench.main()
-    payload = json.loads(out.read_text())
+    payload = run_main(bench, tmp_path, monkeypatch, "--steps", "3", "--repeats", "2", "--compile")
     assert payload["setup"]["compile"] is True
     assert len(graphs) == 4  # 2 models x 2 contexts: no recompile across repeats and caches
     assert set(payload["compile_s"]) == {"transformer", "hybrid-mamba m1"}
@@ -83,6 +82,5 @@ def test_compiled_mode_times_every_model_on_a_static_cache_and_records_each_comp
     assert moved["hybrid-mamba m1"]["8"]["kv"] == 1 * (8 + 3 + 1) * head_bytes
     assert moved["hybrid-mamba m1"]["8"]["state"] > 0
 
-    monkeypatch.setattr(sys, "argv", [*argv, "--modules"])
     with pytest.raises(SystemExit):
-        bench.main()
+        run_main(bench, tmp_path, monkeypatch, "--compile", "--modules")
